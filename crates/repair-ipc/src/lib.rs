@@ -1,0 +1,1 @@
+//! Transport and client (filled in by the helper work).

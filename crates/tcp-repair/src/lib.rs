@@ -1,0 +1,87 @@
+//! `baton-tcp-repair`: the TCP_REPAIR operations `baton-repair` runs on sockets it was
+//! handed. Linux only. The repair toggles need `CAP_NET_ADMIN` in the user namespace that
+//! owns the socket's network namespace; large queues also use `SO_*BUFFORCE` (same
+//! capability). Nothing else is privileged.
+//!
+//! What it is not: it knows nothing of the helper protocol framing or of the backend's
+//! flows. It turns one socket into one [`TcpConnState`] and back.
+
+pub mod error;
+
+use std::os::fd::BorrowedFd;
+
+use baton_proto::repair::{RepairMode, RestoreReport};
+use baton_proto::tcp::{SocketFamily, TcpConnState};
+
+pub use error::{RepairError, Result};
+
+/// What a socket handed to the helper must look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// A connected TCP socket (Dump, Thaw, SetRepair): any state but LISTEN and CLOSE.
+    Connected,
+    /// A fresh TCP socket for Restore: state CLOSE, not bound, not connected.
+    Fresh,
+}
+
+/// Check that `fd` is a plain TCP socket of the expected kind: a socket (fstat), domain
+/// AF_INET or AF_INET6, type SOCK_STREAM, protocol IPPROTO_TCP (MPTCP is refused), no
+/// upper-layer protocol (kTLS) attached, in the network namespace whose cookie is
+/// `netns_cookie` when given. Returns the socket's family.
+pub fn validate_tcp_socket(
+    fd: BorrowedFd<'_>,
+    expect: Expect,
+    netns_cookie: Option<u64>,
+) -> Result<SocketFamily> {
+    let _ = (fd, expect, netns_cookie);
+    todo!()
+}
+
+/// The `SO_NETNS_COOKIE` of any socket (identifies its network namespace).
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> Result<u64> {
+    let _ = fd;
+    todo!()
+}
+
+/// Freeze the connection and read its complete state. Freezing = attach a drop-all
+/// classic BPF filter (the kernel stops processing, hence acknowledging, incoming
+/// segments) and then enter repair mode. On success the socket stays frozen; on error
+/// it is rolled back to live (filter detached, repair off).
+pub fn dump(fd: BorrowedFd<'_>) -> Result<TcpConnState> {
+    let _ = fd;
+    todo!()
+}
+
+/// Undo [`dump`]: detach the filter, select no queue, leave repair mode with a window
+/// probe, and put back `SO_REUSEADDR`/`SO_PEEK_OFF` as the dump found them.
+pub fn thaw(fd: BorrowedFd<'_>) -> Result<()> {
+    let _ = fd;
+    todo!()
+}
+
+/// Rebuild `state` in the fresh socket `fd` (same family as the state). On return the
+/// socket is out of repair mode and live; the send queue was written after repair off as
+/// far as it would go without blocking (see [`RestoreReport`]).
+pub fn restore(fd: BorrowedFd<'_>, state: &TcpConnState) -> Result<RestoreReport> {
+    let _ = (fd, state);
+    todo!()
+}
+
+/// Set `TCP_REPAIR` to `mode`.
+pub fn set_repair(fd: BorrowedFd<'_>, mode: RepairMode) -> Result<()> {
+    let _ = (fd, mode);
+    todo!()
+}
+
+/// Attach the drop-all ("deaf") classic BPF filter: incoming segments are discarded
+/// before TCP sees them — no ACK, no RST; the peer retransmits later. Unprivileged.
+pub fn attach_deaf_filter(fd: BorrowedFd<'_>) -> Result<()> {
+    let _ = fd;
+    todo!()
+}
+
+/// Detach any socket filter (ENOENT, no filter attached, is not an error).
+pub fn detach_filter(fd: BorrowedFd<'_>) -> Result<()> {
+    let _ = fd;
+    todo!()
+}
