@@ -204,7 +204,9 @@ pub enum RequestError {
     StateCount { states: usize, fds: usize },
     #[error("restore: state {index}: {source}")]
     BadState { index: usize, source: StateError },
-    #[error("restore: queues add up to {0} bytes, over the batch limit of {MAX_BATCH_QUEUE_BYTES}")]
+    #[error(
+        "restore: queues add up to {0} bytes, over the batch limit of {MAX_BATCH_QUEUE_BYTES}"
+    )]
     BatchTooLarge(usize),
     #[error("{op}: {fds} file descriptors, at most {MAX_FDS}")]
     TooManyFds { op: &'static str, fds: usize },

@@ -115,7 +115,10 @@ pub enum TcpState {
 impl TcpState {
     /// Our FIN occupies the sequence number just before `write_seq`.
     pub fn fin_sent(self) -> bool {
-        matches!(self, TcpState::FinWait1 | TcpState::FinWait2 | TcpState::LastAck)
+        matches!(
+            self,
+            TcpState::FinWait1 | TcpState::FinWait2 | TcpState::LastAck
+        )
     }
     /// The peer's FIN occupies the sequence number just before `rcv_nxt`.
     pub fn fin_received(self) -> bool {
@@ -277,7 +280,8 @@ impl TcpConnState {
             };
             let fits = matches!(
                 (self.family, ep),
-                (SocketFamily::Inet, Endpoint::V4 { .. }) | (SocketFamily::Inet6, Endpoint::V6 { .. })
+                (SocketFamily::Inet, Endpoint::V4 { .. })
+                    | (SocketFamily::Inet6, Endpoint::V6 { .. })
             );
             if !fits {
                 return Err(StateError::EndpointFamily {
@@ -320,7 +324,11 @@ impl TcpConnState {
             return Err(StateError::SendSpan {
                 span,
                 data,
-                fin: if self.state.fin_sent() { " plus our FIN" } else { "" },
+                fin: if self.state.fin_sent() {
+                    " plus our FIN"
+                } else {
+                    ""
+                },
             });
         }
         Ok(())

@@ -6,7 +6,13 @@
 //! What it is not: it knows nothing of the helper protocol framing or of the backend's
 //! flows. It turns one socket into one [`TcpConnState`] and back.
 
+mod dump;
 pub mod error;
+mod filter;
+mod restore;
+mod sockopts;
+mod sys;
+mod validate;
 
 use std::os::fd::BorrowedFd;
 
@@ -33,14 +39,12 @@ pub fn validate_tcp_socket(
     expect: Expect,
     netns_cookie: Option<u64>,
 ) -> Result<SocketFamily> {
-    let _ = (fd, expect, netns_cookie);
-    todo!()
+    validate::validate_tcp_socket(fd, expect, netns_cookie)
 }
 
 /// The `SO_NETNS_COOKIE` of any socket (identifies its network namespace).
 pub fn netns_cookie(fd: BorrowedFd<'_>) -> Result<u64> {
-    let _ = fd;
-    todo!()
+    validate::netns_cookie_of(fd)
 }
 
 /// Freeze the connection and read its complete state. Freezing = attach a drop-all
@@ -48,40 +52,42 @@ pub fn netns_cookie(fd: BorrowedFd<'_>) -> Result<u64> {
 /// segments) and then enter repair mode. On success the socket stays frozen; on error
 /// it is rolled back to live (filter detached, repair off).
 pub fn dump(fd: BorrowedFd<'_>) -> Result<TcpConnState> {
-    let _ = fd;
-    todo!()
+    dump::dump(fd)
 }
 
 /// Undo [`dump`]: detach the filter, select no queue, leave repair mode with a window
 /// probe, and put back `SO_REUSEADDR`/`SO_PEEK_OFF` as the dump found them.
 pub fn thaw(fd: BorrowedFd<'_>) -> Result<()> {
-    let _ = fd;
-    todo!()
+    dump::thaw(fd)
 }
 
 /// Rebuild `state` in the fresh socket `fd` (same family as the state). On return the
 /// socket is out of repair mode and live; the send queue was written after repair off as
 /// far as it would go without blocking (see [`RestoreReport`]).
 pub fn restore(fd: BorrowedFd<'_>, state: &TcpConnState) -> Result<RestoreReport> {
-    let _ = (fd, state);
-    todo!()
+    restore::restore(fd, state)
 }
 
 /// Set `TCP_REPAIR` to `mode`.
 pub fn set_repair(fd: BorrowedFd<'_>, mode: RepairMode) -> Result<()> {
-    let _ = (fd, mode);
-    todo!()
+    let (value, step) = match mode {
+        RepairMode::On => (sys::TCP_REPAIR_ON, "TCP_REPAIR(on)"),
+        RepairMode::Off => (sys::TCP_REPAIR_OFF, "TCP_REPAIR(off)"),
+        RepairMode::OffNoWindowProbe => (
+            sys::TCP_REPAIR_OFF_NO_WP,
+            "TCP_REPAIR(off, no window probe)",
+        ),
+    };
+    sys::set_int(fd, libc::IPPROTO_TCP, sys::TCP_REPAIR, value, step)
 }
 
 /// Attach the drop-all ("deaf") classic BPF filter: incoming segments are discarded
 /// before TCP sees them — no ACK, no RST; the peer retransmits later. Unprivileged.
 pub fn attach_deaf_filter(fd: BorrowedFd<'_>) -> Result<()> {
-    let _ = fd;
-    todo!()
+    filter::attach_deaf_filter(fd)
 }
 
 /// Detach any socket filter (ENOENT, no filter attached, is not an error).
 pub fn detach_filter(fd: BorrowedFd<'_>) -> Result<()> {
-    let _ = fd;
-    todo!()
+    filter::detach_filter(fd)
 }

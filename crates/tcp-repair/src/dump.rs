@@ -1,0 +1,367 @@
+//! Dump: freeze a live connection and read its complete state; thaw: undo that.
+//!
+//! Theory of operation. The order matters, and each step has a kernel reason:
+//! 1. Read `SO_REUSEADDR` and `SO_PEEK_OFF` first: repair mode makes the former read 2
+//!    (SK_FORCE_REUSE), and the latter shifts every peek.
+//! 2. Attach the drop-all filter, *then* enter repair mode. From here on no incoming
+//!    segment is processed, so nothing we read can change under us and the kernel
+//!    acknowledges nothing more (repair mode alone would keep ACKing, E5).
+//! 3. `TCP_INFO` gives the state and the negotiated options; the ioctls give the queue
+//!    lengths; `TCP_MAXSEG` in repair mode gives the MSS clamp; `TCP_TIMESTAMP` the TS
+//!    clock with its µs flag; `TCP_REPAIR_WINDOW` the window.
+//! 4. Receive queue: select it, read `rcv_nxt` with `TCP_QUEUE_SEQ`, peek `SIOCINQ` bytes.
+//!    `SIOCINQ` does not count a received FIN (E7), so nothing is subtracted for it.
+//! 5. Send queue: select it, read `write_seq`, peek. The peek returns the whole queue
+//!    length even when the buffer is smaller (E18) and may start with bytes the peer has
+//!    already acknowledged (a partially acked head skb is not trimmed, E21), so grow the
+//!    buffer if needed and drop the surplus at the *front*.
+//! 6. Urgent data cannot be restored (no API sets urg_seq/urg_data): refuse the flow.
+//! 7. Select no queue again (a stale selection lets an unprivileged holder read or set
+//!    sequence numbers, E16) and put `SO_PEEK_OFF` back.
+//!
+//! The socket stays frozen (filter attached, repair on) after a successful dump. On any
+//! error it is rolled back to live, so a failed dump never leaves a deaf socket behind.
+
+use std::os::fd::BorrowedFd;
+
+use baton_proto::repair::RepairMode;
+use baton_proto::tcp::{
+    Endpoint, NegotiatedOptions, RepairWindow, SocketFamily, TcpConnState, TcpState, WindowScale,
+};
+use nix::errno::Errno;
+use tracing::warn;
+
+use crate::error::{RepairError, Result};
+use crate::filter::{attach_deaf_filter, detach_filter};
+use crate::sys::{self, TcpRepairWindow};
+use crate::{set_repair, sockopts};
+
+/// Extra room for the send-queue peek beyond `SIOCOUTQ`: the head skb may still hold
+/// bytes the peer acknowledged (up to one skb, i.e. at most 64 KiB of GSO payload).
+const SEND_PEEK_SLACK: usize = 64 << 10;
+
+/// See [`crate::dump`].
+pub fn dump(fd: BorrowedFd<'_>) -> Result<TcpConnState> {
+    let reuseaddr = sys::get_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_REUSEADDR,
+        "dump: SO_REUSEADDR",
+    )? != 0;
+    let peek_off = sys::get_int(fd, libc::SOL_SOCKET, sys::SO_PEEK_OFF, "dump: SO_PEEK_OFF")?;
+    attach_deaf_filter(fd)?;
+    if let Err(e) = set_repair(fd, RepairMode::On) {
+        rollback(fd, reuseaddr, peek_off, false);
+        return Err(e);
+    }
+    match dump_frozen(fd, peek_off) {
+        Ok(mut state) => {
+            state.sockopts.reuseaddr = reuseaddr;
+            state.sockopts.peek_off = peek_off;
+            Ok(state)
+        }
+        Err(e) => {
+            rollback(fd, reuseaddr, peek_off, true);
+            Err(e)
+        }
+    }
+}
+
+/// Put a socket whose dump failed back into live operation. Errors here are logged, not
+/// returned: the dump error is the one the caller needs to see.
+fn rollback(fd: BorrowedFd<'_>, reuseaddr: bool, peek_off: i32, repair_on: bool) {
+    if repair_on {
+        let _ = sys::set_int(
+            fd,
+            libc::IPPROTO_TCP,
+            sys::TCP_REPAIR_QUEUE,
+            sys::TCP_NO_QUEUE,
+            "rollback",
+        );
+        if let Err(e) = set_repair(fd, RepairMode::Off) {
+            warn!("dump rollback: {e}");
+        }
+    }
+    if let Err(e) = detach_filter(fd) {
+        warn!("dump rollback: {e}");
+    }
+    let _ = sys::set_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_REUSEADDR,
+        i32::from(reuseaddr),
+        "rollback",
+    );
+    let _ = sys::set_int(fd, libc::SOL_SOCKET, sys::SO_PEEK_OFF, peek_off, "rollback");
+}
+
+fn dump_frozen(fd: BorrowedFd<'_>, peek_off: i32) -> Result<TcpConnState> {
+    let info = sys::tcp_info_head(fd, "dump: TCP_INFO")?;
+    let state = match info.state {
+        sys::TCP_ESTABLISHED => TcpState::Established,
+        sys::TCP_FIN_WAIT1 => TcpState::FinWait1,
+        sys::TCP_FIN_WAIT2 => TcpState::FinWait2,
+        sys::TCP_CLOSE_WAIT => TcpState::CloseWait,
+        sys::TCP_LAST_ACK => TcpState::LastAck,
+        other => {
+            return Err(RepairError::invalid(
+                "dump: TCP_INFO",
+                format!("state {} cannot be migrated", sys::state_name(other)),
+            ))
+        }
+    };
+    refuse_urgent_data(fd)?;
+
+    let inq = sys::ioctl_int(fd, sys::SIOCINQ, "dump: SIOCINQ")? as usize;
+    let outq = sys::ioctl_int(fd, sys::SIOCOUTQ, "dump: SIOCOUTQ")? as u32;
+    let nsd = sys::ioctl_int(fd, sys::SIOCOUTQNSD, "dump: SIOCOUTQNSD")? as u32;
+    let mss_clamp =
+        sys::get_int(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "dump: TCP_MAXSEG")? as u32;
+    let timestamp = sys::get::<u32>(
+        fd,
+        libc::IPPROTO_TCP,
+        sys::TCP_TIMESTAMP,
+        "dump: TCP_TIMESTAMP",
+    )?;
+    let window = match sys::get::<TcpRepairWindow>(
+        fd,
+        libc::IPPROTO_TCP,
+        sys::TCP_REPAIR_WINDOW,
+        "dump: TCP_REPAIR_WINDOW",
+    ) {
+        Ok(w) => Some(RepairWindow {
+            snd_wl1: w.snd_wl1,
+            snd_wnd: w.snd_wnd,
+            max_window: w.max_window,
+            rcv_wnd: w.rcv_wnd,
+            rcv_wup: w.rcv_wup,
+        }),
+        // Kernels before 4.8 have no window repair: restore then falls back to a probe.
+        Err(RepairError::Sys {
+            errno: Errno::ENOPROTOOPT,
+            ..
+        }) => None,
+        Err(e) => return Err(e),
+    };
+    let options = NegotiatedOptions {
+        mss_clamp,
+        sack: info.options & sys::TCPI_OPT_SACK != 0,
+        wscale: (info.options & sys::TCPI_OPT_WSCALE != 0).then_some(WindowScale {
+            snd: info.snd_wscale,
+            rcv: info.rcv_wscale,
+        }),
+        timestamps: info.options & sys::TCPI_OPT_TIMESTAMPS != 0,
+    };
+
+    if peek_off >= 0 {
+        sys::set_int(
+            fd,
+            libc::SOL_SOCKET,
+            sys::SO_PEEK_OFF,
+            -1,
+            "dump: SO_PEEK_OFF",
+        )?;
+    }
+    let queues = read_queues(fd, state, inq, outq, nsd);
+    let _ = sys::set_int(
+        fd,
+        libc::IPPROTO_TCP,
+        sys::TCP_REPAIR_QUEUE,
+        sys::TCP_NO_QUEUE,
+        "dump",
+    );
+    if peek_off >= 0 {
+        sys::set_int(
+            fd,
+            libc::SOL_SOCKET,
+            sys::SO_PEEK_OFF,
+            peek_off,
+            "dump: SO_PEEK_OFF",
+        )?;
+    }
+    let queues = queues?;
+
+    let family = match sys::get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, "dump: SO_DOMAIN")? {
+        libc::AF_INET => SocketFamily::Inet,
+        _ => SocketFamily::Inet6,
+    };
+    let v6only = family == SocketFamily::Inet6
+        && sys::get_int(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            "dump: IPV6_V6ONLY",
+        )? != 0;
+    let local = sys::local_addr(fd, "dump: getsockname")?;
+    let peer = sys::peer_addr(fd, "dump: getpeername")?;
+    let v4_flow = match peer {
+        std::net::SocketAddr::V4(_) => true,
+        std::net::SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
+    };
+    let sockopts = sockopts::read(fd, family, v4_flow)?;
+
+    let state = TcpConnState {
+        family,
+        v6only,
+        local: Endpoint::from_socket_addr(local),
+        peer: Endpoint::from_socket_addr(peer),
+        state,
+        snd_una: queues.write_seq.wrapping_sub(outq),
+        write_seq: queues.write_seq,
+        rcv_nxt: queues.rcv_nxt,
+        send_queue: queues.send,
+        send_unsent: queues.send_unsent,
+        recv_queue: queues.recv,
+        options,
+        timestamp,
+        window,
+        sockopts,
+    };
+    state
+        .validate()
+        .map_err(|e| RepairError::invalid("dump: consistency", e.to_string()))?;
+    Ok(state)
+}
+
+/// Urgent (out-of-band) data cannot be restored: no API sets urg_seq/urg_data. An OOB
+/// peek works even in repair mode (MSG_OOB is handled before the repair check): it
+/// returns the byte when urgent data is pending, EAGAIN when the urgent pointer has been
+/// seen but the byte has not arrived yet, EINVAL when there is none.
+fn refuse_urgent_data(fd: BorrowedFd<'_>) -> Result<()> {
+    let mut byte = [0u8; 1];
+    match sys::recv(
+        fd,
+        &mut byte,
+        libc::MSG_OOB | libc::MSG_PEEK | libc::MSG_DONTWAIT,
+    ) {
+        Ok(0) | Err(Errno::EINVAL) => {}
+        Ok(_) | Err(Errno::EAGAIN) => {
+            return Err(RepairError::invalid(
+                "dump: urgent data",
+                "pending urgent (out-of-band) data cannot be migrated",
+            ))
+        }
+        Err(e) => return Err(RepairError::sys("dump: MSG_OOB peek", e)),
+    }
+    if sys::ioctl_int(fd, sys::SIOCATMARK, "dump: SIOCATMARK")? != 0 {
+        return Err(RepairError::invalid(
+            "dump: urgent data",
+            "socket is at an urgent mark; urgent data cannot be migrated",
+        ));
+    }
+    Ok(())
+}
+
+struct Queues {
+    rcv_nxt: u32,
+    write_seq: u32,
+    recv: Vec<u8>,
+    send: Vec<u8>,
+    send_unsent: u32,
+}
+
+fn select_queue(fd: BorrowedFd<'_>, queue: i32, step: &'static str) -> Result<()> {
+    sys::set_int(fd, libc::IPPROTO_TCP, sys::TCP_REPAIR_QUEUE, queue, step)
+}
+
+fn read_queues(
+    fd: BorrowedFd<'_>,
+    state: TcpState,
+    inq: usize,
+    outq: u32,
+    nsd: u32,
+) -> Result<Queues> {
+    let peek_flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+
+    select_queue(fd, sys::TCP_RECV_QUEUE, "dump: TCP_REPAIR_QUEUE(recv)")?;
+    let rcv_nxt = sys::get::<u32>(
+        fd,
+        libc::IPPROTO_TCP,
+        sys::TCP_QUEUE_SEQ,
+        "dump: TCP_QUEUE_SEQ(recv)",
+    )?;
+    let mut recv = vec![0u8; inq + 1];
+    let got = match sys::recv(fd, &mut recv, peek_flags) {
+        Ok(n) => n,
+        // An empty receive queue peeks as EAGAIN (E4).
+        Err(Errno::EAGAIN) => 0,
+        Err(e) => return Err(RepairError::sys("dump: peek(recv)", e)),
+    };
+    if got != inq {
+        return Err(RepairError::invalid(
+            "dump: peek(recv)",
+            format!("peeked {got} bytes but SIOCINQ says {inq}"),
+        ));
+    }
+    recv.truncate(got);
+
+    // Our FIN takes one sequence number; SIOCOUTQ and SIOCOUTQNSD count it while it is
+    // unacknowledged / unsent. Data bytes are what remains.
+    let fin_in = |n: u32| u32::from(state.fin_sent() && n > 0);
+    let send_len = (outq - fin_in(outq)) as usize;
+    let send_unsent = nsd - fin_in(nsd);
+
+    select_queue(fd, sys::TCP_SEND_QUEUE, "dump: TCP_REPAIR_QUEUE(send)")?;
+    let write_seq = sys::get::<u32>(
+        fd,
+        libc::IPPROTO_TCP,
+        sys::TCP_QUEUE_SEQ,
+        "dump: TCP_QUEUE_SEQ(send)",
+    )?;
+    let mut send = vec![0u8; send_len + SEND_PEEK_SLACK];
+    let mut got = sys::recv(fd, &mut send, peek_flags)
+        .map_err(|e| RepairError::sys("dump: peek(send)", e))?;
+    if got > send.len() {
+        // The kernel reports the queue length, not what it copied (E18): grow and retry.
+        send = vec![0u8; got];
+        got = sys::recv(fd, &mut send, peek_flags)
+            .map_err(|e| RepairError::sys("dump: peek(send)", e))?;
+        if got > send.len() {
+            return Err(RepairError::invalid(
+                "dump: peek(send)",
+                format!("send queue kept growing ({got} bytes) while frozen"),
+            ));
+        }
+    }
+    if got < send_len {
+        return Err(RepairError::invalid(
+            "dump: peek(send)",
+            format!("peeked {got} bytes but SIOCOUTQ says {send_len} data bytes"),
+        ));
+    }
+    // Bytes in front of snd_una that the kernel has not trimmed yet (E21).
+    let acked_head = got - send_len;
+    send.truncate(got);
+    send.drain(..acked_head);
+    Ok(Queues {
+        rcv_nxt,
+        write_seq,
+        recv,
+        send,
+        send_unsent: send_unsent.min(send_len as u32),
+    })
+}
+
+/// See [`crate::thaw`].
+pub fn thaw(fd: BorrowedFd<'_>) -> Result<()> {
+    detach_filter(fd)?;
+    // Selecting no queue needs repair mode; a socket that is not in repair is fine.
+    match sys::set_int(
+        fd,
+        libc::IPPROTO_TCP,
+        sys::TCP_REPAIR_QUEUE,
+        sys::TCP_NO_QUEUE,
+        "thaw: TCP_REPAIR_QUEUE",
+    ) {
+        Ok(())
+        | Err(RepairError::Sys {
+            errno: Errno::EPERM,
+            ..
+        }) => {}
+        Err(e) => return Err(e),
+    }
+    set_repair(fd, RepairMode::Off).map_err(|e| match e {
+        RepairError::Sys { errno, .. } => RepairError::sys("thaw: TCP_REPAIR(off)", errno),
+        other => other,
+    })
+}

@@ -1,0 +1,301 @@
+//! Restore: rebuild a dumped connection in a fresh socket.
+//!
+//! Theory of operation (reference `tcp-repair.md` §1.1 and §2.4, with the E25 change):
+//!
+//! ```text
+//!  pre-bind   IPV6_V6ONLY, SO_MARK (route lookup), SO_*BUFFORCE (queue room),
+//!             TCP_MAXSEG = clamp (else mss_cache stays 524 after restore, E14)
+//!  repair on  before bind: SK_FORCE_REUSE lets us bind next to a listener
+//!  bind       local address
+//!  seqs       TCP_QUEUE_SEQ(recv) and (send): only possible in CLOSE, i.e. before connect
+//!  connect    in repair: no SYN, straight to ESTABLISHED (needs a route)
+//!  options    TCP_REPAIR_OPTIONS at once (refused once anything was sent), TCP_TIMESTAMP
+//!             after connect (connect re-derives the µs flag from the route, E12)
+//!  recv queue written with the receive queue selected, in chunks
+//!  window     TCP_REPAIR_WINDOW, only after the receive queue (rcv_wup <= rcv_nxt check)
+//!  repair off NO_QUEUE first; OFF_NO_WP when the window was restored, OFF (probe) if not
+//!  send queue written as ordinary data, all of it, sent-unacked part included (E25):
+//!             it goes out at once instead of waiting for an RTO of a socket that has no
+//!             RTT estimate; the peer drops what it already has. Non-blocking: what does
+//!             not fit is left to the caller, with the count in the report.
+//!  FIN        our FIN (FIN_WAIT*, LAST_ACK) by shutdown(SHUT_WR) once all data is
+//!             written; else the caller sends it.
+//!  options    SO_REUSEADDR (repair off cleared it), SO_PEEK_OFF, keepalive, ...
+//! ```
+//!
+//! A received FIN (CLOSE_WAIT, LAST_ACK) cannot be put back without forging a segment
+//! through a raw socket (CAP_NET_RAW, which the helper does not hold). The documented
+//! approximation: place the receive queue so that `rcv_nxt` includes the FIN (the
+//! queued bytes sit one sequence number later than they did on the wire, which nothing
+//! observes: they are already acknowledged), so our ACKs keep covering the FIN; then
+//! `shutdown(SHUT_RD)` so the owner reads the queued data and then end-of-file. The
+//! socket's state is ESTABLISHED (resp. FIN_WAIT1 after our FIN) rather than CLOSE_WAIT
+//! (LAST_ACK); after our FIN is acknowledged it waits in FIN_WAIT2 for a FIN the peer
+//! already sent, until the orphan timeout (tcp_fin_timeout) once closed.
+
+use std::os::fd::BorrowedFd;
+
+use baton_proto::repair::{RepairMode, RestoreReport};
+use baton_proto::tcp::TcpConnState;
+use nix::errno::Errno;
+use tracing::warn;
+
+use crate::error::{RepairError, Result};
+use crate::sys::{self, TcpRepairOpt, TcpRepairWindow};
+use crate::{set_repair, sockopts};
+
+/// `tcp_send_rcvq` takes at most 17 pages plus the linear part per call (69632 bytes
+/// with 4 KiB pages, E11); it returns short counts beyond that.
+const RECV_CHUNK: usize = 64 << 10;
+/// Smallest chunk tried after ENOBUFS/ENOMEM before giving up.
+const RECV_CHUNK_MIN: usize = 1024;
+/// Headroom added to forced buffer sizes beyond the queue bytes.
+const BUF_SLACK: usize = 256 << 10;
+/// `TCP_MAXSEG` accepts 88 ..= 32767 (E3).
+const MAXSEG_RANGE: std::ops::RangeInclusive<u32> = 88..=32767;
+
+/// See [`crate::restore`].
+pub fn restore(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<RestoreReport> {
+    s.validate()
+        .map_err(|e| RepairError::invalid("restore: state", e.to_string()))?;
+    pre_bind(fd, s)?;
+    set_repair(fd, RepairMode::On)?;
+    // On error the socket stays in repair mode: the caller closes it, and a socket
+    // closed in repair mode goes silently (no FIN, no RST towards a peer that may still
+    // be served by the source).
+    in_repair(fd, s)?;
+    let probe = if s.window.is_some() {
+        RepairMode::OffNoWindowProbe
+    } else {
+        RepairMode::Off
+    };
+    set_repair(fd, probe)?;
+    let report = after_repair(fd, s)?;
+    if let Err(e) = sockopts::apply_after_repair(fd, &s.sockopts) {
+        // The connection itself is restored and live; an option the target host refuses
+        // (a congestion module that is not loaded, say) should not kill it. Say so.
+        warn!(
+            "restore {} -> {}: {e}",
+            s.local.to_socket_addr(),
+            s.peer.to_socket_addr()
+        );
+    }
+    Ok(report)
+}
+
+fn pre_bind(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<()> {
+    use libc::SOL_SOCKET;
+    let family = match sys::get_int(fd, SOL_SOCKET, libc::SO_DOMAIN, "restore: SO_DOMAIN")? {
+        libc::AF_INET => baton_proto::tcp::SocketFamily::Inet,
+        _ => baton_proto::tcp::SocketFamily::Inet6,
+    };
+    if family != s.family {
+        return Err(RepairError::invalid(
+            "restore: socket family",
+            format!("socket is {family:?}, state is {:?}", s.family),
+        ));
+    }
+    if s.family == baton_proto::tcp::SocketFamily::Inet6 {
+        sys::set_int(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            i32::from(s.v6only),
+            "restore: IPV6_V6ONLY",
+        )?;
+    }
+    if s.sockopts.mark != 0 {
+        sys::set_int(
+            fd,
+            SOL_SOCKET,
+            libc::SO_MARK,
+            s.sockopts.mark as i32,
+            "restore: SO_MARK",
+        )?;
+    }
+    // Room for the queues: the receive queue is written in repair mode against
+    // sk_rcvbuf, the send queue after repair off against sk_sndbuf. Forcing (needs
+    // CAP_NET_ADMIN) goes past net.core.*mem_max, which is as small as 208 KiB on many
+    // distributions while autotuned queues reach 4 MiB and more.
+    let want_snd = (s.send_queue.len() + BUF_SLACK).max(s.sockopts.sndbuf as usize / 2);
+    let want_rcv = (s.recv_queue.len() + BUF_SLACK).max(s.sockopts.rcvbuf as usize / 2);
+    sys::set_int(
+        fd,
+        SOL_SOCKET,
+        libc::SO_SNDBUFFORCE,
+        clamp_i32(want_snd),
+        "restore: SO_SNDBUFFORCE",
+    )?;
+    sys::set_int(
+        fd,
+        SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        clamp_i32(want_rcv),
+        "restore: SO_RCVBUFFORCE",
+    )?;
+    if MAXSEG_RANGE.contains(&s.options.mss_clamp) {
+        sys::set_int(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            s.options.mss_clamp as i32,
+            "restore: TCP_MAXSEG",
+        )?;
+    }
+    Ok(())
+}
+
+fn clamp_i32(v: usize) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
+fn select_queue(fd: BorrowedFd<'_>, queue: i32, step: &'static str) -> Result<()> {
+    sys::set_int(fd, libc::IPPROTO_TCP, sys::TCP_REPAIR_QUEUE, queue, step)
+}
+
+fn in_repair(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<()> {
+    use libc::IPPROTO_TCP;
+    sys::bind(fd, &s.local.to_socket_addr(), "restore: bind")?;
+
+    // With a received FIN, rcv_nxt includes it; see the module comment.
+    let recv_start = s.rcv_nxt.wrapping_sub(s.recv_queue.len() as u32);
+    select_queue(fd, sys::TCP_RECV_QUEUE, "restore: TCP_REPAIR_QUEUE(recv)")?;
+    sys::set::<u32>(
+        fd,
+        IPPROTO_TCP,
+        sys::TCP_QUEUE_SEQ,
+        &recv_start,
+        "restore: TCP_QUEUE_SEQ(recv)",
+    )?;
+    select_queue(fd, sys::TCP_SEND_QUEUE, "restore: TCP_REPAIR_QUEUE(send)")?;
+    sys::set::<u32>(
+        fd,
+        IPPROTO_TCP,
+        sys::TCP_QUEUE_SEQ,
+        &s.send_queue_start(),
+        "restore: TCP_QUEUE_SEQ(send)",
+    )?;
+
+    sys::connect(fd, &s.peer.to_socket_addr(), "restore: connect")?;
+
+    let mut opts = Vec::with_capacity(4);
+    opts.push(TcpRepairOpt {
+        opt_code: sys::TCPOPT_MSS,
+        opt_val: s.options.mss_clamp,
+    });
+    if s.options.sack {
+        opts.push(TcpRepairOpt {
+            opt_code: sys::TCPOPT_SACK_PERM,
+            opt_val: 0,
+        });
+    }
+    if let Some(ws) = s.options.wscale {
+        opts.push(TcpRepairOpt {
+            opt_code: sys::TCPOPT_WINDOW,
+            opt_val: u32::from(ws.snd) | (u32::from(ws.rcv) << 16),
+        });
+    }
+    if s.options.timestamps {
+        opts.push(TcpRepairOpt {
+            opt_code: sys::TCPOPT_TIMESTAMP,
+            opt_val: 0,
+        });
+    }
+    sys::set_slice(
+        fd,
+        IPPROTO_TCP,
+        sys::TCP_REPAIR_OPTIONS,
+        &opts,
+        "restore: TCP_REPAIR_OPTIONS",
+    )?;
+    if s.options.timestamps {
+        sys::set::<u32>(
+            fd,
+            IPPROTO_TCP,
+            sys::TCP_TIMESTAMP,
+            &s.timestamp,
+            "restore: TCP_TIMESTAMP",
+        )?;
+    }
+
+    if !s.recv_queue.is_empty() {
+        select_queue(fd, sys::TCP_RECV_QUEUE, "restore: TCP_REPAIR_QUEUE(recv)")?;
+        write_recv_queue(fd, &s.recv_queue)?;
+    }
+
+    if let Some(w) = s.window {
+        let w = TcpRepairWindow {
+            snd_wl1: w.snd_wl1,
+            snd_wnd: w.snd_wnd,
+            max_window: w.max_window,
+            rcv_wnd: w.rcv_wnd,
+            rcv_wup: w.rcv_wup,
+        };
+        sys::set(
+            fd,
+            IPPROTO_TCP,
+            sys::TCP_REPAIR_WINDOW,
+            &w,
+            "restore: TCP_REPAIR_WINDOW",
+        )?;
+    }
+    select_queue(fd, sys::TCP_NO_QUEUE, "restore: TCP_REPAIR_QUEUE(none)")
+}
+
+fn write_recv_queue(fd: BorrowedFd<'_>, data: &[u8]) -> Result<()> {
+    let mut chunk = RECV_CHUNK;
+    let mut off = 0;
+    while off < data.len() {
+        let end = (off + chunk).min(data.len());
+        match sys::send(fd, &data[off..end], libc::MSG_DONTWAIT) {
+            Ok(0) => {
+                return Err(RepairError::invalid(
+                    "restore: receive queue",
+                    format!("kernel accepted 0 bytes at offset {off} of {}", data.len()),
+                ))
+            }
+            Ok(n) => off += n,
+            Err(Errno::EINTR) => {}
+            Err(Errno::ENOBUFS | Errno::ENOMEM) if chunk > RECV_CHUNK_MIN => chunk /= 2,
+            Err(e) => return Err(RepairError::sys("restore: send(recv queue)", e)),
+        }
+    }
+    Ok(())
+}
+
+fn after_repair(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<RestoreReport> {
+    if s.sockopts.nodelay {
+        // Before the writes: the tail of the queue should not wait for Nagle.
+        sys::set_int(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            1,
+            "restore: TCP_NODELAY",
+        )?;
+    }
+    let mut written = 0;
+    while written < s.send_queue.len() {
+        match sys::send(
+            fd,
+            &s.send_queue[written..],
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        ) {
+            Ok(n) => written += n,
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => break,
+            Err(e) => return Err(RepairError::sys("restore: send(send queue)", e)),
+        }
+    }
+    let all_written = written == s.send_queue.len();
+    if s.state.fin_sent() && all_written {
+        sys::shutdown(fd, libc::SHUT_WR, "restore: shutdown(SHUT_WR)")?;
+    }
+    if s.state.fin_received() {
+        sys::shutdown(fd, libc::SHUT_RD, "restore: shutdown(SHUT_RD)")?;
+    }
+    Ok(RestoreReport {
+        send_queue_written: written as u64,
+        fin_pending: s.state.fin_sent() && !all_written,
+    })
+}
