@@ -34,7 +34,7 @@ use tracing::warn;
 use crate::error::{RepairError, Result};
 use crate::filter::{attach_deaf_filter, detach_filter};
 use crate::sys::{self, TcpRepairWindow};
-use crate::{set_repair, sockopts};
+use crate::{set_repair_in, sockopts};
 
 /// Extra room for the send-queue peek beyond `SIOCOUTQ`: the head skb may still hold
 /// bytes the peer acknowledged (up to one skb, i.e. at most 64 KiB of GSO payload).
@@ -50,7 +50,7 @@ pub fn dump(fd: BorrowedFd<'_>) -> Result<TcpConnState> {
     )? != 0;
     let peek_off = sys::get_int(fd, libc::SOL_SOCKET, sys::SO_PEEK_OFF, "dump: SO_PEEK_OFF")?;
     attach_deaf_filter(fd)?;
-    if let Err(e) = set_repair(fd, RepairMode::On) {
+    if let Err(e) = set_repair_in(fd, RepairMode::On, "dump") {
         rollback(fd, reuseaddr, peek_off, false);
         return Err(e);
     }
@@ -78,7 +78,7 @@ fn rollback(fd: BorrowedFd<'_>, reuseaddr: bool, peek_off: i32, repair_on: bool)
             sys::TCP_NO_QUEUE,
             "rollback",
         );
-        if let Err(e) = set_repair(fd, RepairMode::Off) {
+        if let Err(e) = set_repair_in(fd, RepairMode::Off, "dump rollback") {
             warn!("dump rollback: {e}");
         }
     }
@@ -360,8 +360,5 @@ pub fn thaw(fd: BorrowedFd<'_>) -> Result<()> {
         }) => {}
         Err(e) => return Err(e),
     }
-    set_repair(fd, RepairMode::Off).map_err(|e| match e {
-        RepairError::Sys { errno, .. } => RepairError::sys("thaw: TCP_REPAIR(off)", errno),
-        other => other,
-    })
+    set_repair_in(fd, RepairMode::Off, "thaw")
 }

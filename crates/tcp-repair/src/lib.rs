@@ -68,17 +68,34 @@ pub fn restore(fd: BorrowedFd<'_>, state: &TcpConnState) -> Result<RestoreReport
     restore::restore(fd, state)
 }
 
-/// Set `TCP_REPAIR` to `mode`.
+/// Set `TCP_REPAIR` to `mode`. Leaving repair mode first selects no queue again, so
+/// that no stale queue selection survives (reference E16).
 pub fn set_repair(fd: BorrowedFd<'_>, mode: RepairMode) -> Result<()> {
-    let (value, step) = match mode {
+    if mode != RepairMode::On {
+        // Fails with EPERM when the socket is not in repair mode: nothing to clear then.
+        let _ = sys::set_int(
+            fd,
+            libc::IPPROTO_TCP,
+            sys::TCP_REPAIR_QUEUE,
+            sys::TCP_NO_QUEUE,
+            "",
+        );
+    }
+    set_repair_in(fd, mode, "set-repair")
+}
+
+/// `TCP_REPAIR` as a step of operation `op` (for error messages such as
+/// "restore: TCP_REPAIR(on): EPERM").
+pub(crate) fn set_repair_in(fd: BorrowedFd<'_>, mode: RepairMode, op: &str) -> Result<()> {
+    let (value, what) = match mode {
         RepairMode::On => (sys::TCP_REPAIR_ON, "TCP_REPAIR(on)"),
         RepairMode::Off => (sys::TCP_REPAIR_OFF, "TCP_REPAIR(off)"),
-        RepairMode::OffNoWindowProbe => (
-            sys::TCP_REPAIR_OFF_NO_WP,
-            "TCP_REPAIR(off, no window probe)",
-        ),
+        RepairMode::OffNoWindowProbe => (sys::TCP_REPAIR_OFF_NO_WP, "TCP_REPAIR(off-no-wp)"),
     };
-    sys::set_int(fd, libc::IPPROTO_TCP, sys::TCP_REPAIR, value, step)
+    sys::set_int(fd, libc::IPPROTO_TCP, sys::TCP_REPAIR, value, what).map_err(|e| match e {
+        RepairError::Sys { errno, .. } => RepairError::sys(format!("{op}: {what}"), errno),
+        other => other,
+    })
 }
 
 /// Attach the drop-all ("deaf") classic BPF filter: incoming segments are discarded

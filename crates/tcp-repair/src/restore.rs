@@ -42,7 +42,7 @@ use tracing::warn;
 
 use crate::error::{RepairError, Result};
 use crate::sys::{self, TcpRepairOpt, TcpRepairWindow};
-use crate::{set_repair, sockopts};
+use crate::{set_repair_in, sockopts};
 
 /// `tcp_send_rcvq` takes at most 17 pages plus the linear part per call (69632 bytes
 /// with 4 KiB pages, E11); it returns short counts beyond that.
@@ -59,7 +59,7 @@ pub fn restore(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<RestoreReport> {
     s.validate()
         .map_err(|e| RepairError::invalid("restore: state", e.to_string()))?;
     pre_bind(fd, s)?;
-    set_repair(fd, RepairMode::On)?;
+    set_repair_in(fd, RepairMode::On, "restore")?;
     // On error the socket stays in repair mode: the caller closes it, and a socket
     // closed in repair mode goes silently (no FIN, no RST towards a peer that may still
     // be served by the source).
@@ -69,7 +69,7 @@ pub fn restore(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<RestoreReport> {
     } else {
         RepairMode::Off
     };
-    set_repair(fd, probe)?;
+    set_repair_in(fd, probe, "restore")?;
     let report = after_repair(fd, s)?;
     if let Err(e) = sockopts::apply_after_repair(fd, &s.sockopts) {
         // The connection itself is restored and live; an option the target host refuses
