@@ -19,4 +19,5 @@
 
 pub mod netns;
 pub mod pattern;
+pub mod peer;
 pub mod tcp;

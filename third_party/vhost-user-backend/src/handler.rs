@@ -291,8 +291,10 @@ where
     }
 
     /// Helper to check if VirtioFeature enabled
+    // baton patch: the only caller is set_vring_enable, which QEMU sends before
+    // SET_FEATURES; accept a feature the backend offers, as QEMU checks.
     fn check_feature(&self, feat: VhostUserVirtioFeatures) -> VhostUserResult<()> {
-        if self.acked_features & feat.bits() != 0 {
+        if self.backend.features() & feat.bits() != 0 {
             Ok(())
         } else {
             Err(VhostUserError::InactiveFeature(feat))
@@ -598,13 +600,9 @@ where
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostUserResult<()> {
-        // baton patch: QEMU sends SET_VRING_ENABLE before SET_FEATURES; accept it when
-        // VHOST_USER_F_PROTOCOL_FEATURES was offered, as QEMU itself checks.
-        if self.backend.features() & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-            return Err(VhostUserError::InactiveFeature(
-                VhostUserVirtioFeatures::PROTOCOL_FEATURES,
-            ));
-        }
+        // This request should be handled only when VHOST_USER_F_PROTOCOL_FEATURES
+        // has been negotiated.
+        self.check_feature(VhostUserVirtioFeatures::PROTOCOL_FEATURES)?;
 
         let vring = self
             .vrings

@@ -411,8 +411,10 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
         }
     }
 
+    // baton patch: the only caller is SET_VRING_ENABLE, which QEMU sends before
+    // SET_FEATURES; accept a feature that was offered (GET_FEATURES), as QEMU checks.
     fn check_feature(&self, feat: VhostUserVirtioFeatures) -> Result<()> {
-        if self.acked_virtio_features & feat.bits() != 0 {
+        if self.virtio_features & feat.bits() != 0 {
             Ok(())
         } else {
             Err(Error::InactiveFeature(feat))
@@ -620,11 +622,7 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             }
             Ok(FrontendReq::SET_VRING_ENABLE) => {
                 let msg = self.extract_request_body::<VhostUserVringState>(&hdr, size, &buf)?;
-                // baton patch: QEMU sends SET_VRING_ENABLE before SET_FEATURES, relying on
-                // PROTOCOL_FEATURES having been *offered* (GET_FEATURES), not yet acked.
-                if self.virtio_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-                    return Err(Error::InactiveFeature(VhostUserVirtioFeatures::PROTOCOL_FEATURES));
-                }
+                self.check_feature(VhostUserVirtioFeatures::PROTOCOL_FEATURES)?;
                 let enable = match msg.num {
                     1 => true,
                     0 => false,

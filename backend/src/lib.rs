@@ -1,0 +1,21 @@
+//! `baton`: an unprivileged vhost-user-net backend for QEMU.
+//!
+//! It terminates the guest's Ethernet traffic and maps every guest flow onto ordinary
+//! host sockets (the passt model: no tap device, no bridge, no privilege), and it
+//! implements vhost-user device-state migration.
+//!
+//! Modules:
+//! * [`config`]: the resolved network configuration (addresses, gateway, DNS, MTU, MACs),
+//!   with defaults taken from the host like passt does.
+//! * [`cli`]: the command line, a drop-in for passt in vhost-user mode.
+//! * [`ports`]: passt's port-forwarding spec syntax (`-t`/`-u`).
+//! * [`hostinfo`]: the host's routes, addresses and resolver, for passt-like defaults.
+//! * [`net`]: everything done with guest frames: one module per protocol.
+//! * [`vu`]: the vhost-user device (virtqueues, features, dirty logging, lifecycle).
+
+pub mod cli;
+pub mod config;
+pub mod hostinfo;
+pub mod net;
+pub mod ports;
+pub mod vu;

@@ -1,0 +1,215 @@
+//! `NetBackend`: the `VhostUserBackend` implementation for one vhost-user connection.
+//!
+//! Locking rule: `state` (features, memory, flags) is taken briefly by the protocol
+//! thread and by the worker; the engine mutex is taken only by the worker (and by the
+//! migration code later), never while holding `state`'s write lock.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tracing::{debug, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_net::{VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::rx::RxQueueSink;
+use super::{tx, NetworkEngine, ENGINE_EVENT, MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
+
+/// Guest memory with QEMU's dirty log attached.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
+/// One virtqueue as the library hands it to us.
+pub type Vring = VringRwLock<GuestMem>;
+
+/// Virtio features baton offers. No checksum or segmentation offloads: frames in both
+/// directions carry complete checksums. MTU and STATUS are left out on purpose: QEMU
+/// implements them itself, and vhost 0.18 would drop the connection on their messages.
+pub const OFFERED_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_NET_F_MRG_RXBUF)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_NET_F_GUEST_ANNOUNCE)
+    | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    | VhostUserVirtioFeatures::LOG_ALL.bits();
+
+/// vhost-user protocol features baton offers. Never RARP (vhost 0.18 has no handler for
+/// SEND_RARP and would drop the connection; GUEST_ANNOUNCE covers it), never INFLIGHT.
+pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::DEVICE_STATE
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+/// The device for one connection.
+pub struct NetBackend {
+    engine: Arc<Mutex<dyn NetworkEngine>>,
+    mem: RwLock<Option<GuestMem>>,
+    event_idx: AtomicBool,
+    acked_features: AtomicU64,
+    /// LOG_ALL acknowledged: QEMU is migrating (or dirty-tracking) right now.
+    logging: AtomicBool,
+}
+
+impl NetBackend {
+    pub fn new(engine: Arc<Mutex<dyn NetworkEngine>>) -> Self {
+        NetBackend {
+            engine,
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            acked_features: AtomicU64::new(0),
+            logging: AtomicBool::new(false),
+        }
+    }
+
+    /// Features the frontend acknowledged last.
+    pub fn acked(&self) -> u64 {
+        self.acked_features.load(Ordering::Relaxed)
+    }
+
+    /// Whether QEMU asked for dirty logging (a migration is in progress).
+    pub fn logging(&self) -> bool {
+        self.logging.load(Ordering::Relaxed)
+    }
+
+    fn memory(&self) -> Option<GuestMem> {
+        self.mem.read().ok().and_then(|m| m.clone())
+    }
+
+    fn with_engine(&self, f: impl FnOnce(&mut dyn NetworkEngine)) {
+        match self.engine.lock() {
+            Ok(mut engine) => f(&mut *engine),
+            Err(poisoned) => {
+                // A panic elsewhere must not stop the network for good; the engine's own
+                // invariants are per-flow, so carry on with what is there.
+                warn!("network engine lock was poisoned; continuing");
+                f(&mut *poisoned.into_inner())
+            }
+        }
+    }
+
+    /// Run `f` with a sink into the RX ring, then notify the guest if needed.
+    fn with_rx_sink(
+        &self,
+        vrings: &[Vring],
+        f: impl FnOnce(&mut dyn NetworkEngine, &mut RxQueueSink<'_>),
+    ) {
+        let Some(mem) = self.memory() else {
+            return;
+        };
+        let Some(rx) = vrings.get(RX_QUEUE) else {
+            return;
+        };
+        let mrg_rxbuf = self.acked() & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let mut sink = RxQueueSink::new(rx, &mem, mrg_rxbuf);
+        self.with_engine(|engine| f(engine, &mut sink));
+        sink.finish();
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        OFFERED_FEATURES
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+        let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if self.logging.swap(log_all, Ordering::Relaxed) != log_all {
+            if log_all {
+                info!("dirty logging on: a migration is starting");
+            } else {
+                info!("dirty logging off");
+            }
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        offered_protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        let mut slot = self
+            .mem
+            .write()
+            .map_err(|_| io::Error::other("guest memory lock poisoned"))?;
+        *slot = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!("cannot create the worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            debug!("event {device_event}: unexpected event set {evset:?}");
+        }
+        match device_event {
+            e if e as usize == TX_QUEUE => {
+                let event_idx = self.event_idx.load(Ordering::Relaxed);
+                let Some(mem) = self.memory() else {
+                    return Ok(());
+                };
+                let Some(tx_ring) = vrings.get(TX_QUEUE) else {
+                    return Ok(());
+                };
+                loop {
+                    // With EVENT_IDX, keep draining until re-enabling notifications finds
+                    // no new buffers (the guest may add some in between).
+                    if event_idx {
+                        let _ = tx_ring.disable_notification();
+                    }
+                    self.with_rx_sink(vrings, |engine, sink| {
+                        tx::drain(tx_ring, &mem, |frame| engine.handle_frame(frame, sink));
+                    });
+                    if !event_idx || !tx_ring.enable_notification().unwrap_or(false) {
+                        break;
+                    }
+                }
+            }
+            e if e as usize == RX_QUEUE || e == ENGINE_EVENT => {
+                // Fresh receive buffers, or host sockets with work: let the engine move
+                // whatever it has towards the guest.
+                self.with_rx_sink(vrings, |engine, sink| engine.handle_host_events(sink));
+            }
+            other => debug!("event {other}: not ours"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,88 @@
+//! The vhost-user-net device.
+//!
+//! Theory of operation:
+//! * QEMU is the vhost-user frontend; it owns the virtio-net device model (config space,
+//!   control queue) and hands baton one queue pair: ring 0 is the guest's receive queue
+//!   (RX, frames *to* the guest), ring 1 its transmit queue (TX, frames *from* the guest).
+//! * [`device::NetBackend`] implements `vhost_user_backend::VhostUserBackend`. One worker
+//!   thread serves both rings plus the network engine's epoll fd: a TX kick drains the
+//!   transmit queue into [`NetworkEngine::handle_frame`]; an RX kick (fresh buffers) and a
+//!   readable engine fd run [`NetworkEngine::handle_host_events`]. Frames for the guest are
+//!   written into RX buffers by [`rx::RxQueueSink`].
+//! * Every write into guest memory goes through paths that mark the pages dirty in QEMU's
+//!   log (`virtio_queue::Writer`, `add_used`), so live migration sees every RX write.
+//! * A vhost-user connection gets a fresh `VhostUserDaemon` (the crates cannot reuse one);
+//!   the network engine with its host sockets lives outside it ([`serve`]), so a QEMU that
+//!   reconnects finds its flows intact.
+//! * Handlers never return `Err` to the library for trouble caused by the guest or by a
+//!   ring that is not ready yet: an `Err` from `handle_event` kills the worker thread for
+//!   good. Such trouble is logged (rate-limited) instead.
+
+pub mod device;
+pub mod rx;
+pub mod serve;
+pub mod tx;
+
+use std::os::fd::BorrowedFd;
+
+pub use crate::net::FrameSink;
+
+/// What the device needs from the network side. `GuestNet` implements it; tests can
+/// plug in doubles.
+pub trait NetworkEngine: Send {
+    /// One Ethernet frame the guest transmitted (virtio-net header already removed).
+    fn handle_frame(&mut self, frame: &[u8], sink: &mut dyn FrameSink);
+    /// The engine's host sockets (or timers) have something to do.
+    fn handle_host_events(&mut self, sink: &mut dyn FrameSink);
+    /// A pollable fd that becomes readable when `handle_host_events` has work.
+    fn poll_fd(&self) -> BorrowedFd<'_>;
+}
+
+/// Check a descriptor chain the guest offered before using it: it must end (a loop or a
+/// `next` index outside the table makes virtio-queue stop early, which would silently cut
+/// the frame), and every descriptor must point the right way (`device_writes` for receive
+/// buffers, read-only for transmit). virtio-queue itself bounds the walk to the queue size.
+pub fn check_chain<M>(
+    chain: &virtio_queue::DescriptorChain<M>,
+    device_writes: bool,
+) -> Result<(), &'static str>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    let mut count = 0usize;
+    let mut ends = false;
+    for desc in chain.clone() {
+        if desc.is_write_only() != device_writes {
+            return Err(if device_writes {
+                "read-only descriptor in a receive chain"
+            } else {
+                "device-writable descriptor in a transmit chain"
+            });
+        }
+        count += 1;
+        ends = !desc.has_next();
+    }
+    if count == 0 {
+        return Err("empty or unreadable chain");
+    }
+    if !ends {
+        return Err("chain does not end (a loop, or a next index outside the table)");
+    }
+    Ok(())
+}
+
+/// Size of `struct virtio_net_hdr_v1` (VERSION_1 always uses it, with `num_buffers`).
+pub const VNET_HDR_LEN: usize = 12;
+/// Largest Ethernet frame baton accepts from or builds for the guest: the 65520-byte MTU
+/// plus the Ethernet header (no VLAN tags: QEMU's device does not pass them to us).
+pub const MAX_FRAME_LEN: usize = 65520 + 14;
+/// Queue size limit: QEMU allows up to 1024 for vhost-user rx/tx queues; SET_VRING_NUM
+/// beyond `max_queue_size` would drop the connection.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// Ring indices.
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const NUM_QUEUES: usize = 2;
+/// Worker epoll token of the engine's fd (tokens `0..=NUM_QUEUES` belong to the library).
+pub const ENGINE_EVENT: u16 = NUM_QUEUES as u16 + 1;

@@ -1,0 +1,525 @@
+//! The vhost-user frontend: set-up in QEMU 10's order, frames in and out, dirty log.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::memory::GuestRam;
+use crate::queue::{Desc, DriverQueue, VIRTQ_DESC_F_WRITE};
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub const VIRTIO_NET_F_GUEST_ANNOUNCE: u64 = 1 << 21;
+pub const VNET_HDR_LEN: usize = 12;
+/// `SET_VRING_ENABLE` request number.
+const SET_VRING_ENABLE: u32 = 18;
+
+const RX: usize = 0;
+const TX: usize = 1;
+const TX_BUF_LEN: u64 = 68 << 10;
+const TX_SLOTS: u16 = 64;
+
+/// Something the harness could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("set-up: {0}")]
+    Setup(String),
+    #[error("vhost-user {step}: {source}")]
+    VhostUser {
+        step: &'static str,
+        source: vhost::Error,
+    },
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("malformed frame from the backend: {0}")]
+    BadFrame(String),
+}
+
+fn vu(step: &'static str) -> impl FnOnce(vhost::Error) -> HarnessError {
+    move |source| HarnessError::VhostUser { step, source }
+}
+
+/// How to set the device up.
+#[derive(Debug, Clone)]
+pub struct FrontendOptions {
+    pub queue_size: u16,
+    pub ram_size: u64,
+    /// Size of each receive buffer the driver posts.
+    pub rx_buf_len: u32,
+    pub mrg_rxbuf: bool,
+    pub event_idx: bool,
+    /// Send SET_VRING_ENABLE before SET_FEATURES, as QEMU 10 does.
+    pub enable_before_features: bool,
+}
+
+impl Default for FrontendOptions {
+    fn default() -> Self {
+        FrontendOptions {
+            queue_size: 256,
+            ram_size: 16 << 20,
+            rx_buf_len: 4096,
+            mrg_rxbuf: true,
+            event_idx: true,
+            enable_before_features: true,
+        }
+    }
+}
+
+/// QEMU's dirty log: one bit per 4 KiB guest page, in a memfd shared with the backend.
+pub struct DirtyLog {
+    file: File,
+    map: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this struct and only read through atomic byte loads.
+unsafe impl Send for DirtyLog {}
+
+impl DirtyLog {
+    fn new(ram_size: u64) -> Result<Self, HarnessError> {
+        let pages = ram_size.div_ceil(4096);
+        let len = (pages.div_ceil(8) as usize).next_multiple_of(4096);
+        let fd = nix::sys::memfd::memfd_create(
+            c"baton-dirty-log",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .map_err(|e| HarnessError::Setup(format!("log memfd: {e}")))?;
+        let file = File::from(fd);
+        file.set_len(len as u64)
+            .map_err(|e| HarnessError::Setup(format!("log size: {e}")))?;
+        // SAFETY: mapping a file we own, shared, for its whole length.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(HarnessError::Setup(format!(
+                "log mmap: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(DirtyLog {
+            file,
+            map: map.cast(),
+            len,
+        })
+    }
+
+    /// Guest-physical page numbers marked dirty; clears the log.
+    pub fn take_dirty_pages(&self) -> Vec<u64> {
+        let mut pages = Vec::new();
+        for i in 0..self.len {
+            // SAFETY: i < len, inside the mapping; the backend sets bits atomically.
+            let byte = unsafe { &*(self.map.add(i) as *const std::sync::atomic::AtomicU8) };
+            let bits = byte.swap(0, Ordering::SeqCst);
+            for b in 0..8 {
+                if bits & (1 << b) != 0 {
+                    pages.push((i * 8 + b) as u64);
+                }
+            }
+        }
+        pages
+    }
+}
+
+impl Drop for DirtyLog {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.map.cast(), self.len) };
+    }
+}
+
+/// A connected, running virtio-net device seen from the driver's side.
+pub struct NetFrontend {
+    pub fe: Frontend,
+    raw: UnixStream,
+    pub ram: GuestRam,
+    pub rx: DriverQueue,
+    pub tx: DriverQueue,
+    kicks: [EventFd; 2],
+    calls: [EventFd; 2],
+    _err: EventFd,
+    rx_bufs: u64,
+    rx_buf_len: u32,
+    tx_bufs: u64,
+    tx_free: Vec<u16>,
+    /// Completed receive chains not yet assembled into a frame.
+    rx_pending: VecDeque<(u16, u32)>,
+    pub acked_features: u64,
+    pub options: FrontendOptions,
+    pub log: Option<DirtyLog>,
+}
+
+impl NetFrontend {
+    /// Connect to the backend at `path` and bring the device up.
+    pub fn connect(path: &Path, options: FrontendOptions) -> Result<Self, HarnessError> {
+        let stream = UnixStream::connect(path)
+            .map_err(|e| HarnessError::Setup(format!("connect {}: {e}", path.display())))?;
+        let raw = stream
+            .try_clone()
+            .map_err(|e| HarnessError::Setup(format!("dup socket: {e}")))?;
+        let mut fe = Frontend::from_stream(stream, 2);
+        let ram = GuestRam::new(options.ram_size)?;
+        let q = options.queue_size;
+        let rx = DriverQueue::new(0, q);
+        let tx = DriverQueue::new(DriverQueue::footprint(q), q);
+        let rx_bufs = 1 << 20;
+        let tx_bufs = rx_bufs + u64::from(q) * u64::from(options.rx_buf_len);
+        if tx_bufs + u64::from(TX_SLOTS) * TX_BUF_LEN > options.ram_size {
+            return Err(HarnessError::Setup(
+                "guest RAM too small for the buffers".into(),
+            ));
+        }
+        let ev =
+            || EventFd::new(EFD_NONBLOCK).map_err(|e| HarnessError::Setup(format!("eventfd: {e}")));
+        let kicks = [ev()?, ev()?];
+        let calls = [ev()?, ev()?];
+        let err = ev()?;
+
+        // QEMU 10's order (reference rust-vmm.md §4.3).
+        let offered = fe.get_features().map_err(vu("GET_FEATURES"))?;
+        let proto = fe
+            .get_protocol_features()
+            .map_err(vu("GET_PROTOCOL_FEATURES"))?;
+        let want_proto = proto
+            & (VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::LOG_SHMFD
+                | VhostUserProtocolFeatures::DEVICE_STATE
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+        fe.set_protocol_features(want_proto)
+            .map_err(vu("SET_PROTOCOL_FEATURES"))?;
+        fe.get_queue_num().map_err(vu("GET_QUEUE_NUM"))?;
+        fe.get_max_mem_slots().map_err(vu("GET_MAX_MEM_SLOTS"))?;
+        fe.set_owner().map_err(vu("SET_OWNER"))?;
+        fe.get_features().map_err(vu("GET_FEATURES"))?;
+        for i in [RX, TX] {
+            fe.set_vring_call(i, &calls[i])
+                .map_err(vu("SET_VRING_CALL"))?;
+            fe.set_vring_err(i, &err).map_err(vu("SET_VRING_ERR"))?;
+        }
+        let mut acked = VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if options.mrg_rxbuf {
+            acked |= VIRTIO_NET_F_MRG_RXBUF;
+        }
+        if options.event_idx {
+            acked |= VIRTIO_RING_F_EVENT_IDX;
+        }
+        acked &= offered;
+        let mut dev = NetFrontend {
+            fe,
+            raw,
+            ram,
+            rx,
+            tx,
+            kicks,
+            calls,
+            _err: err,
+            rx_bufs,
+            rx_buf_len: options.rx_buf_len,
+            tx_bufs,
+            tx_free: (0..TX_SLOTS.min(q)).rev().collect(),
+            rx_pending: VecDeque::new(),
+            acked_features: acked,
+            options: options.clone(),
+            log: None,
+        };
+        if options.enable_before_features {
+            // The vhost crate's frontend refuses this order, so write the messages by hand.
+            for i in [RX, TX] {
+                dev.raw_request(
+                    SET_VRING_ENABLE,
+                    &[(i as u32).to_le_bytes(), 1u32.to_le_bytes()].concat(),
+                )?;
+            }
+        }
+        dev.fe.set_features(acked).map_err(vu("SET_FEATURES"))?;
+        if !options.enable_before_features {
+            for i in [RX, TX] {
+                dev.fe
+                    .set_vring_enable(i, true)
+                    .map_err(vu("SET_VRING_ENABLE"))?;
+            }
+        }
+        let region = dev
+            .ram
+            .mem
+            .find_region(GuestAddress(0))
+            .ok_or_else(|| HarnessError::Setup("no RAM region".into()))?;
+        let info =
+            VhostUserMemoryRegionInfo::from_guest_region(region).map_err(vu("region info"))?;
+        dev.fe.add_mem_region(&info).map_err(vu("ADD_MEM_REG"))?;
+        for i in [RX, TX] {
+            dev.start_ring(i)?;
+        }
+        dev.post_all_rx_buffers()?;
+        Ok(dev)
+    }
+
+    fn host_addr(&self, gpa: u64) -> Result<u64, HarnessError> {
+        self.ram
+            .mem
+            .get_host_address(GuestAddress(gpa))
+            .map(|p| p as u64)
+            .map_err(|e| HarnessError::Setup(format!("host address of {gpa:#x}: {e}")))
+    }
+
+    fn start_ring(&mut self, i: usize) -> Result<(), HarnessError> {
+        let q = if i == RX { &self.rx } else { &self.tx };
+        let config = VringConfigData {
+            queue_max_size: q.size,
+            queue_size: q.size,
+            flags: 0,
+            desc_table_addr: self.host_addr(q.desc_table)?,
+            used_ring_addr: self.host_addr(q.used_ring)?,
+            avail_ring_addr: self.host_addr(q.avail_ring)?,
+            log_addr: None,
+        };
+        self.fe
+            .set_vring_num(i, q.size)
+            .map_err(vu("SET_VRING_NUM"))?;
+        self.fe.set_vring_base(i, 0).map_err(vu("SET_VRING_BASE"))?;
+        self.fe
+            .set_vring_addr(i, &config)
+            .map_err(vu("SET_VRING_ADDR"))?;
+        self.fe
+            .set_vring_kick(i, &self.kicks[i])
+            .map_err(vu("SET_VRING_KICK"))?;
+        self.fe
+            .set_vring_call(i, &self.calls[i])
+            .map_err(vu("SET_VRING_CALL"))?;
+        Ok(())
+    }
+
+    /// Send a vhost-user request by hand (no reply requested).
+    pub fn raw_request(&mut self, request: u32, body: &[u8]) -> Result<(), HarnessError> {
+        let mut msg = Vec::with_capacity(12 + body.len());
+        msg.extend_from_slice(&request.to_le_bytes());
+        msg.extend_from_slice(&1u32.to_le_bytes()); // version 1, no NEED_REPLY
+        msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        msg.extend_from_slice(body);
+        self.raw
+            .write_all(&msg)
+            .map_err(|e| HarnessError::Setup(format!("raw request {request}: {e}")))
+    }
+
+    fn rx_buf_addr(&self, id: u16) -> u64 {
+        self.rx_bufs + u64::from(id) * u64::from(self.rx_buf_len)
+    }
+
+    fn post_rx_buffer(&mut self, id: u16) {
+        let desc = Desc {
+            addr: self.rx_buf_addr(id),
+            len: self.rx_buf_len,
+            flags: VIRTQ_DESC_F_WRITE,
+            next: 0,
+        };
+        self.rx.write_desc(&self.ram.mem, id, desc);
+        self.rx.push_avail(&self.ram.mem, id);
+    }
+
+    fn post_all_rx_buffers(&mut self) -> Result<(), HarnessError> {
+        self.rx.set_used_event(&self.ram.mem);
+        self.tx.set_used_event(&self.ram.mem);
+        for id in 0..self.rx.size {
+            self.post_rx_buffer(id);
+        }
+        self.kick(RX)
+    }
+
+    pub fn kick(&self, i: usize) -> Result<(), HarnessError> {
+        self.kicks[i]
+            .write(1)
+            .map_err(|e| HarnessError::Setup(format!("kick: {e}")))
+    }
+
+    fn reclaim_tx(&mut self) {
+        while let Some((id, _)) = self.tx.pop_used(&self.ram.mem) {
+            self.tx_free.push(id);
+        }
+    }
+
+    /// Transmit one Ethernet frame (a zero virtio-net header is prepended).
+    pub fn send_frame(&mut self, frame: &[u8]) -> Result<(), HarnessError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let slot = loop {
+            self.reclaim_tx();
+            if let Some(slot) = self.tx_free.pop() {
+                break slot;
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout("a free transmit descriptor"));
+            }
+            wait_readable(&self.calls[TX], Duration::from_millis(10));
+        };
+        let addr = self.tx_bufs + u64::from(slot) * TX_BUF_LEN;
+        let len = VNET_HDR_LEN + frame.len();
+        if len as u64 > TX_BUF_LEN {
+            return Err(HarnessError::Setup(format!(
+                "frame of {} bytes too large",
+                frame.len()
+            )));
+        }
+        let mut buf = vec![0u8; len];
+        buf[VNET_HDR_LEN..].copy_from_slice(frame);
+        self.ram
+            .mem
+            .write_slice(&buf, GuestAddress(addr))
+            .map_err(|e| HarnessError::Setup(format!("write frame: {e}")))?;
+        self.send_chain(
+            slot,
+            &[Desc {
+                addr,
+                len: len as u32,
+                flags: 0,
+                next: 0,
+            }],
+        )
+    }
+
+    /// Put an arbitrary descriptor chain (head index `head`, using consecutive table
+    /// entries from `head`) on the transmit queue: for malformed-descriptor tests.
+    pub fn send_chain(&mut self, head: u16, descs: &[Desc]) -> Result<(), HarnessError> {
+        for (k, d) in descs.iter().enumerate() {
+            self.tx.write_desc(&self.ram.mem, head + k as u16, *d);
+        }
+        self.tx.push_avail(&self.ram.mem, head);
+        self.kick(TX)
+    }
+
+    /// Wait until the backend returned every transmit buffer.
+    pub fn wait_tx_done(&mut self, timeout: Duration) -> Result<(), HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.reclaim_tx();
+            if self.tx.last_used() == self.tx.avail_idx() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout("transmit buffers to come back"));
+            }
+            wait_readable(&self.calls[TX], Duration::from_millis(10));
+        }
+    }
+
+    /// The next frame from the backend, without its virtio-net header, if one arrives
+    /// within `timeout`.
+    pub fn recv_frame(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(frame) = self.try_recv_frame()? {
+                return Ok(Some(frame));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            wait_readable(
+                &self.calls[RX],
+                (deadline - now).min(Duration::from_millis(20)),
+            );
+        }
+    }
+
+    /// A frame if one is complete now.
+    pub fn try_recv_frame(&mut self) -> Result<Option<Vec<u8>>, HarnessError> {
+        while let Some(used) = self.rx.pop_used(&self.ram.mem) {
+            self.rx_pending.push_back(used);
+        }
+        let Some(&(head, len)) = self.rx_pending.front() else {
+            return Ok(None);
+        };
+        if (len as usize) < VNET_HDR_LEN {
+            return Err(HarnessError::BadFrame(format!(
+                "first buffer holds {len} bytes, less than the header"
+            )));
+        }
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        self.ram
+            .mem
+            .read_slice(&mut hdr, GuestAddress(self.rx_buf_addr(head)))
+            .map_err(|e| HarnessError::BadFrame(e.to_string()))?;
+        let num_buffers = u16::from_le_bytes([hdr[10], hdr[11]]) as usize;
+        if num_buffers == 0 || (!self.options.mrg_rxbuf && num_buffers != 1) {
+            return Err(HarnessError::BadFrame(format!(
+                "num_buffers = {num_buffers}"
+            )));
+        }
+        if self.rx_pending.len() < num_buffers {
+            return Ok(None);
+        }
+        let mut frame = Vec::new();
+        for k in 0..num_buffers {
+            let Some((id, len)) = self.rx_pending.pop_front() else {
+                return Err(HarnessError::BadFrame("chain vanished".into()));
+            };
+            let mut data = vec![0u8; len as usize];
+            self.ram
+                .mem
+                .read_slice(&mut data, GuestAddress(self.rx_buf_addr(id)))
+                .map_err(|e| HarnessError::BadFrame(e.to_string()))?;
+            frame.extend_from_slice(if k == 0 { &data[VNET_HDR_LEN..] } else { &data });
+            self.post_rx_buffer(id);
+        }
+        self.kick(RX)?;
+        Ok(Some(frame))
+    }
+
+    /// Turn on QEMU-style dirty logging: SET_LOG_BASE with a shared log, then
+    /// SET_FEATURES with LOG_ALL.
+    pub fn start_dirty_log(&mut self) -> Result<(), HarnessError> {
+        let log = DirtyLog::new(self.ram.size)?;
+        let region = VhostUserDirtyLogRegion {
+            mmap_size: log.len as u64,
+            mmap_offset: 0,
+            mmap_handle: log.file.as_raw_fd(),
+        };
+        self.fe
+            .set_log_base(0, Some(region))
+            .map_err(vu("SET_LOG_BASE"))?;
+        self.acked_features |= VhostUserVirtioFeatures::LOG_ALL.bits();
+        self.fe
+            .set_features(self.acked_features)
+            .map_err(vu("SET_FEATURES(LOG_ALL)"))?;
+        self.log = Some(log);
+        Ok(())
+    }
+
+    /// Guest-physical addresses of the receive buffers (to compare with dirty pages).
+    pub fn rx_buffer_range(&self) -> std::ops::Range<u64> {
+        self.rx_bufs..self.rx_bufs + u64::from(self.rx.size) * u64::from(self.rx_buf_len)
+    }
+
+    pub fn call_fd(&self, i: usize) -> BorrowedFd<'_> {
+        // SAFETY: the eventfd lives as long as self.
+        unsafe { BorrowedFd::borrow_raw(self.calls[i].as_raw_fd()) }
+    }
+}
+
+fn wait_readable(ev: &EventFd, timeout: Duration) {
+    // SAFETY: the eventfd outlives this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(ev.as_raw_fd()) };
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let _ = poll(&mut fds, PollTimeout::from(ms));
+    let _ = ev.read();
+}

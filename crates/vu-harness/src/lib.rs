@@ -1,0 +1,23 @@
+//! A vhost-user-net *frontend* for tests: it plays QEMU and the guest driver at once.
+//!
+//! * [`GuestRam`]: guest memory in a memfd, shared with the backend like QEMU's
+//!   `memory-backend-memfd,share=on`.
+//! * [`DriverQueue`]: the driver side of one split virtqueue living in that memory.
+//! * [`NetFrontend`]: connects to a backend's socket, runs the vhost-user set-up in the
+//!   order QEMU 10 uses (including `SET_VRING_ENABLE` before `SET_FEATURES`), posts
+//!   receive buffers, sends and receives Ethernet frames, and can turn on QEMU-style
+//!   dirty logging and read the log back.
+//! * [`smol::GuestNic`]: a smoltcp `phy::Device` on top, so a user-space TCP/IP stack can
+//!   be the guest.
+//!
+//! What it is not: a complete virtio driver. It negotiates what baton offers (VERSION_1,
+//! MRG_RXBUF, EVENT_IDX, LOG_ALL) and nothing else.
+
+pub mod frontend;
+pub mod memory;
+pub mod queue;
+pub mod smol;
+
+pub use frontend::{FrontendOptions, HarnessError, NetFrontend};
+pub use memory::GuestRam;
+pub use queue::DriverQueue;

@@ -1,0 +1,354 @@
+//! Dump and restore cost per connection through a real `baton-repair` process.
+//!
+//! Run with `cargo bench -p baton-repair --bench repair` as root (it enters a private
+//! network namespace itself). For each N in 1, 100, 1,000 and 10,000 it builds N
+//! loopback connections whose far ends live in a peer process (this executable,
+//! re-executed; see `baton_testkit::peer`), each with `K` bytes queued each way: the
+//! peer's header and `K` bytes unread in our receive queue, `K` bytes we sent that the
+//! deaf peer has not acknowledged. It then measures, through one helper process:
+//!
+//! * dump: `RepairClient::dump` of all N sockets (wall time);
+//! * restore: creating N fresh sockets plus `RepairClient::restore` of all N states.
+//!
+//! Between the two the dumped sockets are closed and the peer hears again; after the
+//! restore every byte is checked in both directions (not timed), so a fast but wrong
+//! helper fails the bench. Each N is repeated (5 times, 3 for 10,000) and the median is
+//! reported, with the number of helper round trips (requests; the client batches at
+//! most 253 descriptors per request). A second table does the same in-process
+//! (`baton_tcp_repair` called directly, no helper, no IPC) to separate the kernel work
+//! from the transport.
+//!
+//! Besides wall time per connection, the table shows the CPU time the helper process
+//! and the client thread spent in each phase (from `/proc/.../schedstat`), which tells
+//! the kernel work in the helper from the transport and decoding in the client.
+//!
+//! Optional arguments: the list of N to run (e.g. `cargo bench ... -- 1000 10000`).
+
+use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use baton_proto::frame::MAX_FDS;
+use baton_proto::tcp::TcpConnState;
+use baton_repair_ipc::client::plan_batches;
+use baton_repair_ipc::RepairClient;
+use baton_testkit::peer::{self, PeerProcess, Seeds, HEADER_LEN};
+use baton_testkit::{netns, tcp};
+
+/// Bytes queued each way per connection ("a few KiB").
+const K: usize = 4 << 10;
+const SEEDS: Seeds = Seeds {
+    peer: 0xBE4C_0000_0000_0001,
+    parent: 0xBE4C_0000_0000_0002,
+};
+const STEP: Duration = Duration::from_secs(60);
+/// Target for dump + restore per connection.
+const TARGET_US: f64 = 20.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Helper,
+    InProcess,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    dump: Duration,
+    restore: Duration,
+    /// Part of `restore` spent in socket(2) for the fresh sockets.
+    sockets: Duration,
+    /// CPU time of the helper process during the dump and the restore.
+    dump_helper_cpu: Duration,
+    restore_helper_cpu: Duration,
+    /// CPU time of this (client) thread during the dump and the restore.
+    dump_client_cpu: Duration,
+    restore_client_cpu: Duration,
+}
+
+/// Time on CPU so far, from the first field of a `schedstat` file (nanoseconds). The
+/// helper is single-threaded, so its process file is its one thread.
+fn cpu_time(schedstat: &str) -> Duration {
+    let text =
+        std::fs::read_to_string(schedstat).unwrap_or_else(|e| panic!("read {schedstat}: {e}"));
+    let ns: u64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|f| f.parse().ok())
+        .unwrap_or_else(|| panic!("{schedstat}: unexpected content {text:?}"));
+    Duration::from_nanos(ns)
+}
+
+/// CPU clocks of the helper and of this thread.
+#[derive(Clone, Copy)]
+struct Clocks {
+    helper: Duration,
+    client: Duration,
+}
+
+impl Clocks {
+    fn now(helper_stat: &str) -> Self {
+        Clocks {
+            helper: cpu_time(helper_stat),
+            client: cpu_time("/proc/thread-self/schedstat"),
+        }
+    }
+
+    fn since(&self, earlier: Clocks) -> (Duration, Duration) {
+        (self.helper - earlier.helper, self.client - earlier.client)
+    }
+}
+
+fn fresh_socket() -> TcpStream {
+    // SAFETY: plain socket(2); the result is checked before it is owned.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// One full cycle for `n` connections; returns the timings.
+fn run_once(client: &mut RepairClient, helper_stat: &str, n: usize, via: Via) -> Sample {
+    let listener = peer::listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).expect("listener");
+    let addr = listener.local_addr().expect("listener address");
+    let mut peer = PeerProcess::spawn(addr, n, K, SEEDS, &[]).expect("spawn the peer process");
+    let a = peer::accept_indexed(&listener, n, STEP).expect("accept");
+    peer.wait_ready(STEP).expect("peer ready");
+    peer::write_many(&a, STEP, |i| SEEDS.parent_pattern(i).bytes(0, K)).expect("A writes");
+    // Sent (not merely queued) and unacknowledged, as in a live flow.
+    assert!(
+        tcp::wait_until(STEP, || a.iter().all(|s| tcp::outq_nsd(s).ok() == Some(0))),
+        "A's data was not transmitted"
+    );
+
+    let c0 = Clocks::now(helper_stat);
+    let t = Instant::now();
+    let states: Vec<TcpConnState> = match via {
+        Via::Helper => {
+            let fds: Vec<BorrowedFd<'_>> = a.iter().map(|s| s.as_fd()).collect();
+            client
+                .dump(&fds)
+                .expect("dump request")
+                .into_iter()
+                .map(|r| r.expect("dump"))
+                .collect()
+        }
+        Via::InProcess => a
+            .iter()
+            .map(|s| baton_tcp_repair::dump(s.as_fd()).expect("dump"))
+            .collect(),
+    };
+    let dump = t.elapsed();
+    let (dump_helper_cpu, dump_client_cpu) = Clocks::now(helper_stat).since(c0);
+    for s in &states {
+        assert_eq!(s.recv_queue.len(), HEADER_LEN + K);
+        assert_eq!(s.send_queue.len(), K);
+    }
+
+    drop(a);
+    peer.hear(STEP).expect("peer hears");
+
+    let c0 = Clocks::now(helper_stat);
+    let t = Instant::now();
+    let b: Vec<TcpStream> = states.iter().map(|_| fresh_socket()).collect();
+    let sockets = t.elapsed();
+    let reports: Vec<_> = match via {
+        Via::Helper => {
+            let items: Vec<(BorrowedFd<'_>, &TcpConnState)> =
+                b.iter().map(|s| s.as_fd()).zip(states.iter()).collect();
+            client
+                .restore(&items)
+                .expect("restore request")
+                .into_iter()
+                .map(|r| r.expect("restore"))
+                .collect()
+        }
+        Via::InProcess => b
+            .iter()
+            .zip(&states)
+            .map(|(s, st)| baton_tcp_repair::restore(s.as_fd(), st).expect("restore"))
+            .collect(),
+    };
+    let restore = t.elapsed();
+    let (restore_helper_cpu, restore_client_cpu) = Clocks::now(helper_stat).since(c0);
+
+    // Untimed: finish the send queues and check every byte both ways.
+    peer::write_many(&b, STEP, |i| {
+        states[i].send_queue[reports[i].send_queue_written as usize..].to_vec()
+    })
+    .expect("finish send queues");
+    peer.verify(K, 0, STEP).expect("peer verifies A's stream");
+    peer::read_exact_many(&b, HEADER_LEN + K, STEP, |i, offset, bytes| {
+        peer::verify_peer_stream(SEEDS, i, offset, bytes)
+    })
+    .expect("B verifies the peer's stream");
+    let status = peer.quit(STEP).expect("peer quits");
+    assert!(status.success(), "peer process: {status}");
+    Sample {
+        dump,
+        restore,
+        sockets,
+        dump_helper_cpu,
+        restore_helper_cpu,
+        dump_client_cpu,
+        restore_client_cpu,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+struct Row {
+    n: usize,
+    reps: usize,
+    dump_us: f64,
+    dump_helper_us: f64,
+    dump_client_us: f64,
+    restore_us: f64,
+    restore_helper_us: f64,
+    restore_client_us: f64,
+    sockets_us: f64,
+    total_us: f64,
+    round_trips: usize,
+}
+
+fn measure(client: &mut RepairClient, helper_stat: &str, n: usize, via: Via) -> Row {
+    let reps = if n >= 10_000 { 3 } else { 5 };
+    let samples: Vec<Sample> = (0..reps)
+        .map(|_| run_once(client, helper_stat, n, via))
+        .collect();
+    let per_conn = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    let med =
+        |f: &dyn Fn(&Sample) -> Duration| median(samples.iter().map(|s| per_conn(f(s))).collect());
+    let round_trips = match via {
+        // What the client sends: one request per batch, for dump and for restore.
+        Via::Helper => {
+            let sizes = vec![HEADER_LEN + 2 * K; n];
+            2 * plan_batches(&sizes).len()
+        }
+        Via::InProcess => 0,
+    };
+    Row {
+        n,
+        reps,
+        dump_us: med(&|s| s.dump),
+        dump_helper_us: med(&|s| s.dump_helper_cpu),
+        dump_client_us: med(&|s| s.dump_client_cpu),
+        restore_us: med(&|s| s.restore),
+        restore_helper_us: med(&|s| s.restore_helper_cpu),
+        restore_client_us: med(&|s| s.restore_client_cpu),
+        sockets_us: med(&|s| s.sockets),
+        total_us: med(&|s| s.dump + s.restore),
+        round_trips,
+    }
+}
+
+fn print_table(title: &str, rows: &[Row]) {
+    println!("{title}");
+    let head = |a: [&str; 11]| {
+        println!(
+            "{:>6} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} | {:>8} | {:>6} | {:>4}",
+            a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10]
+        )
+    };
+    head([
+        "", "dump", "helper", "client", "restore", "helper", "client", "socket()", "total",
+        "round", "",
+    ]);
+    head([
+        "N", "µs/conn", "cpu", "cpu", "µs/conn", "cpu", "cpu", "part", "µs/conn", "trips", "reps",
+    ]);
+    for r in rows {
+        println!(
+            "{:>6} | {:>8.2} {:>8.2} {:>8.2} | {:>8.2} {:>8.2} {:>8.2} {:>8.2} | {:>8.2} | {:>6} | {:>4}",
+            r.n,
+            r.dump_us,
+            r.dump_helper_us,
+            r.dump_client_us,
+            r.restore_us,
+            r.restore_helper_us,
+            r.restore_client_us,
+            r.sockets_us,
+            r.total_us,
+            r.round_trips,
+            r.reps
+        );
+    }
+    println!(
+        "(µs per connection, medians; wall time, then the CPU time of the helper process and \
+         of the client thread in that phase; restore includes creating the fresh sockets)"
+    );
+}
+
+fn main() {
+    peer::run_if_peer();
+
+    let mut sizes: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    if sizes.is_empty() {
+        sizes = vec![1, 100, 1_000, 10_000];
+    }
+    netns::enter_private_netns().expect("private netns (run the bench as root)");
+    let limit = netns::raise_nofile(1 << 20).expect("raise RLIMIT_NOFILE");
+    let max_n = sizes.iter().copied().max().unwrap_or(0);
+    assert!(
+        limit >= max_n as u64 + 200,
+        "RLIMIT_NOFILE {limit} is too low for {max_n} connections"
+    );
+
+    let (mut client, mut helper) =
+        RepairClient::spawn(env!("CARGO_BIN_EXE_baton-repair"), ["--quiet"])
+            .expect("spawn baton-repair");
+    client.set_timeout(STEP);
+    let helper_stat = format!("/proc/{}/schedstat", helper.id());
+
+    let rows: Vec<Row> = sizes
+        .iter()
+        .map(|&n| measure(&mut client, &helper_stat, n, Via::Helper))
+        .collect();
+    let local: Vec<Row> = sizes
+        .iter()
+        .filter(|&&n| n >= 1_000)
+        .map(|&n| measure(&mut client, &helper_stat, n, Via::InProcess))
+        .collect();
+
+    drop(client);
+    let status = helper.wait().expect("wait for the helper");
+    assert!(status.success(), "baton-repair: {status}");
+
+    println!();
+    print_table(
+        &format!(
+            "baton-repair dump/restore, {K} bytes queued each way per connection, \
+             ≤{MAX_FDS} sockets per request (medians)"
+        ),
+        &rows,
+    );
+    if let Some(big) = rows.iter().max_by_key(|r| r.n) {
+        println!(
+            "target: dump + restore < {TARGET_US} µs/conn; at N = {}: {:.2} µs/conn ({})",
+            big.n,
+            big.total_us,
+            if big.total_us < TARGET_US {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+    }
+    if !local.is_empty() {
+        println!();
+        print_table(
+            "for comparison, in-process (baton_tcp_repair called directly: no helper, no IPC)",
+            &local,
+        );
+    }
+}

@@ -1,0 +1,333 @@
+//! The serve loop: one request frame in, exactly one reply frame out.
+//!
+//! Theory of operation:
+//!
+//! ```text
+//!  recv frame ──bad header──▶ Error(BadFrame), exit 1 (stream out of sync)
+//!      │ ──EOF before a frame──▶ return Ok (exit 0);  EOF mid-frame ──▶ exit 1
+//!      ▼
+//!  descriptors received == header.fd_count ?  no ─▶ Error(FdCountMismatch)
+//!  tag known ?                                no ─▶ Error(UnknownOperation)
+//!  body decodes and validates ?               no ─▶ Error(Malformed / FdCountMismatch)
+//!  Hello first, and only once ?               no ─▶ Error(OutOfOrder)
+//!  Hello: versions overlap ?                  no ─▶ Error(IncompatibleVersion), exit 1
+//!      ▼
+//!  per socket: validate (TCP, not MPTCP, expected state, our netns) ─▶ operation
+//!  reply with one result per socket, then close every received descriptor
+//! ```
+//!
+//! State kept between frames: whether the hello has happened (and the version chosen),
+//! and the network-namespace cookie of the connection to the backend, read once on first
+//! use. Sockets handed over must live in that namespace unless `--any-netns` was given.
+//!
+//! Invariants: nothing the peer sends can make this loop panic; every refusal is a typed
+//! [`Reply::Error`]; a per-socket failure costs only that socket's slot; a dump reply never
+//! exceeds [`MAX_BATCH_QUEUE_BYTES`] of queue data (sockets beyond are thawed and reported
+//! as failed, so the caller can retry them in a smaller batch).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use baton_proto::frame::FrameError;
+use baton_proto::repair::{
+    caps, request_tag, Hello, ProtocolError, ProtocolErrorKind, Reply, Request, RequestError,
+    RestoreReport, SocketError, SocketResult, REQUEST_NAMES,
+};
+use baton_proto::tcp::{SocketFamily, TcpConnState, MAX_BATCH_QUEUE_BYTES};
+use baton_repair_ipc::transport::{self, ReceivedFrame, TransportError};
+use baton_tcp_repair::Expect;
+
+/// How the server checks sockets.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Require handed-over sockets to be in the network namespace of the connection.
+    pub check_netns: bool,
+}
+
+/// Why serving stopped with an error (exit status 1).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("receive a request: {0}")]
+    Receive(#[source] TransportError),
+    #[error("send a reply: {0}")]
+    Send(#[source] TransportError),
+    #[error("bad frame from the backend, closing: {0}")]
+    BadFrame(FrameError),
+    #[error("no common protocol version with the backend: {0}")]
+    IncompatibleVersion(ProtocolError),
+}
+
+/// What to do after a reply has been sent.
+#[derive(Debug)]
+enum Next {
+    Continue,
+    Stop(ServeError),
+}
+
+/// The network-namespace cookie the sockets must match.
+#[derive(Debug, Clone)]
+enum NetnsCheck {
+    Disabled,
+    NotReadYet,
+    Cookie(u64),
+    Unavailable(SocketError),
+}
+
+/// The state of one connection to a backend.
+struct Session<'a> {
+    sock: BorrowedFd<'a>,
+    /// The version agreed in the hello, once it happened.
+    version: Option<u16>,
+    netns: NetnsCheck,
+}
+
+/// Serve the backend on `sock` until it closes the connection (`Ok`) or something fatal
+/// happens.
+pub fn serve(sock: BorrowedFd<'_>, options: &ServeOptions) -> Result<(), ServeError> {
+    let mut session = Session::new(sock, options);
+    loop {
+        let frame = match transport::recv_frame(sock, None) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Ok(()),
+            Err(TransportError::BadHeader(e)) => {
+                let reply = Reply::Error(ProtocolError::new(
+                    ProtocolErrorKind::BadFrame,
+                    e.to_string(),
+                ));
+                if let Err(send) = session.send(&reply) {
+                    tracing::debug!("could not report the bad frame: {send}");
+                }
+                return Err(ServeError::BadFrame(e));
+            }
+            Err(e) => return Err(ServeError::Receive(e)),
+        };
+        let (reply, next) = session.handle(&frame);
+        session.send(&reply).map_err(ServeError::Send)?;
+        // The descriptors of the request are closed only now, after the reply.
+        drop(frame);
+        if let Next::Stop(e) = next {
+            return Err(e);
+        }
+    }
+}
+
+fn refuse(kind: ProtocolErrorKind, message: impl Into<String>) -> (Reply, Next) {
+    let error = ProtocolError::new(kind, message);
+    tracing::warn!("refusing a request: {error}");
+    (Reply::Error(error), Next::Continue)
+}
+
+impl<'a> Session<'a> {
+    fn new(sock: BorrowedFd<'a>, options: &ServeOptions) -> Self {
+        Session {
+            sock,
+            version: None,
+            netns: if options.check_netns {
+                NetnsCheck::NotReadYet
+            } else {
+                NetnsCheck::Disabled
+            },
+        }
+    }
+
+    fn send(&self, reply: &Reply) -> Result<(), TransportError> {
+        transport::send_message(self.sock, reply, &[], None)
+    }
+
+    /// Turn one well-framed request into its reply.
+    fn handle(&mut self, frame: &ReceivedFrame) -> (Reply, Next) {
+        if !frame.fd_count_matches() {
+            return refuse(
+                ProtocolErrorKind::FdCountMismatch,
+                format!(
+                    "header announces {} file descriptors, {} arrived{}",
+                    frame.header.fd_count,
+                    frame.fds_received(),
+                    if frame.control_truncated {
+                        " (some were truncated)"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        }
+        let Some(tag) = request_tag(&frame.body) else {
+            return refuse(
+                ProtocolErrorKind::Malformed,
+                format!("body of {} bytes has no request tag", frame.body.len()),
+            );
+        };
+        if usize::try_from(tag).map_or(true, |t| t >= REQUEST_NAMES.len()) {
+            return refuse(
+                ProtocolErrorKind::UnknownOperation,
+                format!("request tag {tag} is not one of {REQUEST_NAMES:?}"),
+            );
+        }
+        let request: Request = match baton_proto::decode(&frame.body) {
+            Ok(request) => request,
+            Err(e) => return refuse(ProtocolErrorKind::Malformed, e.to_string()),
+        };
+        if let Err(e) = request.validate(frame.fds.len()) {
+            let kind = match e {
+                RequestError::StateCount { .. }
+                | RequestError::FdCount { .. }
+                | RequestError::TooManyFds { .. } => ProtocolErrorKind::FdCountMismatch,
+                _ => ProtocolErrorKind::Malformed,
+            };
+            return refuse(kind, e.to_string());
+        }
+        tracing::debug!(
+            request = request.name(),
+            sockets = frame.fds.len(),
+            "request"
+        );
+
+        match (&request, self.version) {
+            (Request::Hello(hello), None) => self.hello(hello),
+            (Request::Hello(_), Some(_)) => refuse(ProtocolErrorKind::OutOfOrder, "a second Hello"),
+            (_, None) => refuse(
+                ProtocolErrorKind::OutOfOrder,
+                format!("{} before Hello", request.name()),
+            ),
+            (Request::Dump, Some(_)) => (Reply::Dumped(self.dump(&frame.fds)), Next::Continue),
+            (Request::Thaw, Some(_)) => {
+                let results =
+                    self.each_socket("thaw", &frame.fds, Expect::Connected, |fd, _, _| {
+                        Ok(baton_tcp_repair::thaw(fd)?)
+                    });
+                (Reply::Thawed(results), Next::Continue)
+            }
+            (Request::SetRepair(mode), Some(_)) => {
+                let results =
+                    self.each_socket("set repair", &frame.fds, Expect::Connected, |fd, _, _| {
+                        Ok(baton_tcp_repair::set_repair(fd, *mode)?)
+                    });
+                (Reply::RepairSet(results), Next::Continue)
+            }
+            (Request::Restore(states), Some(_)) => (
+                Reply::Restored(self.restore(&frame.fds, states)),
+                Next::Continue,
+            ),
+        }
+    }
+
+    fn hello(&mut self, hello: &Hello) -> (Reply, Next) {
+        tracing::info!(
+            software = %hello.software.escape_debug(),
+            min = hello.min_version,
+            max = hello.max_version,
+            "hello from the backend"
+        );
+        match hello.negotiate() {
+            Ok(version) => {
+                self.version = Some(version);
+                let ours = Hello {
+                    min_version: version,
+                    max_version: version,
+                    capabilities: caps::ALL_V1,
+                    software: concat!("baton-repair ", env!("CARGO_PKG_VERSION")).to_string(),
+                };
+                (Reply::Hello(ours), Next::Continue)
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                (
+                    Reply::Error(e.clone()),
+                    Next::Stop(ServeError::IncompatibleVersion(e)),
+                )
+            }
+        }
+    }
+
+    /// The cookie handed-over sockets must match, read on first use.
+    fn netns_cookie(&mut self) -> Result<Option<u64>, SocketError> {
+        if let NetnsCheck::NotReadYet = self.netns {
+            self.netns = match baton_tcp_repair::netns_cookie(self.sock) {
+                Ok(cookie) => NetnsCheck::Cookie(cookie),
+                Err(e) => {
+                    tracing::error!("network namespace of the backend connection: {e}");
+                    NetnsCheck::Unavailable(e.into())
+                }
+            };
+        }
+        match &self.netns {
+            NetnsCheck::Disabled | NetnsCheck::NotReadYet => Ok(None),
+            NetnsCheck::Cookie(cookie) => Ok(Some(*cookie)),
+            NetnsCheck::Unavailable(e) => Err(e.clone()),
+        }
+    }
+
+    /// Validate each socket as `expect`, then run `operation(fd, index, family)` on it.
+    fn each_socket<T>(
+        &mut self,
+        op: &'static str,
+        fds: &[OwnedFd],
+        expect: Expect,
+        mut operation: impl FnMut(BorrowedFd<'_>, usize, SocketFamily) -> Result<T, SocketError>,
+    ) -> Vec<SocketResult<T>> {
+        if fds.is_empty() {
+            return Vec::new();
+        }
+        let cookie = self.netns_cookie();
+        fds.iter()
+            .enumerate()
+            .map(|(index, fd)| {
+                let result = cookie.clone().and_then(|cookie| {
+                    let family = baton_tcp_repair::validate_tcp_socket(fd.as_fd(), expect, cookie)
+                        .map_err(SocketError::from)?;
+                    operation(fd.as_fd(), index, family)
+                });
+                if let Err(e) = &result {
+                    tracing::warn!(op, index, "{e}");
+                }
+                result
+            })
+            .collect()
+    }
+
+    fn dump(&mut self, fds: &[OwnedFd]) -> Vec<SocketResult<TcpConnState>> {
+        let mut queue_bytes = 0usize;
+        self.each_socket("dump", fds, Expect::Connected, |fd, _, _| {
+            let state = baton_tcp_repair::dump(fd)?;
+            let size = state.send_queue.len() + state.recv_queue.len();
+            if queue_bytes.saturating_add(size) > MAX_BATCH_QUEUE_BYTES {
+                // The reply would not fit in a frame: give this socket back live.
+                if let Err(e) = baton_tcp_repair::thaw(fd) {
+                    tracing::warn!("thaw after an oversized dump: {e}");
+                }
+                return Err(SocketError {
+                    step: "dump: batch".into(),
+                    errno: None,
+                    detail: format!(
+                        "{size} queued bytes would take the reply over {MAX_BATCH_QUEUE_BYTES} \
+                         bytes; socket left live, retry it in a smaller batch"
+                    ),
+                });
+            }
+            queue_bytes += size;
+            Ok(state)
+        })
+    }
+
+    fn restore(
+        &mut self,
+        fds: &[OwnedFd],
+        states: &[TcpConnState],
+    ) -> Vec<SocketResult<RestoreReport>> {
+        self.each_socket("restore", fds, Expect::Fresh, |fd, index, family| {
+            // `validate` guaranteed one state per socket.
+            let state = states.get(index).ok_or_else(|| SocketError {
+                step: "restore".into(),
+                errno: None,
+                detail: format!("no state for socket {index}"),
+            })?;
+            if family != state.family {
+                return Err(SocketError {
+                    step: "restore: socket family".into(),
+                    errno: None,
+                    detail: format!("socket is {family:?}, state is {:?}", state.family),
+                });
+            }
+            Ok(baton_tcp_repair::restore(fd, state)?)
+        })
+    }
+}
