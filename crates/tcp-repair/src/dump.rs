@@ -36,10 +36,6 @@ use crate::filter::{attach_deaf_filter, detach_filter};
 use crate::sys::{self, TcpRepairWindow};
 use crate::{set_repair_in, sockopts};
 
-/// Extra room for the send-queue peek beyond `SIOCOUTQ`: the head skb may still hold
-/// bytes the peer acknowledged (up to one skb, i.e. at most 64 KiB of GSO payload).
-const SEND_PEEK_SLACK: usize = 64 << 10;
-
 /// See [`crate::dump`].
 pub fn dump(fd: BorrowedFd<'_>) -> Result<TcpConnState> {
     let reuseaddr = sys::get_int(
@@ -308,7 +304,11 @@ fn read_queues(
         sys::TCP_QUEUE_SEQ,
         "dump: TCP_QUEUE_SEQ(send)",
     )?;
-    let mut send = vec![0u8; send_len + SEND_PEEK_SLACK];
+    // Peek into a buffer of exactly the expected size: the kernel reports the whole
+    // queue length even when the buffer is smaller (E18), so a partially acked head (E21)
+    // shows up as a larger return value, and only then is a second, larger peek needed.
+    // (A zeroed buffer with slack for every socket cost more than the rest of the dump.)
+    let mut send = vec![0u8; send_len.max(1)];
     let mut got = sys::recv(fd, &mut send, peek_flags)
         .map_err(|e| RepairError::sys("dump: peek(send)", e))?;
     if got > send.len() {

@@ -107,66 +107,62 @@ pub fn read(fd: BorrowedFd<'_>, family: SocketFamily, v4_flow: bool) -> Result<S
 pub fn apply_after_repair(fd: BorrowedFd<'_>, o: &SocketOptions) -> Result<()> {
     use libc::{IPPROTO_TCP, SOL_SOCKET};
     let set = |level, name, value: i32, step| sys::set_int(fd, level, name, value, step);
-    set(
-        SOL_SOCKET,
-        libc::SO_REUSEADDR,
-        i32::from(o.reuseaddr),
-        "restore: SO_REUSEADDR",
-    )?;
-    set(
-        SOL_SOCKET,
-        libc::SO_REUSEPORT,
-        i32::from(o.reuseport),
-        "restore: SO_REUSEPORT",
-    )?;
-    set(
-        SOL_SOCKET,
-        sys::SO_PEEK_OFF,
-        o.peek_off,
-        "restore: SO_PEEK_OFF",
-    )?;
-    set(
-        SOL_SOCKET,
-        libc::SO_KEEPALIVE,
-        i32::from(o.keepalive),
-        "restore: SO_KEEPALIVE",
-    )?;
-    set(
-        IPPROTO_TCP,
-        libc::TCP_KEEPIDLE,
-        o.keepidle as i32,
-        "restore: TCP_KEEPIDLE",
-    )?;
-    set(
-        IPPROTO_TCP,
-        libc::TCP_KEEPINTVL,
-        o.keepintvl as i32,
-        "restore: TCP_KEEPINTVL",
-    )?;
-    set(
-        IPPROTO_TCP,
-        libc::TCP_KEEPCNT,
-        o.keepcnt as i32,
-        "restore: TCP_KEEPCNT",
-    )?;
-    set(
-        IPPROTO_TCP,
-        libc::TCP_USER_TIMEOUT,
-        o.user_timeout as i32,
-        "restore: TCP_USER_TIMEOUT",
-    )?;
-    set(
-        IPPROTO_TCP,
-        libc::TCP_NOTSENT_LOWAT,
-        o.notsent_lowat as i32,
-        "restore: TCP_NOTSENT_LOWAT",
-    )?;
-    set(
-        SOL_SOCKET,
-        libc::SO_PRIORITY,
-        o.priority as i32,
-        "restore: SO_PRIORITY",
-    )?;
+    // Only what differs from a fresh socket's defaults is written: each call is a syscall,
+    // and restores come in batches of thousands.
+    if o.reuseaddr {
+        set(SOL_SOCKET, libc::SO_REUSEADDR, 1, "restore: SO_REUSEADDR")?;
+    }
+    if o.reuseport {
+        set(SOL_SOCKET, libc::SO_REUSEPORT, 1, "restore: SO_REUSEPORT")?;
+    }
+    if o.peek_off >= 0 {
+        set(
+            SOL_SOCKET,
+            sys::SO_PEEK_OFF,
+            o.peek_off,
+            "restore: SO_PEEK_OFF",
+        )?;
+    }
+    if o.keepalive {
+        set(SOL_SOCKET, libc::SO_KEEPALIVE, 1, "restore: SO_KEEPALIVE")?;
+    }
+    // Kernel defaults (tcp_keepalive_time/intvl/probes) read back as these when unset.
+    if (o.keepidle, o.keepintvl, o.keepcnt) != (7200, 75, 9) {
+        set(
+            IPPROTO_TCP,
+            libc::TCP_KEEPIDLE,
+            o.keepidle as i32,
+            "restore: TCP_KEEPIDLE",
+        )?;
+        set(
+            IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            o.keepintvl as i32,
+            "restore: TCP_KEEPINTVL",
+        )?;
+        set(
+            IPPROTO_TCP,
+            libc::TCP_KEEPCNT,
+            o.keepcnt as i32,
+            "restore: TCP_KEEPCNT",
+        )?;
+    }
+    if o.user_timeout != 0 {
+        set(
+            IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            o.user_timeout as i32,
+            "restore: TCP_USER_TIMEOUT",
+        )?;
+    }
+    if o.notsent_lowat != u32::MAX {
+        set(
+            IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            o.notsent_lowat as i32,
+            "restore: TCP_NOTSENT_LOWAT",
+        )?;
+    }
     if !o.congestion.is_empty() {
         let mut current = [0u8; 16];
         let len = sys::get_bytes(
@@ -187,7 +183,7 @@ pub fn apply_after_repair(fd: BorrowedFd<'_>, o: &SocketOptions) -> Result<()> {
             )?;
         }
     }
-    if let Some(tos) = o.ip_tos {
+    if let Some(tos) = o.ip_tos.filter(|&t| t != 0) {
         set(
             libc::IPPROTO_IP,
             libc::IP_TOS,
@@ -195,7 +191,9 @@ pub fn apply_after_repair(fd: BorrowedFd<'_>, o: &SocketOptions) -> Result<()> {
             "restore: IP_TOS",
         )?;
     }
-    if let Some(ttl) = o.ip_ttl {
+    // IP_TTL and IPV6_UNICAST_HOPS read back the route default (64) when unset: carrying
+    // that value over would pin it; only other values were set by the owner.
+    if let Some(ttl) = o.ip_ttl.filter(|&t| t != 64) {
         set(
             libc::IPPROTO_IP,
             libc::IP_TTL,
@@ -203,7 +201,7 @@ pub fn apply_after_repair(fd: BorrowedFd<'_>, o: &SocketOptions) -> Result<()> {
             "restore: IP_TTL",
         )?;
     }
-    if let Some(tclass) = o.ipv6_tclass {
+    if let Some(tclass) = o.ipv6_tclass.filter(|&t| t != 0) {
         set(
             libc::IPPROTO_IPV6,
             libc::IPV6_TCLASS,
@@ -211,12 +209,21 @@ pub fn apply_after_repair(fd: BorrowedFd<'_>, o: &SocketOptions) -> Result<()> {
             "restore: IPV6_TCLASS",
         )?;
     }
-    if let Some(hops) = o.ipv6_hops {
+    if let Some(hops) = o.ipv6_hops.filter(|&h| h != 64 && h != -1) {
         set(
             libc::IPPROTO_IPV6,
             libc::IPV6_UNICAST_HOPS,
             hops,
             "restore: IPV6_UNICAST_HOPS",
+        )?;
+    }
+    // After IP_TOS/IPV6_TCLASS: setting the TOS also resets the priority.
+    if o.priority != 0 {
+        set(
+            SOL_SOCKET,
+            libc::SO_PRIORITY,
+            o.priority as i32,
+            "restore: SO_PRIORITY",
         )?;
     }
     // Buffer sizes: the kernel doubles what SO_SNDBUF/SO_RCVBUF are given, and reports
