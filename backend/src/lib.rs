@@ -18,4 +18,5 @@ pub mod config;
 pub mod hostinfo;
 pub mod net;
 pub mod ports;
+pub mod runtime;
 pub mod vu;

@@ -110,7 +110,10 @@ pub fn serve(
             daemon.request_shutdown();
         }
         match daemon.wait() {
-            Ok(()) => info!("vhost-user frontend disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("vhost-user frontend disconnected"),
             Err(e) => warn!("vhost-user connection ended: {e}"),
         }
         stopper.set_current(None);

@@ -1,0 +1,204 @@
+//! Process set-up around the device: logging, the vhost-user listener, running in the
+//! background like passt (fork, then the pid file), and signals.
+//!
+//! Order matters for the tools that start baton: the listening socket exists before the
+//! parent process returns, so a VM manager may start QEMU as soon as `baton` exits; the
+//! pid file names the process that serves, so it is written after the fork.
+
+use std::fs::OpenOptions;
+use std::io::{IsTerminal, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::{fork, setsid, ForkResult};
+use tracing::{error, info};
+use vhost::vhost_user::Listener;
+
+use crate::cli::LogLevel;
+use crate::config::{default_socket_candidates, LogConfig, VhostUserEndpoint};
+use crate::vu::serve::Stopper;
+
+/// Process set-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("listening on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("no free socket path among /tmp/baton_1.socket … /tmp/baton_64.socket")]
+    NoFreeSocketPath,
+    #[error("--fd {fd}: {reason}")]
+    InheritedFd { fd: RawFd, reason: String },
+    #[error("opening log file {path}: {source}")]
+    LogFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing pid file {path}: {source}")]
+    PidFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("going to the background: {0}")]
+    Daemonize(nix::errno::Errno),
+    #[error("signal handling: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Set up `tracing` as the command line asks.
+pub fn init_logging(log: &LogConfig) -> Result<(), RuntimeError> {
+    let level = match log.level {
+        LogLevel::Warn => tracing::Level::WARN,
+        LogLevel::Info => tracing::Level::INFO,
+        LogLevel::Debug => tracing::Level::DEBUG,
+        LogLevel::Trace => tracing::Level::TRACE,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .with_thread_names(false);
+    match &log.file {
+        Some(path) if !log.stderr => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| RuntimeError::LogFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+        _ => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+    Ok(())
+}
+
+/// The vhost-user listening socket, and its path if we created one.
+pub fn open_listener(endpoint: &VhostUserEndpoint) -> Result<(Listener, Option<PathBuf>), RuntimeError> {
+    match endpoint {
+        VhostUserEndpoint::Listen(path) => {
+            let listener = Listener::new(path, true).map_err(|source| RuntimeError::Listen {
+                path: path.clone(),
+                source,
+            })?;
+            Ok((listener, Some(path.clone())))
+        }
+        VhostUserEndpoint::ProbeDefault => {
+            for path in default_socket_candidates() {
+                if path_in_use(&path) {
+                    continue;
+                }
+                if let Ok(listener) = Listener::new(&path, true) {
+                    return Ok((listener, Some(path)));
+                }
+            }
+            Err(RuntimeError::NoFreeSocketPath)
+        }
+        VhostUserEndpoint::Inherited(fd) => {
+            let fd = *fd;
+            let accepting = socket_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).map_err(|e| {
+                RuntimeError::InheritedFd {
+                    fd,
+                    reason: format!("not a socket: {e}"),
+                }
+            })?;
+            if accepting == 0 {
+                return Err(RuntimeError::InheritedFd {
+                    fd,
+                    reason: "baton needs a listening UNIX socket here; serving an already connected one is not supported yet (use --socket PATH)".into(),
+                });
+            }
+            // SAFETY: the fd was handed to us for exactly this use and is a listening
+            // socket (checked above); the Listener owns it from here on.
+            let listener = unsafe { Listener::from_raw_fd(fd) };
+            Ok((listener, None))
+        }
+    }
+}
+
+fn path_in_use(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+fn socket_int(fd: RawFd, level: i32, name: i32) -> std::io::Result<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt of an int into a local of the right size.
+    let rc = unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut libc::c_int).cast(), &mut len) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Fork to the background like passt: the parent exits at once (the socket already
+/// exists), the child starts a new session and drops its terminal. Must run before any
+/// thread is started.
+pub fn daemonize() -> Result<(), RuntimeError> {
+    // SAFETY: no other thread exists yet (called before logging threads, the signal
+    // thread and the device threads), so the child is a faithful copy.
+    match unsafe { fork() }.map_err(RuntimeError::Daemonize)? {
+        ForkResult::Parent { .. } => std::process::exit(0),
+        ForkResult::Child => {}
+    }
+    setsid().map_err(RuntimeError::Daemonize)?;
+    let devnull = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| RuntimeError::Daemonize(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+    for target in 0..=2 {
+        // SAFETY: dup2 onto the standard descriptors of this process.
+        unsafe { libc::dup2(devnull.as_raw_fd(), target) };
+    }
+    Ok(())
+}
+
+/// Write our pid to `path`.
+pub fn write_pid_file(path: &Path) -> Result<(), RuntimeError> {
+    let mut file = std::fs::File::create(path).map_err(|source| RuntimeError::PidFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    writeln!(file, "{}", std::process::id()).map_err(|source| RuntimeError::PidFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Block SIGTERM, SIGINT and SIGHUP in every thread and handle them on one thread of
+/// their own: the first stops serving cleanly.
+pub fn handle_signals(stopper: Arc<Stopper>) -> Result<(), RuntimeError> {
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(sig);
+    }
+    set.thread_block()
+        .map_err(|e| RuntimeError::Signals(std::io::Error::from(e)))?;
+    std::thread::Builder::new()
+        .name("baton-signals".into())
+        .spawn(move || loop {
+            match set.wait() {
+                Ok(sig) => {
+                    info!("{sig:?}: shutting down");
+                    stopper.stop();
+                }
+                Err(e) => {
+                    error!("waiting for signals: {e}");
+                    return;
+                }
+            }
+        })
+        .map_err(RuntimeError::Signals)?;
+    Ok(())
+}
