@@ -63,7 +63,10 @@ fn log_config(config: &NetConfig) {
         );
     }
     if let Some(v6) = &config.v6 {
-        info!("IPv6: guest {}/{} via {}, DNS {:?}", v6.addr, v6.prefix_len, v6.gateway, v6.dns);
+        info!(
+            "IPv6: guest {}/{} via {}, DNS {:?}",
+            v6.addr, v6.prefix_len, v6.gateway, v6.dns
+        );
     }
     info!("MTU {}", config.mtu);
 }

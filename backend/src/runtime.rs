@@ -84,7 +84,9 @@ pub fn init_logging(log: &LogConfig) -> Result<(), RuntimeError> {
 }
 
 /// The vhost-user listening socket, and its path if we created one.
-pub fn open_listener(endpoint: &VhostUserEndpoint) -> Result<(Listener, Option<PathBuf>), RuntimeError> {
+pub fn open_listener(
+    endpoint: &VhostUserEndpoint,
+) -> Result<(Listener, Option<PathBuf>), RuntimeError> {
     match endpoint {
         VhostUserEndpoint::Listen(path) => {
             let listener = Listener::new(path, true).map_err(|source| RuntimeError::Listen {
@@ -134,7 +136,15 @@ fn socket_int(fd: RawFd, level: i32, name: i32) -> std::io::Result<i32> {
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt of an int into a local of the right size.
-    let rc = unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut libc::c_int).cast(), &mut len) };
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -156,7 +166,11 @@ pub fn daemonize() -> Result<(), RuntimeError> {
         .read(true)
         .write(true)
         .open("/dev/null")
-        .map_err(|e| RuntimeError::Daemonize(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+        .map_err(|e| {
+            RuntimeError::Daemonize(nix::errno::Errno::from_raw(
+                e.raw_os_error().unwrap_or(libc::EIO),
+            ))
+        })?;
     for target in 0..=2 {
         // SAFETY: dup2 onto the standard descriptors of this process.
         unsafe { libc::dup2(devnull.as_raw_fd(), target) };
