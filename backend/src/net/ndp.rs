@@ -290,6 +290,7 @@ fn build_router_advertisement(config: &NetConfig, v6: &V6Config) -> Vec<u8> {
     };
     if !servers.is_empty() {
         let units = 1 + 2 * servers.len();
+        // At most 127 servers: units <= 255.
         message.extend_from_slice(&[OPTION_RDNSS, units as u8, 0, 0]);
         message.extend_from_slice(&INFINITE_LIFETIME.to_be_bytes());
         for server in &servers {
@@ -317,6 +318,7 @@ fn build_router_advertisement(config: &NetConfig, v6: &V6Config) -> Vec<u8> {
     }
     if !names.is_empty() {
         let len = (8 + names.len()).div_ceil(8) * 8;
+        // The names were capped above: len / 8 <= 254.
         message.extend_from_slice(&[OPTION_DNSSL, (len / 8) as u8, 0, 0]);
         message.extend_from_slice(&INFINITE_LIFETIME.to_be_bytes());
         names.resize(len - 8, 0);
