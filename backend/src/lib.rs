@@ -19,4 +19,5 @@ pub mod hostinfo;
 pub mod net;
 pub mod ports;
 pub mod runtime;
+pub mod sandbox;
 pub mod vu;

@@ -13,7 +13,7 @@
 //!  Hello: versions overlap ?                  no ─▶ Error(IncompatibleVersion), exit 1
 //!      ▼
 //!  per socket: validate (TCP, not MPTCP, expected state, our netns) ─▶ operation
-//!  reply with one result per socket, then close every received descriptor
+//!  close every received descriptor, then reply with one result per socket
 //! ```
 //!
 //! State kept between frames: whether the hello has happened (and the version chosen),
@@ -101,9 +101,12 @@ pub fn serve(sock: BorrowedFd<'_>, options: &ServeOptions) -> Result<(), ServeEr
             Err(e) => return Err(ServeError::Receive(e)),
         };
         let (reply, next) = session.handle(&frame);
-        session.send(&reply).map_err(ServeError::Send)?;
-        // The descriptors of the request are closed only now, after the reply.
+        // Close our copies of the request's descriptors before replying: once the backend
+        // has the reply, its own descriptor must be the last reference, so that closing
+        // a frozen socket really releases its 4-tuple (a restore of the same connection
+        // right after would otherwise race us and fail with EADDRNOTAVAIL).
         drop(frame);
+        session.send(&reply).map_err(ServeError::Send)?;
         if let Next::Stop(e) = next {
             return Err(e);
         }

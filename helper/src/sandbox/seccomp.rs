@@ -75,7 +75,7 @@ pub const ALLOWED_SYSCALLS: &[AllowedSyscall] = &[
     #[cfg(target_arch = "x86_64")]
     allow!(SYS_poll, "transport: wait until the connection is readable/writable"),
     allow!(SYS_ppoll, "transport: poll() where the libc implements it with ppoll"),
-    allow!(SYS_close, "server: close the received descriptors after replying"),
+    allow!(SYS_close, "server: close the received descriptors before replying"),
     // --- repair operations (baton-tcp-repair) ---
     allow!(SYS_getsockopt, "tcp-repair: SO_TYPE/SO_PROTOCOL/SO_NETNS_COOKIE checks, TCP_INFO, TCP_REPAIR_* and option reads"),
     allow!(SYS_setsockopt, "tcp-repair: TCP_REPAIR*, TCP_QUEUE_SEQ, TCP_TIMESTAMP, SO_ATTACH/DETACH_FILTER, option writes"),
