@@ -70,9 +70,13 @@ pub fn init_logging(log: &LogConfig) -> Result<(), RuntimeError> {
                     path: path.clone(),
                     source,
                 })?;
+            let writer = CappedLog {
+                file,
+                limit: log.file_size_limit,
+            };
             builder
                 .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
+                .with_writer(std::sync::Mutex::new(writer))
                 .init();
         }
         _ => builder
@@ -81,6 +85,31 @@ pub fn init_logging(log: &LogConfig) -> Result<(), RuntimeError> {
             .init(),
     }
     Ok(())
+}
+
+/// A log file that never grows beyond `limit` bytes (`--log-size`): when the next entry
+/// would cross it, the file is emptied first, so the oldest entries go and the newest
+/// are kept. (passt keeps a sliding window; starting over is the simple bounded form.)
+struct CappedLog {
+    file: std::fs::File,
+    limit: u64,
+}
+
+impl Write for CappedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let len = self.file.metadata()?.len();
+        if len + buf.len() as u64 > self.limit {
+            self.file.set_len(0)?;
+            std::io::Seek::seek(&mut self.file, std::io::SeekFrom::Start(0))?;
+            self.file
+                .write_all(b"(log truncated: --log-size reached)\n")?;
+        }
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// The vhost-user listening socket, and its path if we created one.
@@ -215,4 +244,30 @@ pub fn handle_signals(stopper: Arc<Stopper>) -> Result<(), RuntimeError> {
         })
         .map_err(RuntimeError::Signals)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_file_never_grows_beyond_its_limit_and_keeps_the_newest_entries() {
+        let path = std::env::temp_dir().join(format!("baton-capped-log-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut log = CappedLog { file, limit: 1000 };
+        for i in 0..100 {
+            writeln!(log, "entry {i:03} ............................").unwrap();
+            assert!(std::fs::metadata(&path).unwrap().len() <= 1000);
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("entry 099"), "the newest entry is kept");
+        assert!(!text.contains("entry 000"), "the oldest entries go");
+        std::fs::remove_file(&path).unwrap();
+    }
 }
