@@ -11,10 +11,10 @@
 mod scenario;
 
 use std::net::TcpStream;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::Mutex;
 
-use baton_proto::tcp::{SocketFamily, TcpConnState, TcpState};
+use baton_proto::tcp::{TcpConnState, TcpState};
 use baton_repair_ipc::RepairClient;
 use scenario::{Family, Scenario};
 
@@ -23,18 +23,6 @@ use scenario::{Family, Scenario};
 /// briefly hold another test's just-closed socket and make that test's restore of the
 /// same 4-tuple fail with EADDRNOTAVAIL. Spawns and close→restore sections take turns.
 static FORK_GUARD: Mutex<()> = Mutex::new(());
-
-fn fresh_socket(family: SocketFamily) -> TcpStream {
-    let domain = match family {
-        SocketFamily::Inet => libc::AF_INET,
-        SocketFamily::Inet6 => libc::AF_INET6,
-    };
-    // SAFETY: plain socket(2); checked, then owned.
-    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-    // SAFETY: a fresh descriptor we own.
-    TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) })
-}
 
 fn run(family: Family, state: TcpState, send_bytes: usize, recv_bytes: usize) {
     Scenario {
@@ -59,7 +47,7 @@ fn run(family: Family, state: TcpState, send_bytes: usize, recv_bytes: usize) {
             let turn = FORK_GUARD.lock().unwrap_or_else(|p| p.into_inner());
             drop(a);
             hear();
-            let b = fresh_socket(dumped.family);
+            let b = scenario::fresh_socket(dumped.family);
             let report = helper
                 .restore(&[(b.as_fd(), &dumped)])
                 .expect("restore request")

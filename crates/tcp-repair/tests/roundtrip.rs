@@ -5,29 +5,17 @@
 mod scenario;
 
 use std::net::TcpStream;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 
-use baton_proto::tcp::{SocketFamily, TcpConnState, TcpState};
+use baton_proto::tcp::{TcpConnState, TcpState};
 use scenario::{Family, Scenario};
-
-fn fresh_socket(family: SocketFamily) -> TcpStream {
-    let domain = match family {
-        SocketFamily::Inet => libc::AF_INET,
-        SocketFamily::Inet6 => libc::AF_INET6,
-    };
-    // SAFETY: plain socket(2); the fd is checked and then owned.
-    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a fresh descriptor we own.
-    TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) })
-}
 
 /// Dump `a`, close it while frozen, restore into a fresh socket, finish the send queue.
 fn migrate_in_process(a: TcpStream, hear: &dyn Fn()) -> (TcpStream, TcpConnState) {
     let state = baton_tcp_repair::dump(a.as_fd()).expect("dump");
     drop(a);
     hear();
-    let b = fresh_socket(state.family);
+    let b = scenario::fresh_socket(state.family);
     let report = baton_tcp_repair::restore(b.as_fd(), &state).expect("restore");
     scenario::finish_send_queue(&b, &state, report);
     (b, state)

@@ -52,28 +52,7 @@ pub fn pattern(seed: u64, offset: usize, len: usize) -> Vec<u8> {
 
 /// Enter a private network namespace for this thread, with loopback up.
 pub fn enter_private_netns() {
-    // SAFETY: unshare affects only the calling thread's network namespace here.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(
-        rc,
-        0,
-        "unshare(CLONE_NEWNET) needs root: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a throwaway datagram socket for the interface ioctls.
-    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    assert!(sock >= 0);
-    // SAFETY: zeroed ifreq is valid; we fill the name and flags.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
-        *d = *s as libc::c_char;
-    }
-    ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-    // SAFETY: SIOCSIFFLAGS reads the ifreq we pass.
-    let rc = unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr) };
-    assert_eq!(rc, 0, "bring lo up: {}", std::io::Error::last_os_error());
-    // SAFETY: closing the socket we opened.
-    unsafe { libc::close(sock) };
+    baton_testkit::netns::enter_private_netns().expect("private network namespace (needs root)");
 }
 
 fn sockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) {
@@ -95,37 +74,17 @@ fn sockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) {
     );
 }
 
-fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> i32 {
-    let mut v: libc::c_int = 0;
-    // SAFETY: these ioctls write one int.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, &mut v) };
-    assert_eq!(rc, 0, "ioctl {req:#x}: {}", std::io::Error::last_os_error());
-    v
-}
-
 pub fn inq(fd: BorrowedFd<'_>) -> usize {
-    ioctl_int(fd, 0x541B) as usize
+    baton_testkit::tcp::inq(fd).expect("SIOCINQ") as usize
 }
 
 pub fn outq(fd: BorrowedFd<'_>) -> usize {
-    ioctl_int(fd, 0x5411) as usize
+    baton_testkit::tcp::outq(fd).expect("SIOCOUTQ") as usize
 }
 
+/// The kernel's TCP state number (TCP_INFO's first byte).
 pub fn tcp_state(fd: BorrowedFd<'_>) -> u8 {
-    let mut info = [0u8; 8];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: getsockopt into a local buffer of `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0);
-    info[0]
+    baton_testkit::tcp::state(fd).expect("TCP_INFO") as u8
 }
 
 pub fn deafen(fd: BorrowedFd<'_>) {
@@ -210,8 +169,6 @@ pub fn pair(family: Family, l: &TcpListener, a_rcvbuf: Option<i32>) -> (TcpStrea
     }
     let a = TcpStream::from(fd);
     let dest = connect_addr(family, l);
-    let raw = baton_proto::tcp::Endpoint::from_socket_addr(dest);
-    let _ = raw;
     connect_fd(a.as_fd(), dest);
     let (p, _) = l.accept().expect("accept");
     for s in [&a, &p] {
@@ -222,53 +179,18 @@ pub fn pair(family: Family, l: &TcpListener, a_rcvbuf: Option<i32>) -> (TcpStrea
 }
 
 fn connect_fd(fd: BorrowedFd<'_>, dest: SocketAddr) {
-    // Reuse the library's address layout through a std connect on a dup: std has no
-    // connect-existing-socket, so do it by hand.
-    let (storage, len) = sockaddr(dest);
-    // SAFETY: connect with a valid sockaddr of `len` bytes.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&storage as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    };
-    assert_eq!(rc, 0, "connect {dest}: {}", std::io::Error::last_os_error());
+    let addr = nix::sys::socket::SockaddrStorage::from(dest);
+    nix::sys::socket::connect(fd.as_raw_fd(), &addr)
+        .unwrap_or_else(|e| panic!("connect {dest}: {e}"));
 }
 
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: zeroed storage is valid; we write a sockaddr_in/in6 into it.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: storage is big enough and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: storage is big enough and aligned for sockaddr_in6.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
+/// A fresh, unbound TCP socket of `family` to restore into.
+pub fn fresh_socket(family: baton_proto::tcp::SocketFamily) -> TcpStream {
+    let domain = match family {
+        baton_proto::tcp::SocketFamily::Inet => libc::AF_INET,
+        baton_proto::tcp::SocketFamily::Inet6 => libc::AF_INET6,
     };
-    (storage, len as libc::socklen_t)
+    TcpStream::from(new_socket(domain))
 }
 
 /// Write what the restore left of the send queue, then our FIN if it is pending.
