@@ -15,13 +15,14 @@ use common::*;
 
 const NOBODY: u32 = 65534;
 
-/// A copy of the helper in a fresh directory everybody may traverse.
-fn helper_copy(name: &str) -> PathBuf {
+/// A copy of the helper in a fresh directory everybody may traverse (the directory
+/// goes away with the returned guard).
+fn helper_copy(name: &str) -> (TempDir, PathBuf) {
     let dir = temp_dir(name);
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
     let copy = dir.join("baton-repair");
     std::fs::copy(HELPER, &copy).expect("copy helper");
-    copy
+    (dir, copy)
 }
 
 fn status_field(pid: u32, field: &str) -> String {
@@ -44,7 +45,7 @@ fn serves_a_dump(helper: &Helper) {
 
 #[test]
 fn without_net_admin_it_exits_1_and_says_how_to_install() {
-    let copy = helper_copy("no-caps");
+    let (_dir, copy) = helper_copy("no-caps");
     let mut helper = spawn_on_socketpair_as(&copy, Some(NOBODY), &["--allow-uid", "0"]);
     let (status, stderr) = wait_exit(&mut helper.child);
     assert_eq!(status.code(), Some(1), "{stderr}");
@@ -54,7 +55,7 @@ fn without_net_admin_it_exits_1_and_says_how_to_install() {
 #[test]
 fn setuid_root_install_becomes_the_real_user_with_net_admin_only() {
     private_netns();
-    let copy = helper_copy("setuid");
+    let (_dir, copy) = helper_copy("setuid");
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o4755)).expect("chmod u+s");
     let mut helper = spawn_on_socketpair_as(&copy, Some(NOBODY), &["--allow-uid", "0"]);
     serves_a_dump(&helper);
@@ -73,7 +74,7 @@ fn setuid_root_install_becomes_the_real_user_with_net_admin_only() {
 #[test]
 fn file_capability_install_keeps_net_admin_only() {
     private_netns();
-    let copy = helper_copy("setcap");
+    let (_dir, copy) = helper_copy("setcap");
     let setcap = Command::new("setcap")
         .arg("cap_net_admin+ep")
         .arg(&copy)

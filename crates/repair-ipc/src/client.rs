@@ -960,11 +960,34 @@ mod tests {
         assert_eq!(helper.join().expect("join"), 1, "only the hello was sent");
     }
 
+    /// A socket path in a scratch directory that goes away with the returned guard.
     fn temp_path(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("baton-ipc-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mkdir");
+        CLEANUP.with(|c| c.borrow_mut().push(dir.clone()));
         dir.join("x.repair")
+    }
+
+    /// Directories made by `temp_path` on this test's thread, removed when it ends.
+    struct Cleanup(Vec<PathBuf>);
+
+    impl Cleanup {
+        fn push(&mut self, dir: PathBuf) {
+            self.0.push(dir);
+        }
+    }
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for dir in &self.0 {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    thread_local! {
+        static CLEANUP: std::cell::RefCell<Cleanup> = const { std::cell::RefCell::new(Cleanup(Vec::new())) };
     }
 
     #[test]
