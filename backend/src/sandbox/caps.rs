@@ -81,11 +81,15 @@ pub fn target_identity(runas: Option<&RunAs>) -> Result<Option<Identity>, Sandbo
 /// it cannot be read, assume it is: switching to nobody is the safe side.
 fn in_initial_user_namespace() -> bool {
     let mut map = String::new();
-    let read = std::fs::File::open("/proc/self/uid_map").and_then(|mut f| f.read_to_string(&mut map));
+    let read =
+        std::fs::File::open("/proc/self/uid_map").and_then(|mut f| f.read_to_string(&mut map));
     if read.is_err() {
         return true;
     }
-    let lines: Vec<Vec<&str>> = map.lines().map(|l| l.split_whitespace().collect()).collect();
+    let lines: Vec<Vec<&str>> = map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
     lines == [["0", "0", "4294967295"]]
 }
 
@@ -174,7 +178,13 @@ fn drop_bounding_set() -> Result<(), StepFailure> {
 
 fn switch_identity(identity: Identity) -> Result<(), StepFailure> {
     // SAFETY: setgroups(2) with size 0 reads no list (a null pointer is allowed).
-    let rc = unsafe { libc::syscall(libc::SYS_setgroups, 0 as libc::size_t, std::ptr::null::<libc::gid_t>()) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_setgroups,
+            0 as libc::size_t,
+            std::ptr::null::<libc::gid_t>(),
+        )
+    };
     if rc != 0 {
         let failure = StepFailure::last(Step::Setgroups);
         if failure.errno != libc::EPERM {

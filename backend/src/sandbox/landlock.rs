@@ -147,15 +147,21 @@ mod tests {
             Some(PathBuf::from("/run/vm"))
         );
         assert_eq!(
-            paths(&["--repair-path", "/run/r/x.repair"], Some("/tmp/baton_1.socket"))
-                .repair_socket_dir,
+            paths(
+                &["--repair-path", "/run/r/x.repair"],
+                Some("/tmp/baton_1.socket")
+            )
+            .repair_socket_dir,
             Some(PathBuf::from("/run/r"))
         );
         assert_eq!(
             paths(&["-s", "vu.sock"], Some("vu.sock")).repair_socket_dir,
             Some(PathBuf::from("."))
         );
-        assert_eq!(paths(&["--repair-path", "none"], Some("/run/vm/vu.sock")), RuntimePaths::none());
+        assert_eq!(
+            paths(&["--repair-path", "none"], Some("/run/vm/vu.sock")),
+            RuntimePaths::none()
+        );
         assert_eq!(paths(&["--fd", "3"], None), RuntimePaths::none());
     }
 

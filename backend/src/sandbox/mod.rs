@@ -186,12 +186,7 @@ impl fmt::Display for StepFailure {
         if self.errno == 0 {
             f.write_str(self.step.name())
         } else {
-            write!(
-                f,
-                "{}: {}",
-                self.step.name(),
-                Errno::from_raw(self.errno)
-            )
+            write!(f, "{}: {}", self.step.name(), Errno::from_raw(self.errno))
         }
     }
 }
@@ -238,10 +233,12 @@ pub fn enter(rt: &RuntimeConfig, vhost_user_socket: Option<&Path>) -> Result<(),
     threads::enter_others(&others, identity, for_others.as_ref().map(|fd| fd.as_fd()))?;
     drop(for_others);
 
+    // getuid/getgid are not on the allow-list: ask before.
+    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
     let syscalls = seccomp::apply()?;
     tracing::info!(
-        uid = nix::unistd::getuid().as_raw(),
-        gid = nix::unistd::getgid().as_raw(),
+        uid = uid.as_raw(),
+        gid = gid.as_raw(),
         threads = others.len() + 1,
         seccomp_syscalls = syscalls,
         landlock = ?landlock_status,

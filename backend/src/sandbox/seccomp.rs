@@ -160,6 +160,8 @@ pub const ALLOWED_SYSCALLS: &[AllowedSyscall] = &[
     allow!(SYS_eventfd2, "vhost-user-backend: exit and kill events of each new connection"),
     allow!(SYS_read, "worker: consume kick and event eventfds"),
     allow!(SYS_write, "tracing: log lines to the log file or stderr; worker: call eventfds"),
+    allow!(SYS_ftruncate, "runtime: empty the log file when --log-size is reached (opened before Landlock)"),
+    allow!(SYS_lseek, "runtime: rewind the emptied log file"),
     allow!(SYS_close, "everywhere: descriptors of ended connections, flows and memory regions"),
     allow!(SYS_mmap, only NOT_EXECUTABLE, "vhost: map guest memory regions and the dirty log (shared memfds); malloc; thread stacks"),
     allow!(SYS_munmap, "vhost: unmap guest memory at reconnect/removal; malloc; thread exit"),
@@ -182,7 +184,7 @@ pub const ALLOWED_SYSCALLS: &[AllowedSyscall] = &[
     allow!(SYS_getegid, "net/icmp: our group, for the ping_group_range warning"),
     // --- the repair socket listener (migration code, baton_repair_ipc::RepairListener) ---
     allow!(SYS_fchmod, "repair socket: mode 0600 before bind"),
-    allow!(SYS_statx, "repair socket: is a stale socket file there (symlink_metadata)"),
+    allow!(SYS_statx, "runtime: log file size before each entry (--log-size); repair socket: stale socket file? (symlink_metadata)"),
     #[cfg(target_arch = "x86_64")]
     allow!(SYS_unlink, "repair socket: stale file and the file at drop; vhost-user listener at exit (Landlock decides)"),
     #[cfg(not(target_arch = "x86_64"))]
@@ -210,7 +212,7 @@ pub const ALLOWED_SYSCALLS: &[AllowedSyscall] = &[
     allow!(SYS_brk, "glibc malloc: heap growth"),
     allow!(SYS_mremap, "glibc realloc of large buffers"),
     allow!(SYS_clock_gettime, "tracing timestamps, Instant::now (vDSO fallback)"),
-    allow!(SYS_getrandom, "std: HashMap keys; dhcproto: transaction data"),
+    allow!(SYS_getrandom, "std: HashMap keys; dhcproto: rand::random() seeds its thread RNG when building answers"),
 ];
 
 /// Answered `ENOSYS` by the second filter (and listed in [`ALLOWED_SYSCALLS`] so that

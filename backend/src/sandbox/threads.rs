@@ -111,10 +111,15 @@ pub fn enter_others(
     if tids.is_empty() {
         return Ok(());
     }
-    let _one_at_a_time = BROADCAST.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _one_at_a_time = BROADCAST
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     HAS_IDENTITY.store(identity.is_some(), Ordering::SeqCst);
     if let Some(id) = identity {
-        IDENTITY.store((u64::from(id.uid) << 32) | u64::from(id.gid), Ordering::SeqCst);
+        IDENTITY.store(
+            (u64::from(id.uid) << 32) | u64::from(id.gid),
+            Ordering::SeqCst,
+        );
     }
     LANDLOCK_FD.store(
         landlock_ruleset.map_or(-1, |fd| fd.as_raw_fd()),
@@ -124,9 +129,11 @@ pub fn enter_others(
     FAILURE.store(0, Ordering::SeqCst);
 
     let signal = libc::SIGRTMIN();
-    let sys = |step: &'static str| move || SandboxError::Sys {
-        step,
-        errno: Errno::last(),
+    let sys = |step: &'static str| {
+        move || SandboxError::Sys {
+            step,
+            errno: Errno::last(),
+        }
     };
     // SAFETY: sigaction structs are plain C data for which all-zero bytes are valid.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -182,6 +189,9 @@ pub fn enter_others(
             failure,
         });
     }
-    tracing::debug!(threads = signalled, "per-thread sandbox steps applied to the other threads");
+    tracing::debug!(
+        threads = signalled,
+        "per-thread sandbox steps applied to the other threads"
+    );
     Ok(())
 }
