@@ -569,7 +569,8 @@ impl RepairListener {
         )
         .map_err(sys("repair socket: socket"))?;
         // Linux creates the socket file with the socket inode's mode (minus umask), so
-        // setting it before bind leaves no window in which others could connect.
+        // setting it before bind leaves no window in which others could connect, and no
+        // chmod of a path is needed (the backend's sandbox does not allow one).
         fchmod(listener.as_raw_fd(), Mode::from_bits_truncate(0o600))
             .map_err(sys("repair socket: fchmod"))?;
         let addr = UnixAddr::new(path).map_err(|errno| ClientError::Path {
@@ -586,8 +587,6 @@ impl RepairListener {
             listener,
             path: path.to_path_buf(),
         };
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(path_error("repair socket: chmod"))?;
         listen(
             &listener.listener,
             Backlog::new(1).unwrap_or(Backlog::MAXCONN),
