@@ -10,14 +10,22 @@
 //! * [`cli`]: the command line, a drop-in for passt in vhost-user mode.
 //! * [`ports`]: passt's port-forwarding spec syntax (`-t`/`-u`).
 //! * [`hostinfo`]: the host's routes, addresses and resolver, for passt-like defaults.
+//! * [`flow`]: the bounded flow table shared by the protocol modules.
+//! * [`tcp`]: TCP connections mapped onto host sockets (no payload buffering).
+//! * [`udp`]: UDP flows, `-u` forwards and DNS forwarding over host sockets.
 //! * [`net`]: everything done with guest frames: one module per protocol.
 //! * [`vu`]: the vhost-user device (virtqueues, features, dirty logging, lifecycle).
+//! * [`migrate`]: device-state migration (`SET_DEVICE_STATE_FD`/`CHECK_DEVICE_STATE`).
 
 pub mod cli;
 pub mod config;
+pub mod flow;
 pub mod hostinfo;
+pub mod migrate;
 pub mod net;
 pub mod ports;
 pub mod runtime;
 pub mod sandbox;
+pub mod tcp;
+pub mod udp;
 pub mod vu;

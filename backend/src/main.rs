@@ -50,6 +50,9 @@ fn run(cli: &baton::cli::Cli, rt: &RuntimeConfig) -> Result<(), Box<dyn std::err
     let stopper = Stopper::new()?;
     runtime::handle_signals(stopper.clone())?;
     let engine: Arc<Mutex<dyn NetworkEngine>> = Arc::new(Mutex::new(GuestNet::new(config)?));
+    // Hostname, boot id and namespace identity for the migration stream's Source record:
+    // reading them opens files, which the sandbox forbids.
+    baton::migrate::remember_host_identity();
     baton::sandbox::enter(rt, path.as_deref())?;
     serve(&mut listener, engine, rt.one_off, &stopper)?;
     info!("exiting");

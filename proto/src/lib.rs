@@ -7,6 +7,8 @@
 //! * [`tcp`]: the complete state of one kernel TCP connection as the helper dumps and
 //!   restores it. The migration stream will carry the same type.
 //! * [`codec`]: the single bincode configuration every message uses, with size limits.
+//! * [`migration`]: the migration stream (header, self-delimiting records, checksum) that
+//!   carries the device state from the source backend to the target through QEMU.
 //!
 //! What this crate is not: it opens no sockets and makes no system calls. It is pure data
 //! plus encode/decode, so that it can be fuzzed and frozen with golden byte vectors.
@@ -16,6 +18,7 @@
 
 pub mod codec;
 pub mod frame;
+pub mod migration;
 pub mod repair;
 pub mod tcp;
 

@@ -13,11 +13,13 @@
 //!  guest frame ─▶ handle_frame ─┬─ ARP ──────────────────────────▶ arp     ─┐
 //!                               ├─ IPv4 ─┬─ UDP :67 ─────────────▶ dhcp    ─┤
 //!                               │        ├─ ICMP echo ───────────▶ icmp ─┐  ├─▶ FrameSink
-//!                               │        └─ TCP, other UDP ──▶ Unhandled │  │   (guest rx)
+//!                               │        ├─ TCP ─────────────────▶ tcp  ─┤  │   (guest rx)
+//!                               │        └─ other UDP ───────▶ Unhandled │  │
 //!                               └─ IPv6 ─┬─ UDP :547 ────────────▶ dhcpv6  ─┤
 //!                                        ├─ ICMPv6 RS / NS ──────▶ ndp     ─┤
 //!                                        ├─ ICMPv6 echo ─────────▶ icmp ─┤  │
-//!                                        └─ TCP, other UDP ──▶ Unhandled │  │
+//!                                        ├─ TCP ─────────────────▶ tcp  ─┤  │
+//!                                        └─ other UDP ───────▶ Unhandled │  │
 //!  epoll fd readable ─▶ handle_host_events ─▶ ping socket replies ◀──────┘ ─┘
 //! ```
 //!
@@ -31,7 +33,9 @@
 //! source addresses it uses. The migration stream carries this record
 //! ([`GuestNet::observed`], [`GuestNet::restore_observed`]).
 //!
-//! Traffic that is not ours: TCP, UDP other than DHCP/DHCPv6 to our server (port 67 to
+//! TCP goes to [`crate::tcp`] (its sockets share the epoll instance, owner tag
+//! [`crate::tcp::EPOLL_OWNER_TCP`]) unless `config.handlers.tcp` is off.
+//! Traffic that is not ours: TCP when disabled, UDP other than DHCP/DHCPv6 to our server (port 67 to
 //! the broadcast or gateway address, port 547 to ff02::1:2 or the router's link-local
 //! address, each only while that server is enabled in `NetConfig::services`), and ICMP
 //! errors belong to the flow tables (a later module). `handle_frame` returns
@@ -68,7 +72,7 @@ pub mod dhcpv6;
 mod frame;
 pub mod icmp;
 pub mod ndp;
-mod ratelimit;
+pub(crate) mod ratelimit;
 
 use std::cell::RefCell;
 use std::fmt;
@@ -101,6 +105,7 @@ pub enum Layer {
     Ipv4,
     Ipv6,
     Udp,
+    Tcp,
     Icmpv4,
     Icmpv6,
     Ndp,
@@ -116,6 +121,7 @@ impl fmt::Display for Layer {
             Layer::Ipv4 => "IPv4",
             Layer::Ipv6 => "IPv6",
             Layer::Udp => "UDP",
+            Layer::Tcp => "TCP",
             Layer::Icmpv4 => "ICMP",
             Layer::Icmpv6 => "ICMPv6",
             Layer::Ndp => "NDP",
@@ -356,6 +362,10 @@ pub struct GuestNet {
     dhcpv6: dhcpv6::Dhcpv6Server,
     router_advert: ndp::RouterAdvertiser,
     ping: icmp::PingFlows,
+    /// TCP connections and `-t` listeners (see [`crate::tcp`]).
+    tcp: crate::tcp::TcpFlows,
+    /// UDP flows and `-u` forwards (see [`crate::udp`]).
+    udp: crate::udp::UdpFlows,
     /// Host sockets of all protocol handlers; event data = [`icmp::EPOLL_OWNER_PING`]
     /// (and later other owners) in the top byte, a per-owner token below.
     epoll: Epoll,
@@ -378,7 +388,16 @@ impl GuestNet {
     pub fn new(config: Arc<NetConfig>) -> io::Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
         let now = Instant::now();
+        let tcp = crate::tcp::TcpFlows::new(
+            &config,
+            &epoll,
+            crate::tcp::TcpFlows::default_max_flows(),
+            now,
+        )?;
+        let udp = crate::udp::UdpFlows::new(&config, &epoll, now)?;
         Ok(Self {
+            tcp,
+            udp,
             dhcpv4: dhcp::DhcpServer::new(&config),
             dhcpv6: dhcpv6::Dhcpv6Server::new(&config),
             router_advert: ndp::RouterAdvertiser::new(&config),
@@ -466,11 +485,65 @@ impl GuestNet {
                     self.ping
                         .handle_socket_ready(data, &self.config, &self.epoll, sink, now);
                 }
+                crate::tcp::EPOLL_OWNER_TCP => {
+                    let env = crate::tcp::Env {
+                        config: &self.config,
+                        epoll: &self.epoll,
+                        guest_mac: self.observed.mac,
+                    };
+                    self.tcp.handle_event(&env, data, event.events(), sink, now);
+                }
+                crate::udp::EPOLL_OWNER_UDP => self.udp.handle_socket_ready(
+                    event.events(),
+                    data,
+                    &self.config,
+                    &self.observed,
+                    &self.epoll,
+                    sink,
+                    now,
+                ),
                 owner => tracing::warn!("epoll event for unknown owner {owner}"),
             }
         }
+        let env = crate::tcp::Env {
+            config: &self.config,
+            epoll: &self.epoll,
+            guest_mac: self.observed.mac,
+        };
+        self.tcp.after_events(&env, sink, now);
         self.ping.expire_idle_throttled(&self.epoll, now);
         Ok(())
+    }
+
+    /// A TCP segment from the guest: to the flow table, unless TCP is disabled.
+    fn dispatch_tcp(
+        &mut self,
+        src: IpAddr,
+        dst: IpAddr,
+        l4: &[u8],
+        sink: &mut dyn FrameSink,
+        now: Instant,
+    ) -> Result<(), FrameError> {
+        if !self.config.handlers.tcp {
+            return Err(FrameError::Unhandled(UnhandledTraffic::Tcp));
+        }
+        let env = crate::tcp::Env {
+            config: &self.config,
+            epoll: &self.epoll,
+            guest_mac: self.observed.mac,
+        };
+        self.tcp
+            .handle_guest_segment(&env, src, dst, l4, sink, now)
+            .map_err(|err| match err {
+                crate::tcp::TcpError::Segment(crate::tcp::segment::SegmentError::Checksum) => {
+                    FrameError::BadChecksum { layer: Layer::Tcp }
+                }
+                crate::tcp::TcpError::Segment(_) => FrameError::Malformed {
+                    layer: Layer::Tcp,
+                    reason: "bad header or options",
+                },
+                crate::tcp::TcpError::Unroutable(addr) => FrameError::UnroutableDestination(addr),
+            })
     }
 
     /// Close host sockets idle longer than their timeout. `handle_frame` and
@@ -478,6 +551,7 @@ impl GuestNet {
     /// periodic timer may call it too so sockets do not outlive a silent guest.
     pub fn expire_idle_flows(&mut self, now: Instant) {
         self.ping.expire_idle(&self.epoll, now);
+        self.udp.expire_idle(&self.epoll, now);
     }
 
     fn log_frame_error(&mut self, err: &FrameError, now: Instant) {
@@ -581,13 +655,17 @@ impl GuestNet {
                 {
                     self.dhcpv4.handle_dhcp(&ctx, &udp, sink)
                 } else {
-                    Err(FrameError::Unhandled(UnhandledTraffic::Udp {
-                        dst_port: udp.dst_port,
-                    }))
+                    self.udp.handle_guest_v4(&ctx, &self.epoll, &ip, &udp, now)
                 }
             }
             IpNumber::ICMP => self.ping.handle_icmpv4(&ctx, &self.epoll, &ip, now),
-            IpNumber::TCP => Err(FrameError::Unhandled(UnhandledTraffic::Tcp)),
+            IpNumber::TCP => self.dispatch_tcp(
+                IpAddr::V4(ip.src),
+                IpAddr::V4(ip.dst),
+                ip.payload,
+                sink,
+                now,
+            ),
             // Multicast group membership reports: nothing to answer.
             IpNumber::IGMP => Ok(()),
             other => Err(FrameError::UnsupportedProtocol {
@@ -621,9 +699,7 @@ impl GuestNet {
                 {
                     self.dhcpv6.handle_dhcpv6(&ctx, &ip, &udp, sink)
                 } else {
-                    Err(FrameError::Unhandled(UnhandledTraffic::Udp {
-                        dst_port: udp.dst_port,
-                    }))
+                    self.udp.handle_guest_v6(&ctx, &self.epoll, &ip, &udp, now)
                 }
             }
             IpNumber::IPV6_ICMP => {
@@ -652,7 +728,13 @@ impl GuestNet {
                     }),
                 }
             }
-            IpNumber::TCP => Err(FrameError::Unhandled(UnhandledTraffic::Tcp)),
+            IpNumber::TCP => self.dispatch_tcp(
+                IpAddr::V6(ip.src),
+                IpAddr::V6(ip.dst),
+                ip.payload,
+                sink,
+                now,
+            ),
             other => Err(FrameError::UnsupportedProtocol {
                 layer: Layer::Ipv6,
                 number: other.0,
@@ -680,6 +762,20 @@ impl crate::vu::NetworkEngine for GuestNet {
 
     fn poll_fd(&self) -> BorrowedFd<'_> {
         self.epoll_fd()
+    }
+
+    fn save_state(
+        &mut self,
+        mode: crate::migrate::SaveMode,
+    ) -> Result<crate::migrate::EngineState, crate::migrate::EngineStateError> {
+        self.save_engine_state(mode)
+    }
+
+    fn load_state(
+        &mut self,
+        state: crate::migrate::EngineState,
+    ) -> Result<(), crate::migrate::EngineStateError> {
+        self.load_engine_state(state)
     }
 }
 
@@ -1040,12 +1136,7 @@ mod tests {
         assert_eq!(net.guest_mac(), None);
         let frame = guest_udp4(guest_v4(), Ipv4Addr::new(1, 1, 1, 1), (1000, 53), b"q");
         let mut sink = CapturedFrames::default();
-        assert_eq!(
-            net.handle_frame(&frame, &mut sink),
-            Err(FrameError::Unhandled(UnhandledTraffic::Udp {
-                dst_port: 53
-            }))
-        );
+        let _ = net.handle_frame(&frame, &mut sink);
         assert_eq!(net.guest_mac(), Some(GUEST_MAC));
         assert_eq!(net.observed().ipv4, Some(guest_v4()));
 
@@ -1085,8 +1176,10 @@ mod tests {
     }
 
     #[test]
-    fn tcp_is_reported_unhandled_not_as_a_guest_fault() {
-        let mut net = guest_net();
+    fn tcp_is_reported_unhandled_not_as_a_guest_fault_when_disabled() {
+        let mut config = config();
+        config.handlers.tcp = false;
+        let mut net = GuestNet::new(Arc::new(config)).expect("GuestNet::new");
         let builder = PacketBuilder::ethernet2(GUEST_MAC, OUR_MAC)
             .ipv4(guest_v4().octets(), [1, 1, 1, 1], 64)
             .tcp(40000, 80, 1, 65535)

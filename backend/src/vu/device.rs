@@ -1,15 +1,20 @@
 //! `NetBackend`: the `VhostUserBackend` implementation for one vhost-user connection.
 //!
 //! Locking rule: `state` (features, memory, flags) is taken briefly by the protocol
-//! thread and by the worker; the engine mutex is taken only by the worker (and by the
-//! migration code later), never while holding `state`'s write lock.
+//! thread and by the worker; the engine mutex is taken only by the worker and, briefly, by
+//! a device-state transfer thread ([`crate::migrate`]), never while holding `state`'s
+//! write lock.
 
+use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tracing::{debug, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -23,6 +28,7 @@ use vmm_sys_util::event::{
 
 use super::rx::RxQueueSink;
 use super::{tx, NetworkEngine, ENGINE_EVENT, MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
+use crate::migrate::{DeviceSide, DeviceStateTransfer};
 
 /// Guest memory with QEMU's dirty log attached.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
@@ -57,6 +63,8 @@ pub struct NetBackend {
     acked_features: AtomicU64,
     /// LOG_ALL acknowledged: QEMU is migrating (or dirty-tracking) right now.
     logging: AtomicBool,
+    /// The device-state transfer (`SET_DEVICE_STATE_FD` … `CHECK_DEVICE_STATE`).
+    device_state: DeviceStateTransfer,
 }
 
 impl NetBackend {
@@ -67,6 +75,7 @@ impl NetBackend {
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             logging: AtomicBool::new(false),
+            device_state: DeviceStateTransfer::default(),
         }
     }
 
@@ -158,6 +167,26 @@ impl VhostUserBackend for NetBackend {
             .map_err(|_| io::Error::other("guest memory lock poisoned"))?;
         *slot = Some(mem);
         Ok(())
+    }
+
+    /// Returns at once; the transfer runs on its own thread (see [`crate::migrate`]).
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        let device = DeviceSide {
+            engine: self.engine.clone(),
+            acked_features: self.acked(),
+            logging: self.logging(),
+        };
+        self.device_state.start(direction, phase, file, device)?;
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        self.device_state.check()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

@@ -14,6 +14,9 @@
 //! * A vhost-user connection gets a fresh `VhostUserDaemon` (the crates cannot reuse one);
 //!   the network engine with its host sockets lives outside it ([`serve`]), so a QEMU that
 //!   reconnects finds its flows intact.
+//! * Device-state migration (`SET_DEVICE_STATE_FD`, `CHECK_DEVICE_STATE`) runs on a
+//!   thread of its own ([`crate::migrate`]); the engine's part goes through
+//!   [`NetworkEngine::save_state`] / [`NetworkEngine::load_state`].
 //! * Handlers never return `Err` to the library for trouble caused by the guest or by a
 //!   ring that is not ready yet: an `Err` from `handle_event` kills the worker thread for
 //!   good. Such trouble is logged (rate-limited) instead.
@@ -25,6 +28,7 @@ pub mod tx;
 
 use std::os::fd::BorrowedFd;
 
+pub use crate::migrate::{EngineState, EngineStateError, SaveMode};
 pub use crate::net::FrameSink;
 
 /// What the device needs from the network side. `GuestNet` implements it; tests can
@@ -36,6 +40,23 @@ pub trait NetworkEngine: Send {
     fn handle_host_events(&mut self, sink: &mut dyn FrameSink);
     /// A pollable fd that becomes readable when `handle_host_events` has work.
     fn poll_fd(&self) -> BorrowedFd<'_>;
+
+    /// Migration SAVE (device stopped): the engine's part of the device state. In
+    /// [`SaveMode::Migration`] TCP connections are frozen first; in
+    /// [`SaveMode::Snapshot`] they are left alone. Engines without state to migrate
+    /// refuse, which fails the migration cleanly.
+    fn save_state(&mut self, mode: SaveMode) -> Result<EngineState, EngineStateError> {
+        let _ = mode;
+        Err(EngineStateError::Unsupported)
+    }
+
+    /// Migration LOAD: adopt a state that was read and validated completely. All or
+    /// nothing: on `Err` the engine must be as before. Must not touch guest memory (the
+    /// rings start later).
+    fn load_state(&mut self, state: EngineState) -> Result<(), EngineStateError> {
+        let _ = state;
+        Err(EngineStateError::Unsupported)
+    }
 }
 
 /// Check a descriptor chain the guest offered before using it: it must end (a loop or a

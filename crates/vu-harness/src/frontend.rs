@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -10,7 +10,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -172,6 +175,17 @@ pub struct NetFrontend {
 impl NetFrontend {
     /// Connect to the backend at `path` and bring the device up.
     pub fn connect(path: &Path, options: FrontendOptions) -> Result<Self, HarnessError> {
+        Self::connect_with(path, options, |_| Ok(()))
+    }
+
+    /// [`NetFrontend::connect`], running `before_start` where a migration target's QEMU
+    /// loads the device state: after the initial messages, before `SET_FEATURES`, guest
+    /// memory and ring set-up (reference rust-vmm.md §4.3).
+    pub fn connect_with(
+        path: &Path,
+        options: FrontendOptions,
+        before_start: impl FnOnce(&mut NetFrontend) -> Result<(), HarnessError>,
+    ) -> Result<Self, HarnessError> {
         let stream = UnixStream::connect(path)
             .map_err(|e| HarnessError::Setup(format!("connect {}: {e}", path.display())))?;
         let raw = stream
@@ -252,6 +266,7 @@ impl NetFrontend {
                 )?;
             }
         }
+        before_start(&mut dev)?;
         dev.fe.set_features(acked).map_err(vu("SET_FEATURES"))?;
         if !options.enable_before_features {
             for i in [RX, TX] {
@@ -509,10 +524,111 @@ impl NetFrontend {
         self.rx_bufs..self.rx_bufs + u64::from(self.rx.size) * u64::from(self.rx_buf_len)
     }
 
+    /// Stop both rings the way QEMU does before a SAVE: `GET_VRING_BASE` per ring.
+    /// Returns the next available index of each ring (RX, TX).
+    pub fn stop_rings(&mut self) -> Result<[u32; 2], HarnessError> {
+        let rx = self.fe.get_vring_base(RX).map_err(vu("GET_VRING_BASE"))?;
+        let tx = self.fe.get_vring_base(TX).map_err(vu("GET_VRING_BASE"))?;
+        Ok([rx, tx])
+    }
+
+    /// SAVE the device state (QEMU's `vhost_save_backend_state`): hand the backend the
+    /// write end of a pipe, read to EOF, then `CHECK_DEVICE_STATE`.
+    pub fn save_state(&mut self) -> Result<Vec<u8>, HarnessError> {
+        save_device_state(&self.fe)
+    }
+
+    /// LOAD a device state (QEMU's `vhost_load_backend_state`): hand the backend the
+    /// read end of a pipe, write `state` and close, then `CHECK_DEVICE_STATE`.
+    pub fn load_state(&mut self, state: &[u8]) -> Result<(), HarnessError> {
+        load_device_state(&self.fe, state)
+    }
+
+    /// Send a vhost-user request by hand with one file descriptor attached (no reply
+    /// requested): for requests the vhost crate's frontend refuses to build.
+    pub fn raw_request_with_fd(
+        &mut self,
+        request: u32,
+        body: &[u8],
+        fd: BorrowedFd<'_>,
+    ) -> Result<(), HarnessError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let mut msg = Vec::with_capacity(12 + body.len());
+        msg.extend_from_slice(&request.to_le_bytes());
+        msg.extend_from_slice(&1u32.to_le_bytes());
+        msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        msg.extend_from_slice(body);
+        let fds = [fd.as_raw_fd()];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let iov = [std::io::IoSlice::new(&msg)];
+        let sent = sendmsg::<()>(self.raw.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+            .map_err(|e| HarnessError::Setup(format!("raw request {request}: {e}")))?;
+        if sent != msg.len() {
+            return Err(HarnessError::Setup(format!(
+                "raw request {request}: sent {sent} of {} bytes",
+                msg.len()
+            )));
+        }
+        Ok(())
+    }
+
     pub fn call_fd(&self, i: usize) -> BorrowedFd<'_> {
         // SAFETY: the eventfd lives as long as self.
         unsafe { BorrowedFd::borrow_raw(self.calls[i].as_raw_fd()) }
     }
+}
+
+fn pipe() -> Result<(File, File), HarnessError> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| HarnessError::Setup(format!("pipe: {e}")))?;
+    Ok((File::from(r), File::from(w)))
+}
+
+/// SAVE through `fe` (see [`NetFrontend::save_state`]); usable before the device is up.
+pub fn save_device_state(fe: &Frontend) -> Result<Vec<u8>, HarnessError> {
+    let (mut reader, writer) = pipe()?;
+    let theirs = fe
+        .set_device_state_fd(
+            VhostTransferStateDirection::SAVE,
+            VhostTransferStatePhase::STOPPED,
+            writer.into(),
+        )
+        .map_err(vu("SET_DEVICE_STATE_FD(SAVE)"))?;
+    if theirs.is_some() {
+        return Err(HarnessError::Setup("backend returned its own fd".into()));
+    }
+    let mut state = Vec::new();
+    reader
+        .read_to_end(&mut state)
+        .map_err(|e| HarnessError::Setup(format!("read device state: {e}")))?;
+    fe.check_device_state()
+        .map_err(vu("CHECK_DEVICE_STATE(SAVE)"))?;
+    Ok(state)
+}
+
+/// LOAD through `fe` (see [`NetFrontend::load_state`]); usable before the device is up,
+/// as QEMU does on a migration target.
+pub fn load_device_state(fe: &Frontend, state: &[u8]) -> Result<(), HarnessError> {
+    let (reader, mut writer) = pipe()?;
+    let theirs = fe
+        .set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            reader.into(),
+        )
+        .map_err(vu("SET_DEVICE_STATE_FD(LOAD)"))?;
+    if theirs.is_some() {
+        return Err(HarnessError::Setup("backend returned its own fd".into()));
+    }
+    // The backend reads on its own thread, so a large state does not block here for long;
+    // a backend that stopped reading makes this fail with EPIPE (then CHECK says why).
+    let written = writer.write_all(state);
+    drop(writer);
+    let checked = fe
+        .check_device_state()
+        .map_err(vu("CHECK_DEVICE_STATE(LOAD)"));
+    checked?;
+    written.map_err(|e| HarnessError::Setup(format!("write device state: {e}")))
 }
 
 fn wait_readable(ev: &EventFd, timeout: Duration) {

@@ -1,0 +1,578 @@
+//! vhost-user device-state migration: `SET_DEVICE_STATE_FD` and `CHECK_DEVICE_STATE`.
+//!
+//! # Theory of operation
+//!
+//! QEMU drives the transfer (see `reference/rust-vmm.md` §1.6, §4.2–4.4):
+//!
+//! ```text
+//!  source:  … GET_VRING_BASE ×2 ─ SET_DEVICE_STATE_FD(SAVE, fd) ─ QEMU reads fd to EOF ─ CHECK
+//!                                   └─ save thread: engine.save_state → stream → fd, close
+//!  target:  init ─ SET_DEVICE_STATE_FD(LOAD, fd) ─ QEMU writes, closes ─ CHECK ─ … rings start
+//!                                   └─ load thread: read fd to EOF, validate all, engine.load_state
+//! ```
+//!
+//! * `SET_DEVICE_STATE_FD` returns at once ([`DeviceStateTransfer::start`]): the transfer
+//!   runs on its own thread, because QEMU only reads the pipe after the reply and a pipe
+//!   holds 64 KiB. `CHECK_DEVICE_STATE` ([`DeviceStateTransfer::check`]) joins the thread
+//!   and returns its result. QEMU drops the reason of a failure, so it is logged here,
+//!   with context, before the bare error goes back.
+//! * Only the STOPPED phase exists; anything else is refused. (The vhost crate already
+//!   refuses unknown phase numbers itself, dropping the connection, so this only matters
+//!   when the crate learns a new phase.) One transfer at a time: a new request while the
+//!   previous thread still runs is refused; a finished but unchecked one is reaped and its
+//!   result logged.
+//! * SAVE: `LOG_ALL` acknowledged means a migration ([`SaveMode::Migration`]: TCP
+//!   connections are frozen and moved, once the TCP engine exists); without it, a snapshot
+//!   (`savevm`, [`SaveMode::Snapshot`]): the source VM carries on, connections are neither
+//!   frozen nor moved, and the stream's header says so
+//!   ([`baton_proto::migration::HEADER_FLAG_SNAPSHOT`]). The engine lock is held only
+//!   while the engine produces its [`EngineState`], not while the stream is written.
+//! * LOAD: the whole stream is read and validated ([`baton_proto::migration::read_stream`])
+//!   and checked against this device (feature bits) before the engine sees any of it; a
+//!   bad stream fails CHECK and changes nothing. The engine applies the state when it gets
+//!   it — nothing here touches guest memory, which QEMU has not even sent yet: guest-facing
+//!   actions wait until the rings start.
+//!
+//! # The engine's part
+//!
+//! The device knows the network side only as `dyn NetworkEngine`. The trait's provided
+//! methods [`crate::vu::NetworkEngine::save_state`] / `load_state` exchange an
+//! [`EngineState`] (the stream's records other than the device's feature bits). Their
+//! default implementations ([`default_save_state`], [`default_load_state`]) serve
+//! [`GuestNet`] (implemented below, in its own impl block) and refuse any other engine
+//! with [`EngineStateError::Unsupported`]; a test double can override them.
+//!
+//! Wire and live types stay apart: [`GuestRecord`] ↔ [`ObservedGuest`] and the forwarding
+//! tables → [`ForwardsRecord`] convert explicitly here.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+
+use baton_proto::migration::{
+    read_stream, write_stream, DeviceRecord, ForwardRuleRecord, ForwardsRecord, GuestRecord,
+    IpAddress, MigrationState, NetnsIdentity, SourceRecord, StreamError, TcpFlowRecord,
+    UdpFlowRecord, MAX_FORWARD_RULES, MAX_HOSTNAME,
+};
+use tracing::{error, info, warn};
+use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
+
+use crate::net::{GuestNet, ObservedGuest};
+use crate::ports::PortForwards;
+use crate::vu::device::OFFERED_FEATURES;
+use crate::vu::NetworkEngine;
+
+/// Why a SAVE happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveMode {
+    /// `LOG_ALL` was acknowledged: a live migration. TCP connections are frozen and
+    /// their state (or the sockets themselves) moves to the target.
+    Migration,
+    /// No `LOG_ALL`: a snapshot. The source VM continues; TCP connections are neither
+    /// frozen nor moved, and no kernel TCP state goes into the stream.
+    Snapshot,
+}
+
+/// The network engine's part of the device state: everything in the stream except the
+/// device's feature bits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineState {
+    /// The MAC baton uses towards the guest.
+    pub our_mac: [u8; 6],
+    /// The MTU advertised to the guest.
+    pub mtu: u16,
+    /// Where the source runs (host, namespace, handover socket).
+    pub source: SourceRecord,
+    pub guest: GuestRecord,
+    pub forwards: Option<ForwardsRecord>,
+    pub tcp_flows: Vec<TcpFlowRecord>,
+    pub udp_flows: Vec<UdpFlowRecord>,
+}
+
+/// The engine cannot produce or take a state.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineStateError {
+    #[error("this network engine does not support migration")]
+    Unsupported,
+}
+
+/// A device-state transfer failed (the message is what baton logs; QEMU only learns
+/// "failed").
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("migration phase {0:?} is not supported (only STOPPED)")]
+    Phase(VhostTransferStatePhase),
+    #[error("a {0} transfer is still running (no CHECK_DEVICE_STATE for it yet)")]
+    Busy(Direction),
+    #[error("CHECK_DEVICE_STATE without a transfer (no SET_DEVICE_STATE_FD before it)")]
+    NoTransfer,
+    #[error("starting the transfer thread: {0}")]
+    Spawn(io::Error),
+    #[error("the transfer thread panicked")]
+    Panicked,
+    #[error("{0}")]
+    Stream(#[from] StreamError),
+    #[error("writing the stream: {0}")]
+    Write(io::Error),
+    #[error("network engine: {0}")]
+    Engine(#[from] EngineStateError),
+    #[error("the source device used feature bits {0:#x} this backend does not offer")]
+    Features(u64),
+}
+
+/// Direction of a transfer, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Save,
+    Load,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Save => "SAVE",
+            Direction::Load => "LOAD",
+        })
+    }
+}
+
+/// What the transfer thread needs from the device.
+pub struct DeviceSide {
+    pub engine: Arc<Mutex<dyn NetworkEngine>>,
+    /// Features the frontend acknowledged last.
+    pub acked_features: u64,
+    /// `LOG_ALL` is acknowledged (a migration, not a snapshot).
+    pub logging: bool,
+}
+
+struct Running {
+    direction: Direction,
+    thread: JoinHandle<Result<(), TransferError>>,
+}
+
+/// The device-state transfer of one vhost-user connection: at most one thread, started
+/// by `SET_DEVICE_STATE_FD` and joined by `CHECK_DEVICE_STATE`.
+///
+/// Locking: `running` is only taken by the vhost-user protocol thread, briefly.
+#[derive(Default)]
+pub struct DeviceStateTransfer {
+    running: Mutex<Option<Running>>,
+}
+
+impl DeviceStateTransfer {
+    /// `SET_DEVICE_STATE_FD`: start the transfer on its own thread and return at once.
+    pub fn start(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+        device: DeviceSide,
+    ) -> io::Result<()> {
+        let direction = match direction {
+            VhostTransferStateDirection::SAVE => Direction::Save,
+            VhostTransferStateDirection::LOAD => Direction::Load,
+        };
+        self.try_start(direction, phase, file, device)
+            .map_err(|err| {
+                error!("device state {direction}: refused: {err}");
+                io::Error::other(err)
+            })
+    }
+
+    fn try_start(
+        &self,
+        direction: Direction,
+        phase: VhostTransferStatePhase,
+        file: File,
+        device: DeviceSide,
+    ) -> Result<(), TransferError> {
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(TransferError::Phase(phase));
+        }
+        let mut running = lock(&self.running);
+        if let Some(previous) = running.take() {
+            if !previous.thread.is_finished() {
+                let busy = previous.direction;
+                *running = Some(previous);
+                return Err(TransferError::Busy(busy));
+            }
+            // QEMU gave up on it (a cancelled migration): log what became of it.
+            match join(previous.thread) {
+                Ok(()) => info!(
+                    "earlier device state {} was never checked; it had succeeded",
+                    previous.direction
+                ),
+                Err(err) => warn!(
+                    "earlier device state {} was never checked; it had failed: {err}",
+                    previous.direction
+                ),
+            }
+        }
+        let mode = if device.logging {
+            SaveMode::Migration
+        } else {
+            SaveMode::Snapshot
+        };
+        match direction {
+            Direction::Save => info!("device state SAVE started ({mode:?})"),
+            Direction::Load => info!("device state LOAD started"),
+        }
+        let thread = std::thread::Builder::new()
+            .name(format!("baton-{}", direction.to_string().to_lowercase()))
+            .spawn(move || match direction {
+                Direction::Save => save(file, &device, mode),
+                Direction::Load => load(file, &device),
+            })
+            .map_err(TransferError::Spawn)?;
+        *running = Some(Running { direction, thread });
+        Ok(())
+    }
+
+    /// `CHECK_DEVICE_STATE`: wait for the transfer and return its result, logging the
+    /// reason of a failure (QEMU drops it).
+    pub fn check(&self) -> io::Result<()> {
+        let Some(running) = lock(&self.running).take() else {
+            let err = TransferError::NoTransfer;
+            error!("device state check failed: {err}");
+            return Err(io::Error::other(err));
+        };
+        let direction = running.direction;
+        match join(running.thread) {
+            Ok(()) => {
+                info!("device state {direction}: done");
+                Ok(())
+            }
+            Err(err) => {
+                error!("device state {direction} failed: {err}");
+                Err(io::Error::other(err))
+            }
+        }
+    }
+}
+
+fn join(thread: JoinHandle<Result<(), TransferError>>) -> Result<(), TransferError> {
+    thread.join().unwrap_or(Err(TransferError::Panicked))
+}
+
+/// Lock, carrying on if a panicking thread poisoned the mutex (as the device does).
+fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The SAVE thread: snapshot the engine, write the stream, close the fd (EOF for QEMU).
+fn save(file: File, device: &DeviceSide, mode: SaveMode) -> Result<(), TransferError> {
+    // The guard is dropped at the end of this statement: writing does not hold the lock.
+    let engine = lock(&device.engine).save_state(mode)?;
+    let state = MigrationState {
+        snapshot: mode == SaveMode::Snapshot,
+        device: DeviceRecord {
+            acked_features: device.acked_features,
+            our_mac: engine.our_mac,
+            mtu: engine.mtu,
+        },
+        source: engine.source,
+        guest: engine.guest,
+        forwards: engine.forwards,
+        tcp_flows: engine.tcp_flows,
+        udp_flows: engine.udp_flows,
+        skipped: Vec::new(),
+    };
+    let mut out = BufWriter::with_capacity(1 << 16, file);
+    write_stream(&mut out, &state)?;
+    out.flush().map_err(TransferError::Write)?;
+    info!(
+        snapshot = state.snapshot,
+        tcp_flows = state.tcp_flows.len(),
+        udp_flows = state.udp_flows.len(),
+        "device state saved"
+    );
+    Ok(())
+    // `out` (and the fd) closes here.
+}
+
+/// The LOAD thread: read and validate everything, check it fits this device, then hand
+/// it to the engine.
+fn load(file: File, device: &DeviceSide) -> Result<(), TransferError> {
+    let state = read_stream(file)?;
+    let foreign = state.device.acked_features & !OFFERED_FEATURES;
+    if foreign != 0 {
+        return Err(TransferError::Features(foreign));
+    }
+    for skipped in &state.skipped {
+        warn!(
+            "device state LOAD: skipped record #{} of unknown type {:#06x} ({} bytes)",
+            skipped.index, skipped.record_type, skipped.len
+        );
+    }
+    let engine_state = EngineState {
+        our_mac: state.device.our_mac,
+        mtu: state.device.mtu,
+        source: state.source,
+        guest: state.guest,
+        forwards: state.forwards,
+        tcp_flows: state.tcp_flows,
+        udp_flows: state.udp_flows,
+    };
+    lock(&device.engine).load_state(engine_state)?;
+    info!(
+        snapshot = state.snapshot,
+        acked_features = format_args!("{:#x}", state.device.acked_features),
+        "device state loaded"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The engine side
+// ---------------------------------------------------------------------------------------
+
+impl GuestNet {
+    /// The engine's part of the device state. No flows yet: TCP and UDP flows join when
+    /// their engines exist (and a snapshot will carry no kernel TCP state).
+    pub fn save_engine_state(&mut self, _mode: SaveMode) -> Result<EngineState, EngineStateError> {
+        let config = self.config().clone();
+        let forwards = forwards_record(&config.tcp_forwards, &config.udp_forwards);
+        if forwards.is_none() {
+            warn!("device state SAVE: more than {MAX_FORWARD_RULES} forward rules; not recorded");
+        }
+        Ok(EngineState {
+            our_mac: config.our_mac,
+            mtu: config.mtu,
+            source: local_source_record(),
+            guest: GuestRecord::from(*self.observed()),
+            forwards,
+            tcp_flows: Vec::new(),
+            udp_flows: Vec::new(),
+        })
+    }
+
+    /// Adopt a validated state. Differences in configuration are logged, not fatal: the
+    /// target's own command line decides its MAC, MTU and forwards (as passt does).
+    pub fn load_engine_state(&mut self, state: EngineState) -> Result<(), EngineStateError> {
+        let config = self.config().clone();
+        if state.our_mac != config.our_mac {
+            warn!(
+                "migration source used MAC {} towards the guest, this backend uses {}: \
+                 the guest's neighbour cache is stale until it resolves the gateway again",
+                crate::net::format_mac(state.our_mac),
+                crate::net::format_mac(config.our_mac)
+            );
+        }
+        if state.mtu != config.mtu {
+            warn!(
+                "migration source advertised MTU {}, this backend advertises {}",
+                state.mtu, config.mtu
+            );
+        }
+        if let Some(theirs) = &state.forwards {
+            let ours = forwards_record(&config.tcp_forwards, &config.udp_forwards);
+            if ours.as_ref() != Some(theirs) {
+                warn!("migration source forwarded other ports than this backend (-t/-u differ)");
+            }
+        }
+        self.restore_observed(ObservedGuest::from(state.guest));
+        let observed = self.observed();
+        info!(
+            "guest state restored: MAC {}, IPv4 {:?}, IPv6 {:?}, link-local {:?}",
+            observed
+                .mac
+                .map_or_else(|| "unknown".to_string(), crate::net::format_mac),
+            observed.ipv4,
+            observed.ipv6,
+            observed.ipv6_link_local
+        );
+        Ok(())
+    }
+}
+
+impl From<ObservedGuest> for GuestRecord {
+    fn from(o: ObservedGuest) -> Self {
+        GuestRecord {
+            mac: o.mac,
+            ipv4: o.ipv4.map(|a| a.octets()),
+            ipv6: o.ipv6.map(|a| a.octets()),
+            ipv6_link_local: o.ipv6_link_local.map(|a| a.octets()),
+        }
+    }
+}
+
+impl From<GuestRecord> for ObservedGuest {
+    fn from(r: GuestRecord) -> Self {
+        ObservedGuest {
+            mac: r.mac,
+            ipv4: r.ipv4.map(Ipv4Addr::from),
+            ipv6: r.ipv6.map(Ipv6Addr::from),
+            ipv6_link_local: r.ipv6_link_local.map(Ipv6Addr::from),
+        }
+    }
+}
+
+/// The forwarding tables as a record; `None` if one has more rules than the stream allows.
+pub fn forwards_record(tcp: &PortForwards, udp: &PortForwards) -> Option<ForwardsRecord> {
+    let rules = |table: &PortForwards| -> Option<Vec<ForwardRuleRecord>> {
+        if table.rules().len() > MAX_FORWARD_RULES {
+            return None;
+        }
+        Some(
+            table
+                .rules()
+                .iter()
+                .map(|rule| ForwardRuleRecord {
+                    bind_addr: rule.bind_to.addr.map(IpAddress::from),
+                    bind_device: rule.bind_to.device.clone(),
+                    host_first: rule.host_ports.first(),
+                    host_last: rule.host_ports.last(),
+                    guest_first: rule.guest_ports.first(),
+                    guest_last: rule.guest_ports.last(),
+                    guest_addr: rule.guest_addr.map(IpAddress::from),
+                })
+                .collect(),
+        )
+    };
+    Some(ForwardsRecord {
+        tcp: rules(tcp)?,
+        udp: rules(udp)?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Where the source runs
+// ---------------------------------------------------------------------------------------
+
+/// Host facts that need files or system calls the sandbox forbids.
+#[derive(Debug, Clone, Default)]
+struct HostIdentity {
+    hostname: Option<String>,
+    boot_id: Option<[u8; 16]>,
+    netns_dev: Option<u64>,
+    netns_inode: Option<u64>,
+}
+
+static HOST_IDENTITY: OnceLock<HostIdentity> = OnceLock::new();
+
+/// Read the hostname, boot id and network namespace inode now, for later SAVEs. Call it
+/// before entering the sandbox (it opens files); without it the
+/// stream's [`SourceRecord`] carries only what the sandbox allows (uid, netns cookie).
+pub fn remember_host_identity() {
+    let _ = HOST_IDENTITY.get_or_init(|| {
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty() && h.len() <= MAX_HOSTNAME && !h.contains('\0'));
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .and_then(|s| parse_uuid(s.trim()));
+        let ns = std::fs::metadata("/proc/self/ns/net").ok();
+        use std::os::unix::fs::MetadataExt;
+        HostIdentity {
+            hostname,
+            boot_id,
+            netns_dev: ns.as_ref().map(|m| m.dev()),
+            netns_inode: ns.as_ref().map(|m| m.ino()),
+        }
+    });
+}
+
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: Vec<u8> = s.bytes().filter(|&b| b != b'-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// `SO_NETNS_COOKIE` of a throw-away UNIX socket: identifies this network namespace.
+/// Uses only calls on the sandbox's allow-list (socket, getsockopt, close).
+fn netns_cookie() -> Option<u64> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let sock: OwnedFd = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .ok()?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `sock` is an open socket we own; `cookie` and `len` are valid for writes of
+    // the sizes given, and the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len as usize == std::mem::size_of::<u64>()).then_some(cookie)
+}
+
+/// The [`SourceRecord`] of this process. No handover endpoint yet: the same-host
+/// handover listener comes with the TCP engine.
+pub fn local_source_record() -> SourceRecord {
+    let host = HOST_IDENTITY.get().cloned().unwrap_or_default();
+    SourceRecord {
+        hostname: host.hostname,
+        boot_id: host.boot_id,
+        netns: NetnsIdentity {
+            cookie: netns_cookie(),
+            dev: host.netns_dev,
+            inode: host.netns_inode,
+        },
+        uid: nix::unistd::geteuid().as_raw(),
+        handover: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observed_guest_converts_both_ways() {
+        let observed = ObservedGuest {
+            mac: Some([0x52, 0x54, 0, 1, 2, 3]),
+            ipv4: Some(Ipv4Addr::new(10, 0, 2, 15)),
+            ipv6: Some("2001:db8::2".parse().unwrap()),
+            ipv6_link_local: Some("fe80::1:2".parse().unwrap()),
+        };
+        let record = GuestRecord::from(observed);
+        record.validate().unwrap();
+        assert_eq!(ObservedGuest::from(record), observed);
+        assert_eq!(
+            ObservedGuest::from(GuestRecord::default()),
+            ObservedGuest::default()
+        );
+    }
+
+    #[test]
+    fn boot_id_parses() {
+        assert_eq!(
+            parse_uuid("01234567-89ab-cdef-0123-456789abcdef"),
+            Some([
+                0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
+                0xcd, 0xef
+            ])
+        );
+        assert_eq!(parse_uuid("xyz"), None);
+    }
+
+    #[test]
+    fn netns_cookie_is_stable_in_one_namespace() {
+        let a = netns_cookie();
+        assert!(a.is_some(), "SO_NETNS_COOKIE (Linux 5.14+)");
+        assert_eq!(a, netns_cookie());
+    }
+}

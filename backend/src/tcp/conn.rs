@@ -1,0 +1,872 @@
+//! One TCP connection: the guest-facing endpoint ([`GuestSide`], plain data) and the
+//! host socket it is mapped onto ([`TcpConn`]). See the parent module for the sequence
+//! number mapping.
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::epoll::EpollFlags;
+use nix::sys::socket::{recv, send, shutdown, MsgFlags, Shutdown};
+
+use super::segment::{self, OutSegment, Segment, ACK, FIN, PSH, RST, SYN};
+use super::seq::Seq;
+use super::sock;
+use crate::config::MacAddr;
+use crate::net::FrameSink;
+
+/// Window scale baton offers the guest (when the guest offers one): windows up to 8 MiB.
+pub const OUR_WINDOW_SCALE: u8 = 7;
+/// First retransmission timeout (RFC 6298 without an RTT sample).
+pub const INITIAL_RTO: Duration = Duration::from_secs(1);
+/// Longest retransmission timeout.
+pub const MAX_RTO: Duration = Duration::from_secs(30);
+/// Retransmissions without progress before the connection is reset.
+pub const MAX_RETRIES: u8 = 8;
+/// Duplicate ACKs that trigger a fast retransmission.
+const DUP_ACK_THRESHOLD: u8 = 3;
+/// Default MSS when the guest sends none (RFC 9293: 536 for IPv4, 1220 for IPv6).
+const DEFAULT_MSS_V4: u16 = 536;
+const DEFAULT_MSS_V6: u16 = 1220;
+
+/// The guest's view of a connection's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpState {
+    /// Outbound: the guest's SYN arrived, the socket is connecting.
+    Connecting,
+    /// Outbound: connected; SYN-ACK sent to the guest, its ACK awaited.
+    SynAckSent,
+    /// Inbound: accepted on a forward; SYN sent to the guest, its SYN-ACK awaited.
+    SynSent,
+    /// Handshake done (FINs are tracked separately, see [`GuestSide`]).
+    Established,
+}
+
+/// The guest-facing TCP endpoint: plain data, everything the migration stream needs
+/// besides the kernel socket itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestSide {
+    pub guest_addr: IpAddr,
+    pub guest_port: u16,
+    /// The remote end as the guest sees it.
+    pub remote_addr: IpAddr,
+    pub remote_port: u16,
+    pub state: TcpState,
+    /// Our initial sequence number towards the guest.
+    pub isn: Seq,
+    /// SND.NXT: next sequence number we send the guest.
+    pub seq_to_guest: Seq,
+    /// Highest sequence number sent so far (SND.MAX; above `seq_to_guest` after a
+    /// retransmission rewind).
+    pub seq_max_to_guest: Seq,
+    /// SND.UNA: oldest byte the guest has not acknowledged = the head of the socket's
+    /// receive queue.
+    pub seq_ack_from_guest: Seq,
+    /// RCV.NXT: next byte expected from the guest (everything before it is in the socket).
+    pub seq_from_guest: Seq,
+    /// Sequence number of our FIN, once the socket reported end of stream.
+    pub fin_to_guest: Option<Seq>,
+    /// The guest's FIN was received and passed on (`shutdown(SHUT_WR)`).
+    pub fin_from_guest: bool,
+    /// The guest's receive window in bytes (scaled).
+    pub guest_window: u32,
+    pub guest_window_scale: u8,
+    /// Our window scale (0 unless both sides use the option).
+    pub our_window_scale: u8,
+    /// Largest payload per segment towards the guest.
+    pub mss: u16,
+    /// Window (bytes) in the last segment we sent.
+    pub window_to_guest: u32,
+}
+
+/// What the caller must do with the flow after an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Keep,
+    /// Both directions finished: close the socket normally.
+    Close,
+    /// Abort: close the socket with a RST towards the host peer.
+    Reset,
+}
+
+/// Buffers and context shared by every connection's event handling.
+pub struct Io<'a> {
+    pub our_mac: MacAddr,
+    pub guest_mac: MacAddr,
+    pub sink: &'a mut dyn FrameSink,
+    pub peek_buf: &'a mut [u8],
+    pub frame_buf: &'a mut Vec<u8>,
+    pub now: Instant,
+    /// Largest TCP payload the link (MTU) allows for this family.
+    pub link_mss: u16,
+}
+
+/// A connection: guest endpoint + host socket + timers.
+#[derive(Debug)]
+pub struct TcpConn {
+    pub guest: GuestSide,
+    pub socket: OwnedFd,
+    /// Events the socket is registered for (`None`: not registered).
+    pub registered: Option<EpollFlags>,
+    /// Guest data could not all be written: waiting for EPOLLOUT to update the window.
+    pub send_blocked: bool,
+    /// A pure ACK (acknowledgement or window update) found the guest's receive queue
+    /// full: send it as soon as buffers come (a lost window update would leave the guest
+    /// waiting for a window that never opens).
+    pub ack_pending: bool,
+    /// The guest's receive queue was full: waiting for RX buffers.
+    pub rx_blocked: bool,
+    /// The socket hung up (both directions): never poll it again.
+    pub hung_up: bool,
+    pub deadline: Option<Instant>,
+    /// Deadline this flow has in the timer queue.
+    pub scheduled: Option<Instant>,
+    pub rto: Duration,
+    pub retries: u8,
+    dup_acks: u8,
+}
+
+fn default_mss(addr: IpAddr) -> u16 {
+    if addr.is_ipv4() {
+        DEFAULT_MSS_V4
+    } else {
+        DEFAULT_MSS_V6
+    }
+}
+
+impl TcpConn {
+    /// Outbound: the guest's SYN (`seg`) for a socket that is connecting.
+    pub fn outbound(
+        ends: (IpAddr, u16, IpAddr, u16),
+        seg: &Segment<'_>,
+        socket: OwnedFd,
+        isn: Seq,
+        link_mss: u16,
+    ) -> Self {
+        let (guest_addr, guest_port, remote_addr, remote_port) = ends;
+        let (guest_scale, our_scale) = match seg.options.window_scale {
+            Some(scale) => (scale, OUR_WINDOW_SCALE),
+            None => (0, 0),
+        };
+        let mss = seg
+            .options
+            .mss
+            .unwrap_or(default_mss(guest_addr))
+            .clamp(64, link_mss.max(64));
+        TcpConn {
+            guest: GuestSide {
+                guest_addr,
+                guest_port,
+                remote_addr,
+                remote_port,
+                state: TcpState::Connecting,
+                isn,
+                seq_to_guest: isn,
+                seq_max_to_guest: isn,
+                seq_ack_from_guest: isn,
+                seq_from_guest: seg.seq.plus(1),
+                fin_to_guest: None,
+                fin_from_guest: false,
+                guest_window: u32::from(seg.window),
+                guest_window_scale: guest_scale,
+                our_window_scale: our_scale,
+                mss,
+                window_to_guest: 0,
+            },
+            socket,
+            registered: None,
+            send_blocked: false,
+            rx_blocked: false,
+            hung_up: false,
+            deadline: None,
+            scheduled: None,
+            rto: INITIAL_RTO,
+            retries: 0,
+            dup_acks: 0,
+            ack_pending: false,
+        }
+    }
+
+    /// Inbound: a connection accepted on a forward; the SYN to the guest is sent by
+    /// [`TcpConn::send_syn`].
+    pub fn inbound(ends: (IpAddr, u16, IpAddr, u16), socket: OwnedFd, isn: Seq) -> Self {
+        let (guest_addr, guest_port, remote_addr, remote_port) = ends;
+        TcpConn {
+            guest: GuestSide {
+                guest_addr,
+                guest_port,
+                remote_addr,
+                remote_port,
+                state: TcpState::SynSent,
+                isn,
+                seq_to_guest: isn.plus(1),
+                seq_max_to_guest: isn.plus(1),
+                seq_ack_from_guest: isn,
+                seq_from_guest: Seq(0),
+                fin_to_guest: None,
+                fin_from_guest: false,
+                guest_window: 0,
+                guest_window_scale: 0,
+                our_window_scale: OUR_WINDOW_SCALE,
+                mss: default_mss(guest_addr),
+                window_to_guest: 0,
+            },
+            socket,
+            registered: None,
+            send_blocked: false,
+            rx_blocked: false,
+            hung_up: false,
+            deadline: None,
+            scheduled: None,
+            rto: INITIAL_RTO,
+            retries: 0,
+            dup_acks: 0,
+            ack_pending: false,
+        }
+    }
+
+    /// Send an ACK with the current window now, or as soon as the guest has buffers.
+    pub fn ack(&mut self, io: &mut Io<'_>) {
+        if self.send_flags(io, ACK) {
+            self.ack_pending = false;
+        } else {
+            self.ack_pending = true;
+            self.rx_blocked = true;
+        }
+    }
+
+    /// Retry what a full guest receive queue held back: a pending ACK first, then data.
+    pub fn resume_rx(&mut self, io: &mut Io<'_>) -> Outcome {
+        if self.ack_pending {
+            self.ack(io);
+            if self.ack_pending {
+                return Outcome::Keep;
+            }
+        }
+        self.push_data(io)
+    }
+
+    /// The epoll events this connection wants now.
+    pub fn wanted_events(&self) -> EpollFlags {
+        let g = &self.guest;
+        match g.state {
+            TcpState::Connecting => EpollFlags::EPOLLOUT,
+            TcpState::SynSent | TcpState::SynAckSent => EpollFlags::empty(),
+            TcpState::Established => {
+                let mut events = EpollFlags::empty();
+                let in_flight = g.seq_to_guest.since(g.seq_ack_from_guest);
+                if g.fin_to_guest.is_none() && !self.rx_blocked && in_flight < g.guest_window {
+                    events |= EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
+                }
+                if self.send_blocked {
+                    events |= EpollFlags::EPOLLOUT;
+                }
+                events
+            }
+        }
+    }
+
+    /// Bytes of data (no FIN) sent to the guest and not acknowledged: the peek offset.
+    fn data_in_flight(&self) -> u32 {
+        let g = &self.guest;
+        let mut n = g.seq_to_guest.since(g.seq_ack_from_guest);
+        if let Some(fin) = g.fin_to_guest {
+            if g.seq_to_guest.after(fin) && n > 0 {
+                n -= 1;
+            }
+        }
+        if g.state == TcpState::SynSent || g.state == TcpState::SynAckSent {
+            // The SYN occupies the first sequence number.
+            n = n.saturating_sub(1);
+        }
+        n
+    }
+
+    /// Our receive window for the guest: what the socket's send buffer can take.
+    fn compute_window(&mut self) -> u16 {
+        let space = sock::send_space(self.socket.as_fd()).unwrap_or(0);
+        let max = 65535u32 << self.guest.our_window_scale;
+        let window = space.min(max);
+        let scaled = window >> self.guest.our_window_scale;
+        self.guest.window_to_guest = scaled << self.guest.our_window_scale;
+        u16::try_from(scaled).unwrap_or(u16::MAX)
+    }
+
+    fn out<'p>(
+        &self,
+        io: &Io<'_>,
+        seq: Seq,
+        flags: u8,
+        window: u16,
+        payload: &'p [u8],
+    ) -> OutSegment<'p> {
+        OutSegment {
+            src_mac: io.our_mac,
+            dst_mac: io.guest_mac,
+            src: (self.guest.remote_addr, self.guest.remote_port),
+            dst: (self.guest.guest_addr, self.guest.guest_port),
+            seq,
+            ack: if flags & ACK != 0 {
+                self.guest.seq_from_guest
+            } else {
+                Seq(0)
+            },
+            flags,
+            window,
+            syn_options: None,
+            payload,
+        }
+    }
+
+    fn emit(io: &mut Io<'_>, seg: &OutSegment<'_>) -> bool {
+        if segment::build(seg, io.frame_buf).is_err() {
+            return false;
+        }
+        io.sink.send_frame(io.frame_buf)
+    }
+
+    /// A segment without payload at `seq_to_guest` (ACK, FIN, RST, window update).
+    pub fn send_flags(&mut self, io: &mut Io<'_>, flags: u8) -> bool {
+        let window = if flags & RST != 0 {
+            0
+        } else {
+            self.compute_window()
+        };
+        let seg = self.out(io, self.guest.seq_to_guest, flags, window, &[]);
+        Self::emit(io, &seg)
+    }
+
+    /// Inbound: the SYN towards the guest.
+    pub fn send_syn(&mut self, io: &mut Io<'_>) -> bool {
+        let window = self.compute_window();
+        let mut seg = self.out(io, self.guest.isn, SYN, window, &[]);
+        seg.syn_options = Some((io.link_mss, Some(OUR_WINDOW_SCALE)));
+        self.arm_rto(io.now);
+        Self::emit(io, &seg)
+    }
+
+    /// Outbound: the SYN-ACK towards the guest once the socket is connected.
+    fn send_syn_ack(&mut self, io: &mut Io<'_>) -> bool {
+        // Windows in SYN segments are never scaled.
+        let window = sock::send_space(self.socket.as_fd())
+            .unwrap_or(0)
+            .min(65535) as u16;
+        let scale = (self.guest.our_window_scale > 0).then_some(self.guest.our_window_scale);
+        let mut seg = self.out(io, self.guest.isn, SYN | ACK, window, &[]);
+        seg.syn_options = Some((io.link_mss, scale));
+        self.arm_rto(io.now);
+        Self::emit(io, &seg)
+    }
+
+    fn arm_rto(&mut self, now: Instant) {
+        self.deadline = Some(now + self.rto);
+    }
+
+    /// The connect finished (EPOLLOUT while connecting).
+    pub fn on_connected(&mut self, io: &mut Io<'_>) -> Outcome {
+        match sock::take_error(self.socket.as_fd()) {
+            Ok(0) => {}
+            _ => return self.reset_guest(io),
+        }
+        if sock::enable_peek_offset(self.socket.as_fd()).is_err() {
+            return self.reset_guest(io);
+        }
+        self.guest.state = TcpState::SynAckSent;
+        self.guest.seq_to_guest = self.guest.isn.plus(1);
+        self.guest.seq_max_to_guest = self.guest.seq_to_guest;
+        self.send_syn_ack(io);
+        Outcome::Keep
+    }
+
+    /// Tell the guest the connection is gone, and drop it (the socket is reset).
+    pub fn reset_guest(&mut self, io: &mut Io<'_>) -> Outcome {
+        let g = &self.guest;
+        let (seq, flags) = match g.state {
+            // The guest has not seen our ISN: answer its SYN.
+            TcpState::Connecting => (Seq(0), RST | ACK),
+            _ => (g.seq_to_guest, RST | ACK),
+        };
+        let seg = self.out(io, seq, flags, 0, &[]);
+        Self::emit(io, &seg);
+        Outcome::Reset
+    }
+
+    /// A segment from the guest for this connection.
+    pub fn on_segment(&mut self, seg: &Segment<'_>, io: &mut Io<'_>) -> Outcome {
+        match self.guest.state {
+            TcpState::Connecting => {
+                if seg.has(RST) {
+                    return Outcome::Reset;
+                }
+                // SYN retransmissions: the SYN-ACK follows when the connect completes.
+                Outcome::Keep
+            }
+            TcpState::SynSent => self.on_syn_sent(seg, io),
+            TcpState::SynAckSent => {
+                if seg.has(RST) {
+                    return if seg.seq == self.guest.seq_from_guest {
+                        Outcome::Reset
+                    } else {
+                        Outcome::Keep
+                    };
+                }
+                if seg.has(SYN) {
+                    if seg.seq.plus(1) == self.guest.seq_from_guest {
+                        self.send_syn_ack(io);
+                    }
+                    return Outcome::Keep;
+                }
+                if !seg.has(ACK) || seg.ack != self.guest.isn.plus(1) {
+                    if seg.has(ACK) {
+                        // RFC 9293: an unacceptable ACK in SYN-RECEIVED gets a RST.
+                        let rst = OutSegment {
+                            flags: RST,
+                            ..self.out(io, seg.ack, RST, 0, &[])
+                        };
+                        Self::emit(io, &rst);
+                    }
+                    return Outcome::Keep;
+                }
+                self.establish(seg, io);
+                self.on_established(seg, io)
+            }
+            TcpState::Established => self.on_established(seg, io),
+        }
+    }
+
+    fn establish(&mut self, seg: &Segment<'_>, io: &mut Io<'_>) {
+        let g = &mut self.guest;
+        g.state = TcpState::Established;
+        g.seq_ack_from_guest = seg.ack;
+        g.guest_window = u32::from(seg.window) << g.guest_window_scale;
+        self.deadline = None;
+        self.retries = 0;
+        self.rto = INITIAL_RTO;
+        let _ = io;
+    }
+
+    fn on_syn_sent(&mut self, seg: &Segment<'_>, io: &mut Io<'_>) -> Outcome {
+        let expected = self.guest.isn.plus(1);
+        if seg.has(RST) {
+            // Accept only a RST that acknowledges our SYN (RFC 9293 3.10.7.3).
+            return if seg.has(ACK) && seg.ack == expected {
+                Outcome::Reset
+            } else {
+                Outcome::Keep
+            };
+        }
+        if !(seg.has(SYN) && seg.has(ACK)) || seg.ack != expected {
+            return Outcome::Keep;
+        }
+        if sock::enable_peek_offset(self.socket.as_fd()).is_err() {
+            return self.reset_guest(io);
+        }
+        let g = &mut self.guest;
+        g.seq_from_guest = seg.seq.plus(1);
+        match seg.options.window_scale {
+            Some(scale) => g.guest_window_scale = scale,
+            None => {
+                g.guest_window_scale = 0;
+                g.our_window_scale = 0;
+            }
+        }
+        g.mss = seg
+            .options
+            .mss
+            .unwrap_or(default_mss(g.guest_addr))
+            .clamp(64, io.link_mss.max(64));
+        g.state = TcpState::Established;
+        g.seq_ack_from_guest = expected;
+        g.guest_window = u32::from(seg.window);
+        self.deadline = None;
+        self.retries = 0;
+        self.rto = INITIAL_RTO;
+        self.ack(io);
+        self.push_data(io)
+    }
+
+    fn on_established(&mut self, seg: &Segment<'_>, io: &mut Io<'_>) -> Outcome {
+        let rcv_nxt = self.guest.seq_from_guest;
+        let rcv_wnd = self.guest.window_to_guest.max(1);
+        if seg.has(RST) {
+            // RFC 5961: exact match resets; inside the window earns a challenge ACK.
+            if seg.seq == rcv_nxt {
+                return Outcome::Reset;
+            }
+            if seg.seq.in_window(rcv_nxt, rcv_wnd) {
+                self.ack(io);
+            }
+            return Outcome::Keep;
+        }
+        if seg.has(SYN) {
+            // RFC 5961 challenge ACK; the guest resets if it really restarted.
+            self.ack(io);
+            return Outcome::Keep;
+        }
+        if !seg.has(ACK) {
+            return Outcome::Keep;
+        }
+        // Acceptability of the sequence number (RFC 9293 3.10.7.4, simplified: the
+        // segment must start no later than our window's right edge and end no earlier
+        // than the previous window's left edge).
+        let seg_end = seg.seq.plus(seg.seq_len());
+        let acceptable = seg.seq.before_eq(rcv_nxt.plus(rcv_wnd))
+            && seg_end.after(rcv_nxt.plus(0u32.wrapping_sub(rcv_wnd.min(1 << 30))));
+        if !acceptable {
+            self.ack(io);
+            return Outcome::Keep;
+        }
+        if let Some(outcome) = self.on_ack(seg, io) {
+            return outcome;
+        }
+        let mut need_ack = false;
+        if !seg.payload.is_empty() && !self.guest.fin_from_guest {
+            need_ack = true;
+            if let Some(outcome) = self.write_guest_data(seg, io) {
+                return outcome;
+            }
+        } else if !seg.payload.is_empty() {
+            need_ack = true;
+        }
+        if seg.has(FIN) {
+            need_ack = true;
+            let fin_seq = seg
+                .seq
+                .plus(u32::try_from(seg.payload.len()).unwrap_or(u32::MAX));
+            if !self.guest.fin_from_guest && fin_seq == self.guest.seq_from_guest {
+                let _ = shutdown(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.socket),
+                    Shutdown::Write,
+                );
+                self.guest.fin_from_guest = true;
+                self.guest.seq_from_guest = self.guest.seq_from_guest.plus(1);
+            }
+        }
+        if need_ack {
+            self.ack(io);
+        }
+        self.check_done()
+    }
+
+    /// Both FINs exchanged and ours acknowledged: the connection is over.
+    fn check_done(&self) -> Outcome {
+        let g = &self.guest;
+        match g.fin_to_guest {
+            Some(fin) if g.fin_from_guest && g.seq_ack_from_guest == fin.plus(1) => Outcome::Close,
+            _ => Outcome::Keep,
+        }
+    }
+
+    /// Process the acknowledgement field; `Some` ends the connection.
+    fn on_ack(&mut self, seg: &Segment<'_>, io: &mut Io<'_>) -> Option<Outcome> {
+        let g = self.guest;
+        if seg.ack.after(g.seq_max_to_guest) {
+            // Acknowledges data we never sent.
+            self.ack(io);
+            return Some(Outcome::Keep);
+        }
+        let new_window = u32::from(seg.window) << g.guest_window_scale;
+        if seg.ack.before(g.seq_ack_from_guest) {
+            return None;
+        }
+        let acked = seg.ack.since(g.seq_ack_from_guest);
+        if acked == 0 {
+            let in_flight = g.seq_to_guest.since(g.seq_ack_from_guest);
+            let duplicate = seg.payload.is_empty()
+                && !seg.has(FIN)
+                && new_window == g.guest_window
+                && in_flight > 0;
+            self.guest.guest_window = new_window;
+            if duplicate {
+                self.dup_acks = self.dup_acks.saturating_add(1);
+                if self.dup_acks == DUP_ACK_THRESHOLD {
+                    self.rewind();
+                }
+            }
+            if new_window > 0 || duplicate {
+                return match self.push_data(io) {
+                    Outcome::Keep => None,
+                    other => Some(other),
+                };
+            }
+            return None;
+        }
+        // Consume the acknowledged data from the socket.
+        let mut data_acked = acked;
+        if let Some(fin) = g.fin_to_guest {
+            if seg.ack.after(fin) {
+                data_acked = data_acked.saturating_sub(1);
+            }
+        }
+        if matches!(g.state, TcpState::SynAckSent | TcpState::SynSent) {
+            data_acked = data_acked.saturating_sub(1);
+        }
+        if data_acked > 0 {
+            if let Err(err) = discard(&self.socket, io.peek_buf, data_acked) {
+                tracing::debug!("discarding acknowledged data: {err}");
+                return Some(self.reset_guest(io));
+            }
+        }
+        self.guest.seq_ack_from_guest = seg.ack;
+        if self.guest.seq_to_guest.before(seg.ack) {
+            // Acknowledges data sent before a rewind: skip ahead (the kernel clamps
+            // the peek offset at 0 when the data is consumed).
+            self.guest.seq_to_guest = seg.ack;
+            if let Some(fin) = self.guest.fin_to_guest {
+                if seg.ack.after(fin) {
+                    self.guest.seq_to_guest = fin.plus(1);
+                }
+            }
+        }
+        self.guest.guest_window = new_window;
+        self.dup_acks = 0;
+        self.retries = 0;
+        self.rto = INITIAL_RTO;
+        self.deadline = None;
+        match self.push_data(io) {
+            Outcome::Keep => None,
+            other => Some(other),
+        }
+    }
+
+    /// Write the new part of the guest's payload into the socket.
+    fn write_guest_data(&mut self, seg: &Segment<'_>, io: &mut Io<'_>) -> Option<Outcome> {
+        let rcv_nxt = self.guest.seq_from_guest;
+        if seg.seq.after(rcv_nxt) {
+            // Out of order: we keep no buffer; the duplicate ACK asks for the gap.
+            return None;
+        }
+        let skip = rcv_nxt.since(seg.seq) as usize;
+        let new = seg.payload.get(skip..)?;
+        if new.is_empty() {
+            return None;
+        }
+        match send(
+            std::os::fd::AsRawFd::as_raw_fd(&self.socket),
+            new,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        ) {
+            Ok(written) => {
+                let written = u32::try_from(written).unwrap_or(0);
+                self.guest.seq_from_guest = rcv_nxt.plus(written);
+                if (written as usize) < new.len() {
+                    self.send_blocked = true;
+                }
+                None
+            }
+            Err(Errno::EAGAIN) => {
+                self.send_blocked = true;
+                None
+            }
+            Err(err) => {
+                tracing::debug!("writing guest data to the socket: {err}");
+                Some(self.reset_guest(io))
+            }
+        }
+    }
+
+    /// Go back to the oldest unacknowledged byte (retransmission).
+    fn rewind(&mut self) {
+        let g = &mut self.guest;
+        if g.state != TcpState::Established {
+            return;
+        }
+        g.seq_to_guest = g.seq_ack_from_guest;
+        if let Some(fin) = g.fin_to_guest {
+            if !g.seq_ack_from_guest.after(fin) {
+                // The FIN goes again after the data.
+                g.fin_to_guest = None;
+            }
+        }
+        if let Err(err) = sock::set_peek_offset(self.socket.as_fd(), 0) {
+            tracing::debug!("resetting SO_PEEK_OFF: {err}");
+        }
+        self.dup_acks = 0;
+    }
+
+    /// Send what the socket has, within the guest's window, straight from `MSG_PEEK`.
+    pub fn push_data(&mut self, io: &mut Io<'_>) -> Outcome {
+        if self.guest.state != TcpState::Established {
+            return Outcome::Keep;
+        }
+        self.rx_blocked = self.ack_pending;
+        let mss = usize::from(self.guest.mss.min(io.link_mss)).max(1);
+        for _round in 0..16 {
+            if self.guest.fin_to_guest.is_some() {
+                break;
+            }
+            let in_flight = self.guest.seq_to_guest.since(self.guest.seq_ack_from_guest);
+            let room = self.guest.guest_window.saturating_sub(in_flight) as usize;
+            if room == 0 {
+                if self.guest.guest_window == 0 && self.deadline.is_none() {
+                    // Zero window: probe it later.
+                    self.deadline = Some(io.now + self.rto);
+                }
+                break;
+            }
+            let limit = room.min(io.peek_buf.len());
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&self.socket);
+            let peeked = match recv(
+                fd,
+                &mut io.peek_buf[..limit],
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(n) => n,
+                Err(Errno::EAGAIN) => break,
+                Err(err) => {
+                    tracing::debug!("peeking at socket data: {err}");
+                    return self.reset_guest(io);
+                }
+            };
+            if peeked == 0 {
+                // End of stream, and everything before it was sent: FIN.
+                let fin = self.guest.seq_to_guest;
+                if !self.send_flags(io, FIN | ACK) {
+                    self.rx_blocked = true;
+                    break;
+                }
+                self.guest.fin_to_guest = Some(fin);
+                self.guest.seq_to_guest = fin.plus(1);
+                if self.guest.seq_max_to_guest.before(self.guest.seq_to_guest) {
+                    self.guest.seq_max_to_guest = self.guest.seq_to_guest;
+                }
+                if self.deadline.is_none() {
+                    self.arm_rto(io.now);
+                }
+                return self.check_done();
+            }
+            let window = self.compute_window();
+            let mut sent = 0usize;
+            let mut blocked = false;
+            let mut frame = std::mem::take(io.frame_buf);
+            while sent < peeked {
+                let end = (sent + mss).min(peeked);
+                let flags = if end == peeked { ACK | PSH } else { ACK };
+                let seq = self.guest.seq_to_guest;
+                let seg = self.out(io, seq, flags, window, &io.peek_buf[sent..end]);
+                if segment::build(&seg, &mut frame).is_err() || !io.sink.send_frame(&frame) {
+                    blocked = true;
+                    break;
+                }
+                self.guest.seq_to_guest = seq.plus((end - sent) as u32);
+                sent = end;
+                // Every data segment carries the current ACK and window.
+                self.ack_pending = false;
+            }
+            *io.frame_buf = frame;
+            if self.guest.seq_max_to_guest.before(self.guest.seq_to_guest) {
+                self.guest.seq_max_to_guest = self.guest.seq_to_guest;
+            }
+            if sent > 0 && self.deadline.is_none() {
+                self.arm_rto(io.now);
+            }
+            if blocked {
+                // The rest stays in the socket; peek it again when buffers come.
+                let offset = self.data_in_flight();
+                if let Err(err) = sock::set_peek_offset(self.socket.as_fd(), offset) {
+                    tracing::debug!("rolling back SO_PEEK_OFF: {err}");
+                    return self.reset_guest(io);
+                }
+                self.rx_blocked = true;
+                break;
+            }
+            if peeked < limit {
+                break;
+            }
+        }
+        Outcome::Keep
+    }
+
+    /// The socket is writable again after guest data was refused: announce the window.
+    pub fn on_writable(&mut self, io: &mut Io<'_>) -> Outcome {
+        if self.send_blocked {
+            self.send_blocked = false;
+            self.ack(io);
+        }
+        Outcome::Keep
+    }
+
+    /// The flow's deadline passed.
+    pub fn on_timer(&mut self, io: &mut Io<'_>) -> Outcome {
+        self.deadline = None;
+        let g = self.guest;
+        let unacked = g.seq_to_guest.since(g.seq_ack_from_guest) > 0
+            || g.seq_max_to_guest.after(g.seq_to_guest);
+        match g.state {
+            TcpState::Connecting => return Outcome::Keep,
+            TcpState::SynSent | TcpState::SynAckSent => {
+                self.retries += 1;
+                if self.retries > MAX_RETRIES / 2 {
+                    return self.reset_guest(io);
+                }
+                self.rto = (self.rto * 2).min(MAX_RTO);
+                if g.state == TcpState::SynSent {
+                    self.send_syn(io);
+                } else {
+                    self.send_syn_ack(io);
+                }
+                return Outcome::Keep;
+            }
+            TcpState::Established => {}
+        }
+        if unacked {
+            self.retries += 1;
+            if self.retries > MAX_RETRIES {
+                tracing::debug!(
+                    "{}:{} -> {}:{}: guest stopped acknowledging, resetting",
+                    g.remote_addr,
+                    g.remote_port,
+                    g.guest_addr,
+                    g.guest_port
+                );
+                return self.reset_guest(io);
+            }
+            self.rto = (self.rto * 2).min(MAX_RTO);
+            self.rewind();
+            let outcome = self.push_data(io);
+            if self.deadline.is_none() {
+                self.arm_rto(io.now);
+            }
+            return outcome;
+        }
+        if g.guest_window == 0 && g.fin_to_guest.is_none() {
+            // Zero-window probe: an old sequence number makes the guest answer with
+            // an ACK carrying its current window.
+            let seg = self.out(io, g.seq_to_guest.plus(u32::MAX), ACK, 0, &[]);
+            let window = self.compute_window();
+            let seg = OutSegment { window, ..seg };
+            Self::emit(io, &seg);
+            self.rto = (self.rto * 2).min(MAX_RTO);
+            self.arm_rto(io.now);
+        }
+        Outcome::Keep
+    }
+}
+
+/// Drop `len` acknowledged bytes from the head of the socket's receive queue.
+fn discard(socket: &OwnedFd, scratch: &mut [u8], len: u32) -> io::Result<()> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
+    let mut left = len as usize;
+    while left > 0 {
+        let chunk = left.min(scratch.len());
+        // MSG_TRUNC on a TCP socket discards without copying.
+        match recv(
+            fd,
+            &mut scratch[..chunk],
+            MsgFlags::MSG_TRUNC | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "acknowledged data missing from the socket",
+                ))
+            }
+            Ok(n) => left = left.saturating_sub(n),
+            Err(Errno::EINTR) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}

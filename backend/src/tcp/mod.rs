@@ -1,0 +1,714 @@
+//! TCP: the guest's connections, each mapped onto one host socket.
+//!
+//! Theory of operation. baton is a real TCP endpoint towards the guest (handshake,
+//! sequence and acknowledgement tracking, the guest's window, retransmission, FIN and
+//! RST) and an ordinary socket user towards the host. It never buffers payload:
+//!
+//! * guest → host: a data segment that starts at or before RCV.NXT (`seq_from_guest`)
+//!   has its new part written straight into the socket (`send`, non-blocking). What the
+//!   socket does not take is not acknowledged, so the guest sends it again. The window we
+//!   advertise is the socket's free send space, scaled.
+//! * host → guest: data stays in the socket's receive queue until the guest
+//!   acknowledges it. It is read with `MSG_PEEK` at the offset `SO_PEEK_OFF`, which the
+//!   kernel advances by what each peek returned, straight into segments for the guest;
+//!   an ACK from the guest consumes the acknowledged bytes (`recv(MSG_TRUNC)`), which
+//!   moves the peek offset back by as much. So at any time:
+//!
+//! ```text
+//!   socket receive queue:  [ acked by nobody yet ........................ | not yet peeked ... ]
+//!                          ^ head                                          ^ head + SO_PEEK_OFF
+//!   guest sequence space:  seq_ack_from_guest (SND.UNA)                    seq_to_guest (SND.NXT)
+//!
+//!   SO_PEEK_OFF == seq_to_guest - seq_ack_from_guest   (minus our FIN once it is sent)
+//!   guest ACK a:   recv(MSG_TRUNC, a - seq_ack_from_guest); seq_ack_from_guest = a
+//!   retransmit:    seq_to_guest = seq_ack_from_guest; SO_PEEK_OFF = 0; peek again
+//!   guest RX full: SO_PEEK_OFF = seq_to_guest - seq_ack_from_guest (undo the unsent peek)
+//! ```
+//!
+//! A peek that returns 0 bytes means the peer closed and everything before its FIN was
+//! sent: we send our FIN at `seq_to_guest`. A guest FIN at RCV.NXT becomes
+//! `shutdown(SHUT_WR)`. When both FINs are through and ours is acknowledged the socket is
+//! closed; a RST from the guest (at exactly RCV.NXT, RFC 5961) closes the socket with
+//! `SO_LINGER` 0 so the host peer gets a RST too; a socket error sends the guest a RST.
+//!
+//! State per connection: [`conn::GuestSide`] (plain data: addresses, sequence numbers,
+//! windows, scales, MSS, FIN flags — what the migration stream will carry besides the
+//! kernel socket) and the host side in [`conn::TcpConn`]. Options: MSS and window scale
+//! as the guest offers them; SACK and timestamps are not offered (we never hold
+//! out-of-order data, so SACK would buy nothing).
+//!
+//! Flows live in a bounded [`FlowTable`] keyed by the guest's 4-tuple; a socket's epoll
+//! event data carries the flow id (owner tag [`EPOLL_OWNER_TCP`] in the top byte, a kind
+//! byte, the id below). A SYN beyond the table's capacity gets a RST and a rate-limited
+//! warning. Timers: each flow has one deadline (retransmission, zero-window probe,
+//! handshake retry); a binary heap orders them lazily and one [`alarm::AlarmClock`] in
+//! the same epoll wakes the device for the earliest one — no thread per flow.
+//!
+//! Flow control towards the socket: a connection polls EPOLLIN only while the guest's
+//! window has room, the guest's receive queue took our last frame, and no FIN was sent;
+//! so a readable socket with nowhere to send never spins. When the receive queue is full
+//! the flow waits in a list that is retried on every `handle_host_events` (which the
+//! device runs when the guest posts receive buffers).
+//!
+//! Addresses: the guest's destination `map_host_loopback` (default: the gateway; for
+//! IPv6 also the router's link-local address) reaches the host's loopback, and
+//! connections from the host's loopback through a `-t` forward appear to come from it.
+
+pub mod alarm;
+pub mod conn;
+pub mod segment;
+pub mod seq;
+mod sock;
+
+use std::cmp::Reverse;
+use std::collections::hash_map::RandomState;
+use std::collections::BinaryHeap;
+use std::hash::BuildHasher;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Instant;
+
+use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
+
+use crate::config::{MacAddr, NetConfig};
+use crate::flow::{FlowId, FlowTable, DEFAULT_MAX_FLOWS};
+use crate::net::FrameSink;
+use conn::{Io, Outcome, TcpConn, TcpState};
+use segment::{Segment, ACK, RST, SYN};
+use seq::Seq;
+
+/// Owner tag of TCP sockets and timers in the shared epoll's event data (bits 56..64).
+pub(crate) const EPOLL_OWNER_TCP: u8 = 2;
+const OWNER_SHIFT: u32 = 56;
+const KIND_SHIFT: u32 = 48;
+const KIND_FLOW: u64 = 0;
+const KIND_LISTENER: u64 = 1;
+const KIND_ALARM: u64 = 2;
+const PAYLOAD_MASK: u64 = (1 << KIND_SHIFT) - 1;
+
+/// Largest peek per round (one 64 KiB frame's worth).
+const PEEK_BUFFER_LEN: usize = 65536;
+/// Connections accepted per listener event.
+const ACCEPTS_PER_EVENT: usize = 64;
+
+/// Log classes.
+const LOG_FULL: usize = 0;
+const LOG_SOCKET: usize = 1;
+const LOG_CLASSES: usize = 2;
+
+/// A connection as the guest sees it: (guest address, guest port, remote address,
+/// remote port).
+pub type FlowKey = (IpAddr, u16, IpAddr, u16);
+
+/// Why a guest segment was not processed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TcpError {
+    #[error(transparent)]
+    Segment(#[from] segment::SegmentError),
+    #[error("destination {0} is not reachable from the guest")]
+    Unroutable(IpAddr),
+}
+
+/// What the TCP code needs from `GuestNet` for one call.
+pub(crate) struct Env<'a> {
+    pub(crate) config: &'a NetConfig,
+    pub(crate) epoll: &'a Epoll,
+    pub(crate) guest_mac: Option<MacAddr>,
+}
+
+#[derive(Debug)]
+struct Listener {
+    socket: OwnedFd,
+    guest_port: u16,
+    guest_addr: Option<IpAddr>,
+}
+
+/// Every TCP connection of the guest and the `-t` listeners.
+#[derive(Debug)]
+pub(crate) struct TcpFlows {
+    flows: FlowTable<FlowKey, TcpConn>,
+    listeners: Vec<Listener>,
+    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
+    alarm: alarm::AlarmClock,
+    /// Flows whose frames did not fit in the guest's receive queue.
+    rx_waiters: Vec<FlowId>,
+    isn_secret: RandomState,
+    epoch: Instant,
+    peek_buf: Vec<u8>,
+    frame_buf: Vec<u8>,
+    log: crate::net::ratelimit::LogLimiter<LOG_CLASSES>,
+}
+
+fn flow_data(id: FlowId) -> u64 {
+    (u64::from(EPOLL_OWNER_TCP) << OWNER_SHIFT) | (KIND_FLOW << KIND_SHIFT) | id.to_bits()
+}
+
+impl TcpFlows {
+    /// Bind the `-t` listeners and register them and the timer in `epoll`. Fails when
+    /// a listener that is not best-effort cannot be bound.
+    pub(crate) fn new(
+        config: &NetConfig,
+        epoll: &Epoll,
+        max_flows: usize,
+        now: Instant,
+    ) -> io::Result<Self> {
+        let alarm = alarm::AlarmClock::new()?;
+        epoll
+            .add(
+                alarm.fd(),
+                EpollEvent::new(
+                    EpollFlags::EPOLLIN,
+                    (u64::from(EPOLL_OWNER_TCP) << OWNER_SHIFT) | (KIND_ALARM << KIND_SHIFT),
+                ),
+            )
+            .map_err(io::Error::from)?;
+        let mut flows = TcpFlows {
+            flows: FlowTable::new(max_flows),
+            listeners: Vec::new(),
+            timers: BinaryHeap::new(),
+            alarm,
+            rx_waiters: Vec::new(),
+            isn_secret: RandomState::new(),
+            epoch: now,
+            peek_buf: vec![0; PEEK_BUFFER_LEN],
+            frame_buf: Vec::with_capacity(PEEK_BUFFER_LEN + 128),
+            log: crate::net::ratelimit::LogLimiter::new(now),
+        };
+        if config.handlers.tcp {
+            flows.bind_forwards(config, epoll)?;
+        }
+        Ok(flows)
+    }
+
+    /// Default table size.
+    pub(crate) fn default_max_flows() -> usize {
+        DEFAULT_MAX_FLOWS
+    }
+
+    fn bind_forwards(&mut self, config: &NetConfig, epoll: &Epoll) -> io::Result<()> {
+        for rule in config.tcp_forwards.rules() {
+            let addrs: Vec<IpAddr> = match rule.bind_to.addr {
+                Some(addr) => vec![addr],
+                None => {
+                    let mut any = Vec::new();
+                    if config.v4.is_some() {
+                        any.push(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                    }
+                    if config.v6.is_some() {
+                        any.push(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+                    }
+                    any
+                }
+            };
+            for host_port in rule.host_ports.ports() {
+                let Some(guest_port) = rule.guest_port_for(host_port) else {
+                    continue;
+                };
+                for &addr in &addrs {
+                    match sock::listener(SocketAddr::new(addr, host_port), config.freebind) {
+                        Ok(socket) => {
+                            let index = self.listeners.len() as u64;
+                            epoll
+                                .add(
+                                    socket.as_fd(),
+                                    EpollEvent::new(
+                                        EpollFlags::EPOLLIN,
+                                        (u64::from(EPOLL_OWNER_TCP) << OWNER_SHIFT)
+                                            | (KIND_LISTENER << KIND_SHIFT)
+                                            | index,
+                                    ),
+                                )
+                                .map_err(io::Error::from)?;
+                            self.listeners.push(Listener {
+                                socket,
+                                guest_port,
+                                guest_addr: rule.guest_addr,
+                            });
+                        }
+                        Err(err) if rule.best_effort => {
+                            tracing::debug!("TCP forward {addr}:{host_port} skipped: {err}");
+                        }
+                        Err(err) => {
+                            return Err(io::Error::new(
+                                err.kind(),
+                                format!("TCP forward: listening on {addr} port {host_port}: {err}"),
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        if !self.listeners.is_empty() {
+            tracing::info!("TCP: {} forwarding listener(s)", self.listeners.len());
+        }
+        Ok(())
+    }
+
+    /// Number of open connections.
+    #[allow(dead_code)]
+    pub(crate) fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    fn isn(&self, key: &FlowKey, now: Instant) -> Seq {
+        // RFC 6528: a keyed hash of the 4-tuple plus a 4-microsecond clock.
+        let hash = self.isn_secret.hash_one(key) as u32;
+        let ticks = (now.duration_since(self.epoch).as_micros() / 4) as u32;
+        Seq(hash.wrapping_add(ticks))
+    }
+
+    fn log_admit(&mut self, class: usize, now: Instant) -> Option<u64> {
+        self.log.admit(class, now)
+    }
+
+    /// A TCP segment from the guest (`l4` is the TCP message from `src` to `dst`).
+    pub(crate) fn handle_guest_segment(
+        &mut self,
+        env: &Env<'_>,
+        src: IpAddr,
+        dst: IpAddr,
+        l4: &[u8],
+        sink: &mut dyn FrameSink,
+        now: Instant,
+    ) -> Result<(), TcpError> {
+        let seg = segment::parse(src, dst, l4)?;
+        let key: FlowKey = (src, seg.src_port, dst, seg.dst_port);
+        let guest_mac = env.guest_mac.unwrap_or([0xff; 6]);
+        let link_mss = link_mss(env.config, dst.is_ipv4());
+        let Some(id) = self.flows.lookup(&key) else {
+            return self.new_segment(env, key, &seg, sink, now);
+        };
+        let mut peek_buf = std::mem::take(&mut self.peek_buf);
+        let mut frame_buf = std::mem::take(&mut self.frame_buf);
+        let outcome = match self.flows.get_mut(id) {
+            Some(conn) => {
+                let mut io = Io {
+                    our_mac: env.config.our_mac,
+                    guest_mac,
+                    sink,
+                    peek_buf: &mut peek_buf,
+                    frame_buf: &mut frame_buf,
+                    now,
+                    link_mss,
+                };
+                conn.on_segment(&seg, &mut io)
+            }
+            None => Outcome::Keep,
+        };
+        self.peek_buf = peek_buf;
+        self.frame_buf = frame_buf;
+        self.settle(env, id, outcome);
+        Ok(())
+    }
+
+    /// A segment for no known connection: a SYN opens one, anything else but a RST is
+    /// answered with a RST.
+    fn new_segment(
+        &mut self,
+        env: &Env<'_>,
+        key: FlowKey,
+        seg: &Segment<'_>,
+        sink: &mut dyn FrameSink,
+        now: Instant,
+    ) -> Result<(), TcpError> {
+        if seg.has(RST) {
+            return Ok(());
+        }
+        if !seg.has(SYN) || seg.has(ACK) || seg.flags & (segment::FIN) != 0 {
+            self.reset_unknown(env, key, seg, sink);
+            return Ok(());
+        }
+        let Some(host_dst) = host_destination(env.config, key.2) else {
+            self.reset_unknown(env, key, seg, sink);
+            return Err(TcpError::Unroutable(key.2));
+        };
+        if self.flows.len() >= self.flows.capacity() {
+            if let Some(suppressed) = self.log_admit(LOG_FULL, now) {
+                tracing::warn!(
+                    suppressed,
+                    "TCP flow table full ({} connections): refusing {}:{} -> {}:{}",
+                    self.flows.capacity(),
+                    key.0,
+                    key.1,
+                    key.2,
+                    key.3
+                );
+            }
+            self.reset_unknown(env, key, seg, sink);
+            return Ok(());
+        }
+        let socket = match sock::stream_socket(host_dst.is_ipv4())
+            .and_then(|s| sock::connect(s.as_fd(), SocketAddr::new(host_dst, key.3)).map(|()| s))
+        {
+            Ok(socket) => socket,
+            Err(err) => {
+                if let Some(suppressed) = self.log_admit(LOG_SOCKET, now) {
+                    tracing::debug!(suppressed, "TCP connect to {host_dst}:{}: {err}", key.3);
+                }
+                self.reset_unknown(env, key, seg, sink);
+                return Ok(());
+            }
+        };
+        let isn = self.isn(&key, now);
+        let conn = TcpConn::outbound(key, seg, socket, isn, link_mss(env.config, key.0.is_ipv4()));
+        match self.flows.insert(key, conn) {
+            Ok(id) => {
+                tracing::trace!(
+                    "{id}: guest {}:{} connects to {host_dst}:{}",
+                    key.0,
+                    key.1,
+                    key.3
+                );
+                self.settle(env, id, Outcome::Keep);
+            }
+            Err(_) => self.reset_unknown(env, key, seg, sink),
+        }
+        Ok(())
+    }
+
+    /// RST for a segment that belongs to no connection (RFC 9293 3.10.7.1).
+    fn reset_unknown(
+        &mut self,
+        env: &Env<'_>,
+        key: FlowKey,
+        seg: &Segment<'_>,
+        sink: &mut dyn FrameSink,
+    ) {
+        let (seq, ack, flags) = if seg.has(ACK) {
+            (seg.ack, Seq(0), RST)
+        } else {
+            (Seq(0), seg.seq.plus(seg.seq_len()), RST | ACK)
+        };
+        let out = segment::OutSegment {
+            src_mac: env.config.our_mac,
+            dst_mac: env.guest_mac.unwrap_or([0xff; 6]),
+            src: (key.2, key.3),
+            dst: (key.0, key.1),
+            seq,
+            ack,
+            flags,
+            window: 0,
+            syn_options: None,
+            payload: &[],
+        };
+        if segment::build(&out, &mut self.frame_buf).is_ok() {
+            sink.send_frame(&self.frame_buf);
+        }
+    }
+
+    /// Apply an outcome: close the flow, or update its epoll interest and timer.
+    fn settle(&mut self, env: &Env<'_>, id: FlowId, outcome: Outcome) {
+        match outcome {
+            Outcome::Keep => {}
+            Outcome::Close | Outcome::Reset => {
+                if let Some(conn) = self.flows.remove(id) {
+                    if conn.registered.is_some() {
+                        let _ = env.epoll.delete(conn.socket.as_fd());
+                    }
+                    if outcome == Outcome::Reset {
+                        let _ = sock::set_reset_on_close(conn.socket.as_fd());
+                    }
+                    tracing::trace!("{id}: closed ({outcome:?})");
+                }
+                return;
+            }
+        }
+        let Some(conn) = self.flows.get_mut(id) else {
+            return;
+        };
+        if conn.rx_blocked && !self.rx_waiters.contains(&id) {
+            self.rx_waiters.push(id);
+        }
+        if !conn.hung_up {
+            let wanted = conn.wanted_events();
+            if conn.registered != Some(wanted) {
+                let mut event = EpollEvent::new(wanted, flow_data(id));
+                let result = if conn.registered.is_some() {
+                    env.epoll.modify(conn.socket.as_fd(), &mut event)
+                } else {
+                    env.epoll.add(conn.socket.as_fd(), event)
+                };
+                match result {
+                    Ok(()) => conn.registered = Some(wanted),
+                    Err(err) => tracing::debug!("{id}: epoll registration: {err}"),
+                }
+            }
+        }
+        if let Some(deadline) = conn.deadline {
+            if conn.scheduled.is_none_or(|s| deadline < s) {
+                conn.scheduled = Some(deadline);
+                self.timers.push(Reverse((deadline, id)));
+                self.alarm.arm(deadline);
+            }
+        }
+    }
+
+    /// An epoll event with the TCP owner tag.
+    pub(crate) fn handle_event(
+        &mut self,
+        env: &Env<'_>,
+        data: u64,
+        events: EpollFlags,
+        sink: &mut dyn FrameSink,
+        now: Instant,
+    ) {
+        let payload = data & PAYLOAD_MASK;
+        match (data >> KIND_SHIFT) & 0xff {
+            KIND_FLOW => self.flow_event(env, FlowId::from_bits(payload), events, sink, now),
+            KIND_LISTENER => self.accept_connections(env, payload as usize, sink, now),
+            KIND_ALARM => self.alarm.acknowledge(),
+            other => tracing::warn!("TCP epoll event of unknown kind {other}"),
+        }
+    }
+
+    fn with_io<R>(
+        &mut self,
+        env: &Env<'_>,
+        id: FlowId,
+        sink: &mut dyn FrameSink,
+        now: Instant,
+        f: impl FnOnce(&mut TcpConn, &mut Io<'_>) -> R,
+    ) -> Option<R> {
+        let mut peek_buf = std::mem::take(&mut self.peek_buf);
+        let mut frame_buf = std::mem::take(&mut self.frame_buf);
+        let result = self.flows.get_mut(id).map(|conn| {
+            let ipv4 = conn.guest.guest_addr.is_ipv4();
+            let mut io = Io {
+                our_mac: env.config.our_mac,
+                guest_mac: env.guest_mac.unwrap_or([0xff; 6]),
+                sink,
+                peek_buf: &mut peek_buf,
+                frame_buf: &mut frame_buf,
+                now,
+                link_mss: link_mss(env.config, ipv4),
+            };
+            f(conn, &mut io)
+        });
+        self.peek_buf = peek_buf;
+        self.frame_buf = frame_buf;
+        result
+    }
+
+    fn flow_event(
+        &mut self,
+        env: &Env<'_>,
+        id: FlowId,
+        events: EpollFlags,
+        sink: &mut dyn FrameSink,
+        now: Instant,
+    ) {
+        let outcome = self.with_io(env, id, sink, now, |conn, io| {
+            if conn.guest.state == TcpState::Connecting {
+                if events
+                    .intersects(EpollFlags::EPOLLOUT | EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP)
+                {
+                    return conn.on_connected(io);
+                }
+                return Outcome::Keep;
+            }
+            if events.contains(EpollFlags::EPOLLERR) {
+                let _ = sock::take_error(conn.socket.as_fd());
+                return conn.reset_guest(io);
+            }
+            let mut outcome = Outcome::Keep;
+            if events.contains(EpollFlags::EPOLLOUT) {
+                outcome = conn.on_writable(io);
+            }
+            if outcome == Outcome::Keep
+                && events
+                    .intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP)
+            {
+                outcome = conn.push_data(io);
+            }
+            if outcome == Outcome::Keep && events.contains(EpollFlags::EPOLLHUP) {
+                // Both directions are shut: nothing more to learn from polling (HUP is
+                // reported whatever the interest mask, so stop polling for good).
+                conn.hung_up = true;
+            }
+            outcome
+        });
+        let Some(outcome) = outcome else {
+            return;
+        };
+        if let Some(conn) = self.flows.get_mut(id) {
+            if conn.hung_up && conn.registered.is_some() {
+                let _ = env.epoll.delete(conn.socket.as_fd());
+                conn.registered = None;
+            }
+        }
+        self.settle(env, id, outcome);
+    }
+
+    fn accept_connections(
+        &mut self,
+        env: &Env<'_>,
+        index: usize,
+        sink: &mut dyn FrameSink,
+        now: Instant,
+    ) {
+        for _ in 0..ACCEPTS_PER_EVENT {
+            let Some(listener) = self.listeners.get(index) else {
+                return;
+            };
+            let (socket, peer) = match sock::accept(listener.socket.as_fd()) {
+                Ok(accepted) => accepted,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
+                Err(err) => {
+                    if let Some(suppressed) = self.log_admit(LOG_SOCKET, now) {
+                        tracing::debug!(suppressed, "TCP accept: {err}");
+                    }
+                    return;
+                }
+            };
+            let guest_port = listener.guest_port;
+            let guest_addr = listener.guest_addr.or_else(|| match peer {
+                SocketAddr::V4(_) => env.config.v4.as_ref().map(|v4| IpAddr::V4(v4.addr)),
+                SocketAddr::V6(_) => env.config.v6.as_ref().map(|v6| IpAddr::V6(v6.addr)),
+            });
+            let Some(guest_addr) = guest_addr else {
+                let _ = sock::set_reset_on_close(socket.as_fd());
+                continue;
+            };
+            let remote = guest_view_of_peer(env.config, peer.ip());
+            let key: FlowKey = (guest_addr, guest_port, remote, peer.port());
+            if self.flows.lookup(&key).is_some() || self.flows.len() >= self.flows.capacity() {
+                if let Some(suppressed) = self.log_admit(LOG_FULL, now) {
+                    tracing::warn!(
+                        suppressed,
+                        "TCP flow table full or duplicate ({} connections): refusing {peer}",
+                        self.flows.len()
+                    );
+                }
+                let _ = sock::set_reset_on_close(socket.as_fd());
+                continue;
+            }
+            let isn = self.isn(&key, now);
+            let conn = TcpConn::inbound(key, socket, isn);
+            let Ok(id) = self.flows.insert(key, conn) else {
+                continue;
+            };
+            tracing::trace!("{id}: {peer} connects to guest port {guest_port}");
+            self.with_io(env, id, sink, now, |conn, io| conn.send_syn(io));
+            self.settle(env, id, Outcome::Keep);
+        }
+    }
+
+    /// After a round of events: retry flows waiting for receive buffers, run due timers.
+    pub(crate) fn after_events(&mut self, env: &Env<'_>, sink: &mut dyn FrameSink, now: Instant) {
+        let waiters = std::mem::take(&mut self.rx_waiters);
+        let mut stalled = false;
+        for id in waiters {
+            if stalled {
+                self.rx_waiters.push(id);
+                continue;
+            }
+            let outcome = self.with_io(env, id, sink, now, |conn, io| {
+                if conn.rx_blocked {
+                    conn.resume_rx(io)
+                } else {
+                    Outcome::Keep
+                }
+            });
+            let Some(outcome) = outcome else { continue };
+            if self.flows.get(id).is_some_and(|c| c.rx_blocked) {
+                stalled = true;
+            }
+            self.settle(env, id, outcome);
+        }
+        self.run_timers(env, sink, now);
+    }
+
+    fn run_timers(&mut self, env: &Env<'_>, sink: &mut dyn FrameSink, now: Instant) {
+        while let Some(Reverse((when, id))) = self.timers.peek().copied() {
+            if when > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(conn) = self.flows.get_mut(id) else {
+                continue;
+            };
+            if conn.scheduled != Some(when) {
+                continue;
+            }
+            conn.scheduled = None;
+            match conn.deadline {
+                Some(deadline) if deadline <= now => {
+                    let outcome = self
+                        .with_io(env, id, sink, now, |conn, io| conn.on_timer(io))
+                        .unwrap_or(Outcome::Keep);
+                    self.settle(env, id, outcome);
+                }
+                Some(_) => self.settle(env, id, Outcome::Keep),
+                None => {}
+            }
+        }
+        self.alarm.expired(now);
+        if let Some(Reverse((when, _))) = self.timers.peek() {
+            self.alarm.arm(*when);
+        }
+    }
+}
+
+/// Largest TCP payload for the link MTU.
+fn link_mss(config: &NetConfig, ipv4: bool) -> u16 {
+    let overhead = if ipv4 { 40 } else { 60 };
+    config.mtu.saturating_sub(overhead).max(536)
+}
+
+/// Where a guest connection to `dst` goes on the host; `None`: not routable.
+pub(crate) fn host_destination(config: &NetConfig, dst: IpAddr) -> Option<IpAddr> {
+    match dst {
+        IpAddr::V4(d) => {
+            let v4 = config.v4.as_ref()?;
+            if Some(d) == v4.map_host_loopback {
+                return Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+            }
+            if Some(d) == v4.map_guest_addr {
+                return Some(IpAddr::V4(v4.addr));
+            }
+            let bad = d.is_unspecified()
+                || d.is_loopback()
+                || d.is_multicast()
+                || d.is_broadcast()
+                || d == v4.addr;
+            (!bad).then_some(dst)
+        }
+        IpAddr::V6(d) => {
+            let v6 = config.v6.as_ref()?;
+            let router = crate::net::ndp::router_link_local(config);
+            if Some(d) == v6.map_host_loopback
+                || (v6.map_host_loopback == Some(v6.gateway) && Some(d) == router)
+            {
+                return Some(IpAddr::V6(Ipv6Addr::LOCALHOST));
+            }
+            if Some(d) == v6.map_guest_addr {
+                return Some(IpAddr::V6(v6.addr));
+            }
+            let bad = d.is_unspecified()
+                || d.is_loopback()
+                || d.is_multicast()
+                || d.is_unicast_link_local()
+                || d == v6.addr;
+            (!bad).then_some(dst)
+        }
+    }
+}
+
+/// The address a host peer has in the guest's eyes: the host's loopback appears as the
+/// `map_host_loopback` address (the gateway by default).
+fn guest_view_of_peer(config: &NetConfig, peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(p) if p.is_loopback() => config
+            .v4
+            .as_ref()
+            .map(|v4| IpAddr::V4(v4.map_host_loopback.unwrap_or(v4.gateway)))
+            .unwrap_or(peer),
+        IpAddr::V6(p) if p.is_loopback() => config
+            .v6
+            .as_ref()
+            .map(|v6| IpAddr::V6(v6.map_host_loopback.unwrap_or(v6.gateway)))
+            .unwrap_or(peer),
+        _ => peer,
+    }
+}

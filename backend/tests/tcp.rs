@@ -1,0 +1,672 @@
+//! TCP end to end: the real `baton` binary in a private network namespace, the test
+//! frontend, and smoltcp as a strict guest TCP peer. Every byte of every stream is
+//! checked against a deterministic pattern ([`baton_testkit::pattern`]).
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use baton_testkit::pattern::Pattern;
+use baton_vu_harness::smol::GuestNic;
+use baton_vu_harness::{FrontendOptions, NetFrontend};
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const OUR_MAC: [u8; 6] = [0x9a, 0x55, 0x9a, 0x55, 0x9a, 0x55];
+const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const GW_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const GUEST_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 2);
+const GW_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+const GUEST_MTU: usize = 9014;
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+struct Baton {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Baton {
+    /// Enter a private netns (this thread), allow ping sockets there, start baton.
+    fn start(name: &str, extra: &[&str]) -> Self {
+        baton_testkit::netns::enter_private_netns()
+            .expect("private network namespace (run as root)");
+        std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")
+            .expect("ping_group_range");
+        let dir = std::env::temp_dir().join(format!("baton-tcp-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let child = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(["-f", "--stderr", "-d", "--socket"])
+            .arg(dir.join("vu.sock"))
+            .args(["-a", "10.77.0.2/24", "-g", "10.77.0.1", "-D", "10.77.0.53"])
+            .args([
+                "-a",
+                "2001:db8:77::2/64",
+                "-g",
+                "fe80::1",
+                "-D",
+                "2001:db8:77::53",
+            ])
+            .args(extra)
+            .stderr(std::fs::File::create(dir.join("baton.log")).expect("log"))
+            .spawn()
+            .expect("start baton");
+        let b = Baton { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !b.socket().exists() {
+            assert!(
+                Instant::now() < deadline,
+                "baton did not create its socket: {}",
+                b.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        b
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("vu.sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
+    }
+
+    fn connect(&self) -> NetFrontend {
+        NetFrontend::connect(Path::new(&self.socket()), FrontendOptions::default())
+            .expect("frontend")
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        // SAFETY: signalling the child we started, by its PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait for baton");
+        if !std::thread::panicking() {
+            assert!(
+                status.success(),
+                "baton exit status {status:?}; log:\n{}",
+                self.log()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The smoltcp guest: interface, sockets and the device under test.
+struct Guest {
+    nic: GuestNic,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+}
+
+impl Guest {
+    fn new(dev: NetFrontend) -> Self {
+        let mut nic = GuestNic::new(dev, GUEST_MTU);
+        let mut iface = Interface::new(
+            Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
+            &mut nic,
+            smoltcp::time::Instant::now(),
+        );
+        iface.update_ip_addrs(|a| {
+            a.push(IpCidr::new(IpAddress::Ipv4(GUEST_V4), 24))
+                .expect("v4");
+            a.push(IpCidr::new(IpAddress::Ipv6(GUEST_V6), 64))
+                .expect("v6");
+        });
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(GW_V4)
+            .expect("v4 route");
+        iface
+            .routes_mut()
+            .add_default_ipv6_route(GW_V6)
+            .expect("v6 route");
+        Guest {
+            nic,
+            iface,
+            sockets: SocketSet::new(vec![]),
+        }
+    }
+
+    fn socket(&mut self, buffer: usize) -> SocketHandle {
+        let socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; buffer]),
+            tcp::SocketBuffer::new(vec![0; buffer]),
+        );
+        self.sockets.add(socket)
+    }
+
+    fn poll(&mut self) {
+        self.iface.poll(
+            smoltcp::time::Instant::now(),
+            &mut self.nic,
+            &mut self.sockets,
+        );
+    }
+
+    fn wait(&mut self) {
+        let delay = self
+            .iface
+            .poll_delay(smoltcp::time::Instant::now(), &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+            .unwrap_or(Duration::from_millis(5))
+            .min(Duration::from_millis(5));
+        self.nic.wait(delay);
+    }
+
+    fn connect(&mut self, handle: SocketHandle, dst: (IpAddress, u16), local_port: u16) {
+        let cx = self.iface.context();
+        self.sockets
+            .get_mut::<tcp::Socket>(handle)
+            .connect(cx, dst, local_port)
+            .expect("connect");
+    }
+
+    fn tcp(&mut self, handle: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(handle)
+    }
+}
+
+/// One direction-pair of a guest connection: what the guest sends and expects.
+struct GuestStream {
+    handle: SocketHandle,
+    send: Pattern,
+    send_len: u64,
+    sent: u64,
+    recv: Pattern,
+    recv_len: u64,
+    received: u64,
+    closed_send: bool,
+}
+
+impl GuestStream {
+    fn new(handle: SocketHandle, seeds: (u64, u64), lens: (u64, u64)) -> Self {
+        GuestStream {
+            handle,
+            send: Pattern::new(seeds.0),
+            send_len: lens.0,
+            sent: 0,
+            recv: Pattern::new(seeds.1),
+            recv_len: lens.1,
+            received: 0,
+            closed_send: false,
+        }
+    }
+
+    /// Move data; true when both directions are complete (our FIN sent, theirs seen).
+    fn step(&mut self, guest: &mut Guest) -> bool {
+        let socket = guest.tcp(self.handle);
+        while socket.can_send() && self.sent < self.send_len {
+            let want = (self.send_len - self.sent).min(16384) as usize;
+            let chunk = self.send.bytes(self.sent, want);
+            match socket.send_slice(&chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => self.sent += n as u64,
+            }
+        }
+        if self.sent == self.send_len && !self.closed_send {
+            socket.close();
+            self.closed_send = true;
+        }
+        let mut buf = [0u8; 16384];
+        while socket.can_recv() {
+            match socket.recv_slice(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if let Err(m) = self.recv.verify(self.received, &buf[..n]) {
+                        panic!("guest received corrupt data: {m}");
+                    }
+                    self.received += n as u64;
+                }
+            }
+        }
+        assert!(self.received <= self.recv_len, "guest received too much");
+        self.closed_send && self.received == self.recv_len && !socket.may_recv()
+    }
+}
+
+/// Host side of one connection: send `send_len` bytes of `send` then shut down the
+/// write side, read and check `recv_len` bytes of `recv` then expect end of stream.
+fn host_stream(mut stream: TcpStream, send: Pattern, send_len: u64, recv: Pattern, recv_len: u64) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut reader = stream.try_clone().expect("clone");
+    let checker = std::thread::spawn(move || {
+        let mut received = 0u64;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = reader.read(&mut buf).expect("host read");
+            if n == 0 {
+                break;
+            }
+            recv.verify(received, &buf[..n])
+                .unwrap_or_else(|m| panic!("host received corrupt data: {m}"));
+            received += n as u64;
+        }
+        assert_eq!(received, recv_len, "host stream length");
+    });
+    let mut sent = 0u64;
+    while sent < send_len {
+        let n = (send_len - sent).min(65536) as usize;
+        stream.write_all(&send.bytes(sent, n)).expect("host write");
+        sent += n as u64;
+    }
+    stream.shutdown(Shutdown::Write).expect("shutdown");
+    checker.join().expect("host checker");
+}
+
+/// Wait for a host-side thread while the guest's stack keeps running: a guest stream is
+/// "complete" once the guest has closed it, but its last segments (or its FIN) may still
+/// need a retransmission, which only happens while smoltcp is polled.
+fn join_driving<T>(guest: &mut Guest, handle: JoinHandle<T>, what: &str) -> T {
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    while !handle.is_finished() {
+        assert!(Instant::now() < deadline, "{what} did not finish");
+        guest.poll();
+        guest.wait();
+    }
+    handle.join().unwrap_or_else(|_| panic!("{what} failed"))
+}
+
+/// Drive the guest until every stream is complete.
+fn drive(guest: &mut Guest, streams: &mut [GuestStream], baton: &Baton) {
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    loop {
+        guest.poll();
+        let mut done = 0;
+        for s in streams.iter_mut() {
+            if s.step(guest) {
+                done += 1;
+            }
+        }
+        if done == streams.len() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done}/{} streams complete; first incomplete: sent {} received {}; baton log:\n{}",
+            streams.len(),
+            streams
+                .iter()
+                .find(|s| !s.closed_send || s.received < s.recv_len)
+                .map_or(0, |s| s.sent),
+            streams
+                .iter()
+                .find(|s| !s.closed_send || s.received < s.recv_len)
+                .map_or(0, |s| s.received),
+            baton.log()
+        );
+        guest.poll();
+        guest.wait();
+    }
+}
+
+/// A host server that runs `host_stream` on every connection with per-index seeds
+/// (connection i: host sends seed 2i+1, expects seed 2i), the index read first.
+fn serve_indexed(listener: TcpListener, count: usize, lens: (u64, u64)) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut workers = Vec::new();
+        for _ in 0..count {
+            let (mut stream, _) = listener.accept().expect("accept");
+            workers.push(std::thread::spawn(move || {
+                let mut index = [0u8; 4];
+                stream.read_exact(&mut index).expect("index");
+                let i = u64::from(u32::from_be_bytes(index));
+                host_stream(
+                    stream,
+                    Pattern::new(2 * i + 1),
+                    lens.1,
+                    Pattern::new(2 * i),
+                    lens.0,
+                );
+            }));
+        }
+        for w in workers {
+            w.join().expect("host worker");
+        }
+    })
+}
+
+/// Guest connections `0..count` to `dst`: each first sends its index (4 bytes) on a
+/// separate channel... kept simple: the index is the first 4 bytes of the guest's
+/// stream, which therefore starts with them.
+fn connect_indexed(
+    guest: &mut Guest,
+    dst: (IpAddress, u16),
+    count: usize,
+    lens: (u64, u64),
+    buffer: usize,
+) -> Vec<GuestStream> {
+    let mut streams = Vec::new();
+    for i in 0..count {
+        let handle = guest.socket(buffer);
+        let local_port = 20000 + i as u16;
+        let cx = guest.iface.context();
+        guest
+            .sockets
+            .get_mut::<tcp::Socket>(handle)
+            .connect(cx, dst, local_port)
+            .expect("connect");
+        let mut s = GuestStream::new(handle, (2 * i as u64, 2 * i as u64 + 1), lens);
+        s.sent = 0;
+        streams.push(s);
+    }
+    // Send the index before the pattern.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut pending: Vec<usize> = (0..count).collect();
+    while !pending.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{} connections not established",
+            pending.len()
+        );
+        guest.poll();
+        pending.retain(|&i| {
+            let socket = guest.tcp(streams[i].handle);
+            if socket.can_send() {
+                socket.send_slice(&(i as u32).to_be_bytes()).expect("index");
+                false
+            } else {
+                true
+            }
+        });
+        guest.wait();
+    }
+    streams
+}
+
+fn port_of(listener: &TcpListener) -> u16 {
+    listener.local_addr().expect("addr").port()
+}
+
+#[test]
+fn outbound_streams_both_ways_ipv4_and_ipv6() {
+    let baton = Baton::start("outbound", &[]);
+    let mut guest = Guest::new(baton.connect());
+    let lens = (3 << 20, 4 << 20);
+    let v4 = TcpListener::bind("127.0.0.1:0").expect("listen v4");
+    let v6 = TcpListener::bind("[::1]:0").expect("listen v6");
+    let (p4, p6) = (port_of(&v4), port_of(&v6));
+    let s4 = serve_indexed(v4, 1, lens);
+    let s6 = serve_indexed(v6, 1, lens);
+    let mut streams = connect_indexed(&mut guest, (IpAddress::Ipv4(GW_V4), p4), 1, lens, 256 << 10);
+    let mut more = connect_indexed(&mut guest, (IpAddress::Ipv6(GW_V6), p6), 1, lens, 256 << 10);
+    streams.append(&mut more);
+    drive(&mut guest, &mut streams, &baton);
+    join_driving(&mut guest, s4, "v4 server");
+    join_driving(&mut guest, s6, "v6 server");
+}
+
+/// Host connections to a `-t` forward, each streaming both ways with the guest
+/// listening on the mapped port; `guest_closes_first` makes the guest send less so its
+/// FIN comes first (half-close with the host still sending).
+fn inbound_streams(name: &str, count: usize, lens: (u64, u64)) {
+    let baton = Baton::start(name, &["-t", "5000:6000"]);
+    let mut guest = Guest::new(baton.connect());
+    let mut streams = Vec::new();
+    for _ in 0..count {
+        let handle = guest.socket(64 << 10);
+        guest.tcp(handle).listen(6000).expect("listen");
+        streams.push(GuestStream::new(handle, (101, 100), lens));
+    }
+    let hosts: Vec<JoinHandle<()>> = (0..count)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let stream = TcpStream::connect("127.0.0.1:5000").expect("connect to forward");
+                host_stream(stream, Pattern::new(100), lens.1, Pattern::new(101), lens.0);
+            })
+        })
+        .collect();
+    drive(&mut guest, &mut streams, &baton);
+    for h in hosts {
+        join_driving(&mut guest, h, "host side");
+    }
+}
+
+#[test]
+fn inbound_forward_streams_both_ways() {
+    inbound_streams("inbound", 1, (2 << 20, 3 << 20));
+}
+
+#[test]
+fn half_close_guest_first_and_host_first() {
+    // Guest sends little and closes while the host still streams, and vice versa.
+    inbound_streams("half-guest", 1, (1000, 2 << 20));
+    let baton = Baton::start("half-host", &[]);
+    let mut guest = Guest::new(baton.connect());
+    let lens = (2 << 20, 1000);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = port_of(&listener);
+    let server = serve_indexed(listener, 1, lens);
+    let mut streams = connect_indexed(
+        &mut guest,
+        (IpAddress::Ipv4(GW_V4), port),
+        1,
+        lens,
+        64 << 10,
+    );
+    drive(&mut guest, &mut streams, &baton);
+    join_driving(&mut guest, server, "server");
+}
+
+#[test]
+fn many_concurrent_connections_both_directions() {
+    let _ = baton_testkit::netns::raise_nofile(8192);
+    let count = 200;
+    let lens = (32 << 10, 48 << 10);
+    let baton = Baton::start("many", &["-t", "5000:6000"]);
+    let mut guest = Guest::new(baton.connect());
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = port_of(&listener);
+    let server = serve_indexed(listener, count, lens);
+    let mut streams = connect_indexed(
+        &mut guest,
+        (IpAddress::Ipv4(GW_V4), port),
+        count,
+        lens,
+        16 << 10,
+    );
+    for _ in 0..count {
+        let handle = guest.socket(16 << 10);
+        guest.tcp(handle).listen(6000).expect("listen");
+        streams.push(GuestStream::new(handle, (101, 100), lens));
+    }
+    let hosts: Vec<JoinHandle<()>> = (0..count)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let stream = TcpStream::connect("127.0.0.1:5000").expect("connect to forward");
+                host_stream(stream, Pattern::new(100), lens.1, Pattern::new(101), lens.0);
+            })
+        })
+        .collect();
+    drive(&mut guest, &mut streams, &baton);
+    for h in hosts {
+        join_driving(&mut guest, h, "host side");
+    }
+    join_driving(&mut guest, server, "server");
+}
+
+fn set_linger_zero(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `linger` outlives the call and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+}
+
+fn wait_for(guest: &mut Guest, what: &str, mut done: impl FnMut(&mut Guest) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done(guest) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        guest.poll();
+        guest.wait();
+    }
+}
+
+#[test]
+fn resets_both_ways() {
+    let baton = Baton::start("reset", &[]);
+    let mut guest = Guest::new(baton.connect());
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = port_of(&listener);
+    let dst = (IpAddress::Ipv4(GW_V4), port);
+
+    // Guest aborts: the host peer sees a reset.
+    let handle = guest.socket(16 << 10);
+    guest.connect(handle, dst, 30001);
+    wait_for(&mut guest, "establishment", |g| g.tcp(handle).may_send());
+    let (mut host, _) = listener.accept().expect("accept");
+    guest.tcp(handle).abort();
+    guest.poll();
+    host.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    let err = loop {
+        guest.poll();
+        match host.read(&mut buf) {
+            Err(e) => break e,
+            Ok(0) => panic!("host saw a FIN, not a reset"),
+            Ok(_) => {}
+        }
+    };
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+
+    // Host aborts: the guest socket is reset.
+    let handle = guest.socket(16 << 10);
+    guest.connect(handle, dst, 30002);
+    wait_for(&mut guest, "establishment", |g| g.tcp(handle).may_send());
+    let (host, _) = listener.accept().expect("accept");
+    set_linger_zero(&host);
+    drop(host);
+    wait_for(&mut guest, "the reset", |g| {
+        g.tcp(handle).state() == tcp::State::Closed
+    });
+
+    // Connecting to a closed port: the guest is refused with a RST.
+    let handle = guest.socket(16 << 10);
+    let closed_port = port_of(&TcpListener::bind("127.0.0.1:0").expect("bind"));
+    guest.connect(handle, (IpAddress::Ipv4(GW_V4), closed_port), 30003);
+    wait_for(&mut guest, "the refusal", |g| {
+        g.tcp(handle).state() == tcp::State::Closed
+    });
+}
+
+fn guest_segment(
+    src_port: u16,
+    dst_port: u16,
+    seq: u32,
+    build: impl FnOnce(
+        etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    ) -> etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let builder = etherparse::PacketBuilder::ethernet2(GUEST_MAC, OUR_MAC)
+        .ipv4(GUEST_V4.octets(), GW_V4.octets(), 64)
+        .tcp(src_port, dst_port, seq, 65535);
+    let builder = build(builder);
+    let mut frame = Vec::new();
+    builder.write(&mut frame, payload).expect("build");
+    frame
+}
+
+#[test]
+fn hostile_segments_do_not_disturb_other_flows() {
+    let baton = Baton::start("hostile", &[]);
+    let mut guest = Guest::new(baton.connect());
+    let lens = (2 << 20, 2 << 20);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = port_of(&listener);
+    let server = serve_indexed(listener, 1, lens);
+    let mut streams = connect_indexed(
+        &mut guest,
+        (IpAddress::Ipv4(GW_V4), port),
+        1,
+        lens,
+        64 << 10,
+    );
+    // The stream's own 4-tuple: guest port 20000.
+    let mut hostile = Vec::new();
+    // Bad checksum.
+    let mut bad = guest_segment(20000, port, 1, |b| b.ack(1), b"garbage");
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    hostile.push(bad);
+    // RSTs with wrong sequence numbers (blind reset attempts).
+    for seq in [1u32, 0x8000_0000, 12345] {
+        hostile.push(guest_segment(20000, port, seq, |b| b.rst(), &[]));
+    }
+    // Out-of-window data and ACKs for data never sent.
+    hostile.push(guest_segment(
+        20000,
+        port,
+        0x4000_0000,
+        |b| b.ack(7),
+        b"out of window",
+    ));
+    hostile.push(guest_segment(
+        20000,
+        port,
+        0x4000_0000,
+        |b| b.ack(0x7000_0000),
+        &[],
+    ));
+    // A SYN to the established tuple, and a SYN flood to a closed port.
+    hostile.push(guest_segment(20000, port, 99, |b| b.syn(), &[]));
+    let closed_port = port_of(&TcpListener::bind("127.0.0.1:0").expect("bind"));
+    for p in 0..300u16 {
+        hostile.push(guest_segment(40000 + p, closed_port, 5, |b| b.syn(), &[]));
+    }
+    // Truncated TCP header.
+    let mut short = guest_segment(20000, port, 1, |b| b.ack(1), &[]);
+    short.truncate(14 + 20 + 10);
+    hostile.push(short);
+
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    let mut injected = 0;
+    loop {
+        guest.poll();
+        let mut done = 0;
+        for s in streams.iter_mut() {
+            if s.step(&mut guest) {
+                done += 1;
+            }
+        }
+        if injected < hostile.len() && streams[0].received > 0 {
+            for frame in hostile.iter().skip(injected).take(16) {
+                guest.nic.dev.send_frame(frame).expect("inject");
+                injected += 1;
+            }
+        }
+        if done == streams.len() && injected == hostile.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stream did not survive; log:\n{}",
+            baton.log()
+        );
+        guest.wait();
+    }
+    join_driving(&mut guest, server, "server");
+}

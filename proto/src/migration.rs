@@ -1,0 +1,1375 @@
+//! The migration stream: the device state one baton hands to the next through QEMU
+//! (`SET_DEVICE_STATE_FD` SAVE on the source, LOAD on the target).
+//!
+//! # Theory of operation
+//!
+//! The stream is untrusted input on the target. It is read completely, its framing walked,
+//! its checksum verified, and every record decoded and validated into a
+//! [`MigrationState`] before the caller sees anything ([`read_stream`]); a stream with any
+//! defect yields a [`StreamError`] naming the record index and byte offset, and nothing
+//! else. The writer ([`StreamWriter`]) runs the same per-record validation and the same
+//! limits, so a source fails *before* producing a stream its peer would refuse.
+//!
+//! # Layout
+//!
+//! All integers are **little-endian**, everywhere — record framing, bodies, sequence
+//! numbers, addresses' ports (the same convention as the helper protocol, see
+//! [`crate::codec`]). IP addresses are byte arrays in network order, as they appear in a
+//! packet.
+//!
+//! ```text
+//!  header (16 bytes)
+//!  0          8         10          12        16
+//!  +----------+---------+-----------+---------+
+//!  | BATONMIG | version | oldest    | flags   |
+//!  | magic    | u16     | compatible| u32     |
+//!  |          |         | u16       |         |
+//!  +----------+---------+-----------+---------+
+//!
+//!  then records, each self-delimiting (8-byte record header + body):
+//!  0         2         4          8
+//!  +---------+---------+----------+-------------------+
+//!  | type    | flags   | length   | body              |
+//!  | u16     | u16     | u32      | `length` bytes    |
+//!  +---------+---------+----------+-------------------+
+//!   record flags: bit 0 = SKIPPABLE (a reader that does not know `type` may skip
+//!   the record); bits 1..15 reserved, must be 0.
+//!
+//!  last, the end record (type 0xFFFF, flags 0, length 8):
+//!  +--------+--------+----------+--------------+-------------+
+//!  | ffff   | 0000   | 08000000 | record count | CRC-32      |
+//!  |        |        |          | u32          | u32         |
+//!  +--------+--------+----------+--------------+-------------+
+//!   record count = number of records before the end record (skipped ones included);
+//!   CRC-32 (IEEE 802.3, as `crc32fast`) over every byte of the stream before the CRC
+//!   field itself: header, all records, the end record's header and count.
+//!   Nothing may follow.
+//! ```
+//!
+//! Record bodies are the bincode encoding of the record's type in this module with
+//! [`crate::codec::config`] (fixed-width little-endian integers, `u64` lengths for
+//! sequences and strings, `u32` enum tags, one byte for `bool` and the `Option` tag), and
+//! must be used exactly (trailing bytes are an error). The end record is laid out by hand.
+//!
+//! | type   | record               | at most | body                           |
+//! |--------|----------------------|---------|--------------------------------|
+//! | 0x0001 | [`DeviceRecord`]     | once, required | acked features, our MAC, MTU |
+//! | 0x0002 | [`SourceRecord`]     | once, required | where the source runs, handover |
+//! | 0x0003 | [`GuestRecord`]      | once, required | what was learned about the guest |
+//! | 0x0004 | [`ForwardsRecord`]   | once    | the `-t`/`-u` forwards in force |
+//! | 0x0010 | [`TcpFlowRecord`]    | per flow | guest side + kernel state     |
+//! | 0x0011 | [`UdpFlowRecord`]    | per flow | 4-tuple + idle time left      |
+//! | 0xFFFF | end                  | once, last | count + CRC                 |
+//!
+//! Records may come in any order; every flow record carries an explicit [`FlowId`],
+//! unique across all flow types of the stream (never matched by position, unlike passt).
+//!
+//! # Versions and compatibility
+//!
+//! The header carries the version the writer used and the oldest reader version that can
+//! still read the stream. A reader accepts a stream when `oldest_compatible ≤` its own
+//! [`FORMAT_VERSION`] and `version ≥` [`OLDEST_READABLE_VERSION`]. What may change without
+//! raising `oldest_compatible`: new record types (marked SKIPPABLE if older readers may
+//! ignore them, or not, if ignoring them would lose state), new informational header flags
+//! (bits 16..31). Everything else — a new field in an existing body, a new required header
+//! flag (bits 0..15), a new meaning — raises `oldest_compatible`. The golden vectors in
+//! `tests/migration.rs` freeze version 1.
+//!
+//! # Limits
+//!
+//! [`Limits::DEFAULT`]: the whole stream ≤ 1 GiB, ≤ 262 144 records, a flow (or unknown)
+//! record ≤ two full TCP queues ([`crate::tcp::MAX_QUEUE_BYTES`] each) plus 64 KiB, any
+//! other known record ≤ 1 MiB; each TCP queue ≤ [`crate::tcp::MAX_QUEUE_BYTES`] (via
+//! [`TcpConnState::validate`]). A length over a limit is refused from the record header,
+//! before its body is read or allocated.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, DecodeError};
+use crate::tcp::{Endpoint, StateError, TcpConnState, TcpState, MAX_QUEUE_BYTES, MAX_WSCALE};
+
+/// The first eight bytes of every stream.
+pub const MAGIC: [u8; 8] = *b"BATONMIG";
+/// The format version this code writes, and the newest it reads.
+pub const FORMAT_VERSION: u16 = 1;
+/// The oldest reader version that can read what this code writes.
+pub const OLDEST_COMPATIBLE_VERSION: u16 = 1;
+/// The oldest stream version this code still reads.
+pub const OLDEST_READABLE_VERSION: u16 = 1;
+/// Size of the stream header.
+pub const HEADER_LEN: usize = 16;
+/// Size of a record header.
+pub const RECORD_HEADER_LEN: usize = 8;
+/// Body length of the end record.
+pub const END_BODY_LEN: usize = 8;
+
+/// Header flag: a snapshot (`SAVE` without `LOG_ALL`, e.g. `savevm`). The source VM
+/// carries on, so TCP connections were neither frozen nor moved; the stream then carries
+/// no kernel TCP state.
+pub const HEADER_FLAG_SNAPSHOT: u32 = 1 << 0;
+/// Header flags a reader must understand (bits 0..15); an unknown one is refused.
+pub const HEADER_FLAGS_REQUIRED_MASK: u32 = 0x0000_ffff;
+/// Header flags this code knows.
+pub const HEADER_FLAGS_KNOWN: u32 = HEADER_FLAG_SNAPSHOT;
+
+/// Record flag: a reader that does not know the record type may skip the record.
+pub const RECORD_FLAG_SKIPPABLE: u16 = 1 << 0;
+/// Record flags this code knows; the others are reserved and must be 0.
+pub const RECORD_FLAGS_KNOWN: u16 = RECORD_FLAG_SKIPPABLE;
+
+/// Most bytes of a hostname ([`SourceRecord::hostname`], `HOST_NAME_MAX`).
+pub const MAX_HOSTNAME: usize = 64;
+/// Most bytes of an abstract UNIX socket name (`sun_path` without the leading NUL).
+pub const MAX_HANDOVER_NAME: usize = 107;
+/// Most bytes of an interface name (`IFNAMSIZ` without the NUL).
+pub const MAX_DEVICE_NAME: usize = 15;
+/// Most forwarding rules per protocol in a [`ForwardsRecord`].
+pub const MAX_FORWARD_RULES: usize = 4096;
+/// Smallest MTU a [`DeviceRecord`] may carry (the IPv4 minimum).
+pub const MIN_MTU: u16 = 68;
+/// Largest MTU a [`DeviceRecord`] may carry.
+pub const MAX_MTU: u16 = 65520;
+/// Smallest MSS a [`GuestTcpSide`] may carry.
+pub const MIN_MSS: u16 = 64;
+
+/// Record type numbers.
+pub mod record_type {
+    pub const DEVICE: u16 = 0x0001;
+    pub const SOURCE: u16 = 0x0002;
+    pub const GUEST: u16 = 0x0003;
+    pub const FORWARDS: u16 = 0x0004;
+    pub const TCP_FLOW: u16 = 0x0010;
+    pub const UDP_FLOW: u16 = 0x0011;
+    pub const END: u16 = 0xffff;
+}
+
+/// A record type's name, for messages.
+pub fn record_type_name(record_type: u16) -> &'static str {
+    match record_type {
+        record_type::DEVICE => "Device",
+        record_type::SOURCE => "Source",
+        record_type::GUEST => "Guest",
+        record_type::FORWARDS => "Forwards",
+        record_type::TCP_FLOW => "TcpFlow",
+        record_type::UDP_FLOW => "UdpFlow",
+        record_type::END => "End",
+        _ => "unknown",
+    }
+}
+
+/// Size limits a reader (and writer) enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Whole stream, header and end record included.
+    pub max_stream_bytes: u64,
+    /// Records, the end record excluded.
+    pub max_records: u32,
+    /// Body of a flow record, or of a record of unknown type.
+    pub max_record_bytes: u32,
+    /// Body of any other known record.
+    pub max_small_record_bytes: u32,
+}
+
+impl Limits {
+    /// The limits baton uses.
+    pub const DEFAULT: Limits = Limits {
+        max_stream_bytes: 1 << 30,
+        max_records: 1 << 18,
+        max_record_bytes: (2 * MAX_QUEUE_BYTES + (64 << 10)) as u32,
+        max_small_record_bytes: 1 << 20,
+    };
+
+    fn body_limit(&self, record_type: u16) -> u32 {
+        match record_type {
+            record_type::DEVICE
+            | record_type::SOURCE
+            | record_type::GUEST
+            | record_type::FORWARDS
+            | record_type::UDP_FLOW => self.max_small_record_bytes,
+            _ => self.max_record_bytes,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::DEFAULT
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Records
+// ---------------------------------------------------------------------------------------
+
+/// Identifies one flow within a stream (unique across TCP and UDP flows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FlowId(pub u32);
+
+/// An IP address, bytes in network order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum IpAddress {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+impl From<std::net::IpAddr> for IpAddress {
+    fn from(addr: std::net::IpAddr) -> Self {
+        match addr {
+            std::net::IpAddr::V4(a) => IpAddress::V4(a.octets()),
+            std::net::IpAddr::V6(a) => IpAddress::V6(a.octets()),
+        }
+    }
+}
+
+impl From<IpAddress> for std::net::IpAddr {
+    fn from(addr: IpAddress) -> Self {
+        match addr {
+            IpAddress::V4(a) => std::net::IpAddr::from(a),
+            IpAddress::V6(a) => std::net::IpAddr::from(a),
+        }
+    }
+}
+
+/// The virtio device as the guest's driver knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Virtio and vhost-user feature bits the frontend acknowledged last (`LOG_ALL`
+    /// included if it was set).
+    pub acked_features: u64,
+    /// The MAC baton uses towards the guest (the guest's router; it sits in the guest's
+    /// neighbour caches).
+    pub our_mac: [u8; 6],
+    /// The MTU baton advertised to the guest (DHCP, router advertisements).
+    pub mtu: u16,
+}
+
+/// What the source learned about the guest from its traffic (the wire form of the
+/// backend's `ObservedGuest`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRecord {
+    pub mac: Option<[u8; 6]>,
+    pub ipv4: Option<[u8; 4]>,
+    /// Global-scope IPv6 source address.
+    pub ipv6: Option<[u8; 16]>,
+    /// Link-local (fe80::/10) IPv6 source address.
+    pub ipv6_link_local: Option<[u8; 16]>,
+}
+
+/// The network namespace the source backend runs in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsIdentity {
+    /// `SO_NETNS_COOKIE`: unique per namespace for the life of a boot.
+    pub cookie: Option<u64>,
+    /// Device and inode numbers of `/proc/self/ns/net`.
+    pub dev: Option<u64>,
+    pub inode: Option<u64>,
+}
+
+/// Where the target can ask the source to pass live sockets (same host and namespace).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverEndpoint {
+    /// Abstract UNIX socket name (without the leading NUL). Abstract names are scoped to
+    /// a network namespace: reaching it proves the namespace is shared.
+    #[serde(with = "serde_bytes")]
+    pub abstract_name: Vec<u8>,
+    /// One-time token the target presents; the source accepts it once.
+    pub token: [u8; 32],
+}
+
+/// Where the source is, so a target can tell "same host, same namespace" and take the
+/// live sockets instead of restoring dumps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRecord {
+    pub hostname: Option<String>,
+    /// `/proc/sys/kernel/random/boot_id` as 16 bytes.
+    pub boot_id: Option<[u8; 16]>,
+    pub netns: NetnsIdentity,
+    /// Effective uid of the source backend (a handover peer must have the same).
+    pub uid: u32,
+    pub handover: Option<HandoverEndpoint>,
+}
+
+/// One forwarding rule: host ports on a listener, mapped to guest ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardRuleRecord {
+    /// Listening address; `None` = every IPv4 and IPv6 address.
+    pub bind_addr: Option<IpAddress>,
+    /// `SO_BINDTODEVICE` interface.
+    pub bind_device: Option<String>,
+    pub host_first: u16,
+    pub host_last: u16,
+    pub guest_first: u16,
+    pub guest_last: u16,
+    /// Destination in the guest; `None` = the guest's own address.
+    pub guest_addr: Option<IpAddress>,
+}
+
+/// The forwards in force on the source (`-t`, `-u`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardsRecord {
+    pub tcp: Vec<ForwardRuleRecord>,
+    pub udp: Vec<ForwardRuleRecord>,
+}
+
+/// Who opened a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FlowOrigin {
+    /// The guest connected out.
+    Guest,
+    /// A host peer connected to a forwarded port.
+    Host,
+}
+
+/// The guest-facing half of a TCP flow: baton plays the guest's peer, and these are the
+/// numbers it keeps for that role. Sequence numbers are in the guest connection's space.
+///
+/// ```text
+///  towards the guest:  seq_acked_by_guest ........ seq_to_guest
+///                      |<-- sent, not yet acked -->|
+///  from the guest:     seq_acked_to_guest ..... seq_from_guest
+///                      |<-- received, ACK owed -->|
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GuestTcpSide {
+    pub origin: FlowOrigin,
+    /// The guest's address and port.
+    pub guest: Endpoint,
+    /// The address and port the guest talks to, as the guest sees it (before any
+    /// mapping such as `--map-host-loopback`).
+    pub remote: Endpoint,
+    /// State of baton's end of the guest connection (`FinWait1`: baton sent its FIN to
+    /// the guest; `CloseWait`: the guest sent its FIN; ...).
+    pub state: TcpState,
+    /// Next sequence number baton sends to the guest.
+    pub seq_to_guest: u32,
+    /// Highest acknowledgement received from the guest.
+    pub seq_acked_by_guest: u32,
+    /// Next sequence number expected from the guest.
+    pub seq_from_guest: u32,
+    /// Acknowledgement baton last sent to the guest.
+    pub seq_acked_to_guest: u32,
+    /// Window the guest advertised last, in bytes (scaled).
+    pub wnd_from_guest: u32,
+    /// Window baton advertised last, in bytes (scaled).
+    pub wnd_to_guest: u32,
+    /// Window scale shifts: applied to the guest's windows / to ours.
+    pub ws_from_guest: u8,
+    pub ws_to_guest: u8,
+    /// MSS the guest announced.
+    pub mss_from_guest: u16,
+    pub sack: bool,
+    pub timestamps: bool,
+    /// Last TSval seen from the guest (echoed in our TSecr), if timestamps are on.
+    pub ts_recent: u32,
+}
+
+/// One TCP flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpFlowRecord {
+    pub id: FlowId,
+    pub guest_side: GuestTcpSide,
+    /// The host socket as the helper dumped it. `None` when it was not transferred: a
+    /// snapshot, or a same-host handover (the target takes the live socket).
+    pub kernel: Option<TcpConnState>,
+}
+
+/// One UDP flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpFlowRecord {
+    pub id: FlowId,
+    pub origin: FlowOrigin,
+    /// The guest's address and port.
+    pub guest: Endpoint,
+    /// The address and port the guest talks to, as the guest sees it.
+    pub remote: Endpoint,
+    /// The host socket's bound address, if the source port must be kept.
+    pub host_local: Option<Endpoint>,
+    /// Milliseconds left until the flow would expire idle, counted from the SAVE (a
+    /// relative time: monotonic clocks do not travel between hosts).
+    pub idle_left_ms: u32,
+}
+
+/// One record of any known type (the end record is written by [`StreamWriter::finish`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Device(DeviceRecord),
+    Source(SourceRecord),
+    Guest(GuestRecord),
+    Forwards(ForwardsRecord),
+    /// Boxed: by far the largest record (the kernel state), and rare next to the others.
+    TcpFlow(Box<TcpFlowRecord>),
+    UdpFlow(UdpFlowRecord),
+}
+
+impl Record {
+    /// The type number on the wire.
+    pub fn record_type(&self) -> u16 {
+        match self {
+            Record::Device(_) => record_type::DEVICE,
+            Record::Source(_) => record_type::SOURCE,
+            Record::Guest(_) => record_type::GUEST,
+            Record::Forwards(_) => record_type::FORWARDS,
+            Record::TcpFlow(_) => record_type::TCP_FLOW,
+            Record::UdpFlow(_) => record_type::UDP_FLOW,
+        }
+    }
+
+    /// The body bytes (bincode, [`crate::codec::config`]).
+    pub fn encode_body(&self) -> Result<Vec<u8>, codec::EncodeError> {
+        match self {
+            Record::Device(r) => codec::encode(r),
+            Record::Source(r) => codec::encode(r),
+            Record::Guest(r) => codec::encode(r),
+            Record::Forwards(r) => codec::encode(r),
+            Record::TcpFlow(r) => codec::encode(r),
+            Record::UdpFlow(r) => codec::encode(r),
+        }
+    }
+
+    /// Decode a body of a known type; `None` for a type this code does not know.
+    pub fn decode_body(record_type: u16, body: &[u8]) -> Option<Result<Record, DecodeError>> {
+        Some(match record_type {
+            record_type::DEVICE => codec::decode(body).map(Record::Device),
+            record_type::SOURCE => codec::decode(body).map(Record::Source),
+            record_type::GUEST => codec::decode(body).map(Record::Guest),
+            record_type::FORWARDS => codec::decode(body).map(Record::Forwards),
+            record_type::TCP_FLOW => codec::decode(body).map(|r| Record::TcpFlow(Box::new(r))),
+            record_type::UDP_FLOW => codec::decode(body).map(Record::UdpFlow),
+            _ => return None,
+        })
+    }
+
+    /// The flow id of a flow record.
+    pub fn flow_id(&self) -> Option<FlowId> {
+        match self {
+            Record::TcpFlow(r) => Some(r.id),
+            Record::UdpFlow(r) => Some(r.id),
+            _ => None,
+        }
+    }
+
+    /// Check every bound and consistency rule of the record on its own.
+    pub fn validate(&self, snapshot: bool) -> Result<(), RecordError> {
+        match self {
+            Record::Device(r) => r.validate(),
+            Record::Source(r) => r.validate(),
+            Record::Guest(r) => r.validate(),
+            Record::Forwards(r) => r.validate(),
+            Record::TcpFlow(r) => r.validate(snapshot),
+            Record::UdpFlow(r) => r.validate(),
+        }
+    }
+}
+
+/// A record that decoded but must not be acted on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("{which} MAC {mac:02x?} is not a unicast address")]
+    BadMac { which: &'static str, mac: [u8; 6] },
+    #[error("MTU {0} outside {MIN_MTU}..={MAX_MTU}")]
+    BadMtu(u16),
+    #[error("{which} address {addr} cannot be a guest source address")]
+    BadGuestAddress {
+        which: &'static str,
+        addr: std::net::IpAddr,
+    },
+    #[error("{what} of {len} bytes exceeds {limit}")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        limit: usize,
+    },
+    #[error("{what} contains a NUL byte")]
+    Nul { what: &'static str },
+    #[error("forward rule {host_first}-{host_last} => {guest_first}-{guest_last}: ranges are reversed or of different lengths")]
+    BadForwardRange {
+        host_first: u16,
+        host_last: u16,
+        guest_first: u16,
+        guest_last: u16,
+    },
+    #[error("{which} endpoints of a flow mix IPv4 and IPv6")]
+    MixedFamilies { which: &'static str },
+    #[error("port 0 in the {0} endpoint")]
+    PortZero(&'static str),
+    #[error("window scale {0} exceeds {MAX_WSCALE}")]
+    WindowScale(u8),
+    #[error("MSS {0} below {MIN_MSS}")]
+    Mss(u16),
+    #[error("kernel TCP state: {0}")]
+    Kernel(#[from] StateError),
+    #[error("a snapshot stream carries kernel TCP state (its sockets were not frozen)")]
+    KernelStateInSnapshot,
+}
+
+fn check_unicast_mac(which: &'static str, mac: [u8; 6]) -> Result<(), RecordError> {
+    if mac[0] & 1 == 1 || mac == [0; 6] {
+        return Err(RecordError::BadMac { which, mac });
+    }
+    Ok(())
+}
+
+fn check_name(what: &'static str, name: &[u8], limit: usize) -> Result<(), RecordError> {
+    if name.len() > limit {
+        return Err(RecordError::TooLong {
+            what,
+            len: name.len(),
+            limit,
+        });
+    }
+    if name.contains(&0) {
+        return Err(RecordError::Nul { what });
+    }
+    Ok(())
+}
+
+fn check_endpoints(
+    which: &'static str,
+    a: &Endpoint,
+    b: &Endpoint,
+    names: (&'static str, &'static str),
+) -> Result<(), RecordError> {
+    let same = matches!(
+        (a, b),
+        (Endpoint::V4 { .. }, Endpoint::V4 { .. }) | (Endpoint::V6 { .. }, Endpoint::V6 { .. })
+    );
+    if !same {
+        return Err(RecordError::MixedFamilies { which });
+    }
+    if a.port() == 0 {
+        return Err(RecordError::PortZero(names.0));
+    }
+    if b.port() == 0 {
+        return Err(RecordError::PortZero(names.1));
+    }
+    Ok(())
+}
+
+impl DeviceRecord {
+    pub fn validate(&self) -> Result<(), RecordError> {
+        check_unicast_mac("our", self.our_mac)?;
+        if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
+            return Err(RecordError::BadMtu(self.mtu));
+        }
+        Ok(())
+    }
+}
+
+impl GuestRecord {
+    /// The same rules the backend applies when it learns these from frames.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        if let Some(mac) = self.mac {
+            check_unicast_mac("guest", mac)?;
+        }
+        if let Some(v4) = self.ipv4.map(Ipv4Addr::from) {
+            if v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() {
+                return Err(RecordError::BadGuestAddress {
+                    which: "IPv4",
+                    addr: IpAddr::V4(v4),
+                });
+            }
+        }
+        let bad_v6 = |a: Ipv6Addr| a.is_unspecified() || a.is_multicast() || a.is_loopback();
+        if let Some(v6) = self.ipv6.map(Ipv6Addr::from) {
+            if bad_v6(v6) || v6.is_unicast_link_local() {
+                return Err(RecordError::BadGuestAddress {
+                    which: "IPv6 global",
+                    addr: IpAddr::V6(v6),
+                });
+            }
+        }
+        if let Some(ll) = self.ipv6_link_local.map(Ipv6Addr::from) {
+            if bad_v6(ll) || !ll.is_unicast_link_local() {
+                return Err(RecordError::BadGuestAddress {
+                    which: "IPv6 link-local",
+                    addr: IpAddr::V6(ll),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SourceRecord {
+    pub fn validate(&self) -> Result<(), RecordError> {
+        if let Some(name) = &self.hostname {
+            check_name("hostname", name.as_bytes(), MAX_HOSTNAME)?;
+        }
+        if let Some(h) = &self.handover {
+            check_name("handover socket name", &h.abstract_name, MAX_HANDOVER_NAME)?;
+            if h.abstract_name.is_empty() {
+                return Err(RecordError::Nul {
+                    what: "empty handover socket name",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ForwardRuleRecord {
+    fn validate(&self) -> Result<(), RecordError> {
+        if let Some(dev) = &self.bind_device {
+            check_name("bind device", dev.as_bytes(), MAX_DEVICE_NAME)?;
+        }
+        let ordered = self.host_first <= self.host_last && self.guest_first <= self.guest_last;
+        if !ordered || self.host_last - self.host_first != self.guest_last - self.guest_first {
+            return Err(RecordError::BadForwardRange {
+                host_first: self.host_first,
+                host_last: self.host_last,
+                guest_first: self.guest_first,
+                guest_last: self.guest_last,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl ForwardsRecord {
+    pub fn validate(&self) -> Result<(), RecordError> {
+        for (what, rules) in [
+            ("TCP forward rules", &self.tcp),
+            ("UDP forward rules", &self.udp),
+        ] {
+            if rules.len() > MAX_FORWARD_RULES {
+                return Err(RecordError::TooLong {
+                    what,
+                    len: rules.len(),
+                    limit: MAX_FORWARD_RULES,
+                });
+            }
+            rules.iter().try_for_each(ForwardRuleRecord::validate)?;
+        }
+        Ok(())
+    }
+}
+
+impl GuestTcpSide {
+    pub fn validate(&self) -> Result<(), RecordError> {
+        check_endpoints("guest-side", &self.guest, &self.remote, ("guest", "remote"))?;
+        for shift in [self.ws_from_guest, self.ws_to_guest] {
+            if shift > MAX_WSCALE {
+                return Err(RecordError::WindowScale(shift));
+            }
+        }
+        if self.mss_from_guest < MIN_MSS {
+            return Err(RecordError::Mss(self.mss_from_guest));
+        }
+        Ok(())
+    }
+}
+
+impl TcpFlowRecord {
+    /// `snapshot`: the stream is a snapshot, which must not carry kernel state.
+    pub fn validate(&self, snapshot: bool) -> Result<(), RecordError> {
+        self.guest_side.validate()?;
+        if let Some(kernel) = &self.kernel {
+            if snapshot {
+                return Err(RecordError::KernelStateInSnapshot);
+            }
+            kernel.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl UdpFlowRecord {
+    pub fn validate(&self) -> Result<(), RecordError> {
+        check_endpoints("UDP", &self.guest, &self.remote, ("guest", "remote"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The whole state
+// ---------------------------------------------------------------------------------------
+
+/// A record of an unknown type that its writer marked skippable, and this reader skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SkippedRecord {
+    pub index: u32,
+    pub offset: u64,
+    pub record_type: u16,
+    pub len: u32,
+}
+
+/// Everything one stream carries, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationState {
+    /// The stream is a snapshot ([`HEADER_FLAG_SNAPSHOT`]).
+    pub snapshot: bool,
+    pub device: DeviceRecord,
+    pub source: SourceRecord,
+    pub guest: GuestRecord,
+    pub forwards: Option<ForwardsRecord>,
+    pub tcp_flows: Vec<TcpFlowRecord>,
+    pub udp_flows: Vec<UdpFlowRecord>,
+    /// Records the reader did not know and skipped (ignored by the writer).
+    pub skipped: Vec<SkippedRecord>,
+}
+
+/// The stream header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamHeader {
+    pub version: u16,
+    pub oldest_compatible: u16,
+    pub flags: u32,
+}
+
+impl StreamHeader {
+    /// The header this code writes.
+    pub fn current(flags: u32) -> Self {
+        StreamHeader {
+            version: FORMAT_VERSION,
+            oldest_compatible: OLDEST_COMPATIBLE_VERSION,
+            flags,
+        }
+    }
+
+    pub fn to_bytes(self) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        out[0..8].copy_from_slice(&MAGIC);
+        out[8..10].copy_from_slice(&self.version.to_le_bytes());
+        out[10..12].copy_from_slice(&self.oldest_compatible.to_le_bytes());
+        out[12..16].copy_from_slice(&self.flags.to_le_bytes());
+        out
+    }
+
+    /// Parse a header and decide whether this reader can read the stream.
+    pub fn parse(bytes: &[u8]) -> Result<Self, StreamError> {
+        let Some(head) = bytes.get(..HEADER_LEN) else {
+            return Err(StreamError::Truncated {
+                offset: bytes.len() as u64,
+                what: "stream header",
+                need: HEADER_LEN as u64,
+                have: bytes.len() as u64,
+            });
+        };
+        let mut magic = [0u8; 8];
+        magic.copy_from_slice(&head[0..8]);
+        if magic != MAGIC {
+            return Err(StreamError::BadMagic { found: magic });
+        }
+        let header = StreamHeader {
+            version: u16::from_le_bytes([head[8], head[9]]),
+            oldest_compatible: u16::from_le_bytes([head[10], head[11]]),
+            flags: u32::from_le_bytes([head[12], head[13], head[14], head[15]]),
+        };
+        if header.version == 0
+            || header.oldest_compatible == 0
+            || header.oldest_compatible > header.version
+        {
+            return Err(StreamError::BadVersion {
+                version: header.version,
+                oldest_compatible: header.oldest_compatible,
+            });
+        }
+        if header.oldest_compatible > FORMAT_VERSION {
+            return Err(StreamError::VersionTooNew {
+                version: header.version,
+                oldest_compatible: header.oldest_compatible,
+                reader: FORMAT_VERSION,
+            });
+        }
+        if header.version < OLDEST_READABLE_VERSION {
+            return Err(StreamError::VersionTooOld {
+                version: header.version,
+                oldest_readable: OLDEST_READABLE_VERSION,
+            });
+        }
+        let unknown = header.flags & HEADER_FLAGS_REQUIRED_MASK & !HEADER_FLAGS_KNOWN;
+        if unknown != 0 {
+            return Err(StreamError::UnknownHeaderFlags { flags: unknown });
+        }
+        Ok(header)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------
+
+/// Why a stream could not be written or was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("migration stream I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("migration stream: encoding {kind} record: {source}")]
+    Encode {
+        kind: &'static str,
+        source: codec::EncodeError,
+    },
+    #[error("migration stream: bad magic {found:02x?} (not a baton migration stream)")]
+    BadMagic { found: [u8; 8] },
+    #[error("migration stream: invalid version fields: version {version}, oldest compatible {oldest_compatible}")]
+    BadVersion {
+        version: u16,
+        oldest_compatible: u16,
+    },
+    #[error("migration stream: version {version} needs a reader of at least version {oldest_compatible}; this is version {reader}")]
+    VersionTooNew {
+        version: u16,
+        oldest_compatible: u16,
+        reader: u16,
+    },
+    #[error("migration stream: version {version} is older than the oldest this reader supports ({oldest_readable})")]
+    VersionTooOld { version: u16, oldest_readable: u16 },
+    #[error("migration stream: unknown required header flags {flags:#x}")]
+    UnknownHeaderFlags { flags: u32 },
+    #[error(
+        "migration stream: truncated at offset {offset}: {what} needs {need} bytes, {have} left"
+    )]
+    Truncated {
+        offset: u64,
+        what: &'static str,
+        need: u64,
+        have: u64,
+    },
+    #[error("migration stream: longer than the limit of {limit} bytes")]
+    StreamTooLarge { limit: u64 },
+    #[error("migration stream: record #{index} at offset {offset}: more than {limit} records")]
+    TooManyRecords { index: u32, offset: u64, limit: u32 },
+    #[error("migration stream: record #{index} at offset {offset} ({kind}, type {record_type:#06x}): body of {len} bytes exceeds the limit of {limit}")]
+    RecordTooLarge {
+        index: u32,
+        offset: u64,
+        record_type: u16,
+        kind: &'static str,
+        len: u32,
+        limit: u32,
+    },
+    #[error("migration stream: record #{index} at offset {offset}: reserved record flags {flags:#06x} set")]
+    ReservedRecordFlags { index: u32, offset: u64, flags: u16 },
+    #[error("migration stream: record #{index} at offset {offset}: unknown record type {record_type:#06x} that may not be skipped (the stream needs a newer reader)")]
+    UnknownRecord {
+        index: u32,
+        offset: u64,
+        record_type: u16,
+    },
+    #[error("migration stream: end record at offset {offset} has flags {flags:#06x} and length {len} (want 0 and {END_BODY_LEN})")]
+    BadEndRecord { offset: u64, flags: u16, len: u32 },
+    #[error("migration stream: end record at offset {offset} counts {counted} records, the stream has {found}")]
+    RecordCount {
+        offset: u64,
+        counted: u32,
+        found: u32,
+    },
+    #[error("migration stream: checksum mismatch: stored {stored:#010x}, computed {computed:#010x} over {covered} bytes")]
+    ChecksumMismatch {
+        stored: u32,
+        computed: u32,
+        covered: u64,
+    },
+    #[error(
+        "migration stream: {len} bytes of trailing garbage after the end record at offset {offset}"
+    )]
+    TrailingGarbage { offset: u64, len: u64 },
+    #[error(
+        "migration stream: record #{index} at offset {offset} ({kind}): malformed body: {source}"
+    )]
+    Malformed {
+        index: u32,
+        offset: u64,
+        kind: &'static str,
+        source: DecodeError,
+    },
+    #[error("migration stream: record #{index} at offset {offset} ({kind}): {source}")]
+    Invalid {
+        index: u32,
+        offset: u64,
+        kind: &'static str,
+        source: RecordError,
+    },
+    #[error("migration stream: record #{index} at offset {offset}: a second {kind} record (first was #{first})")]
+    DuplicateRecord {
+        index: u32,
+        offset: u64,
+        kind: &'static str,
+        first: u32,
+    },
+    #[error("migration stream: record #{index} at offset {offset}: flow id {id} already used by record #{first}")]
+    DuplicateFlowId {
+        index: u32,
+        offset: u64,
+        id: u32,
+        first: u32,
+    },
+    #[error("migration stream: required {kind} record missing")]
+    MissingRecord { kind: &'static str },
+    #[error("migration stream writer: the end record is written by finish(), not as a raw record")]
+    RawEndRecord,
+}
+
+// ---------------------------------------------------------------------------------------
+// Writer
+// ---------------------------------------------------------------------------------------
+
+/// Which singleton records were seen, and at which record index; flow ids in use.
+#[derive(Debug, Default)]
+struct Tally {
+    singletons: HashMap<u16, u32>,
+    flow_ids: HashMap<u32, u32>,
+}
+
+impl Tally {
+    fn note(&mut self, record: &Record, index: u32, offset: u64) -> Result<(), StreamError> {
+        if let Some(FlowId(id)) = record.flow_id() {
+            if let Some(&first) = self.flow_ids.get(&id) {
+                return Err(StreamError::DuplicateFlowId {
+                    index,
+                    offset,
+                    id,
+                    first,
+                });
+            }
+            self.flow_ids.insert(id, index);
+        } else {
+            let ty = record.record_type();
+            if let Some(&first) = self.singletons.get(&ty) {
+                return Err(StreamError::DuplicateRecord {
+                    index,
+                    offset,
+                    kind: record_type_name(ty),
+                    first,
+                });
+            }
+            self.singletons.insert(ty, index);
+        }
+        Ok(())
+    }
+
+    fn check_required(&self) -> Result<(), StreamError> {
+        for ty in [record_type::DEVICE, record_type::SOURCE, record_type::GUEST] {
+            if !self.singletons.contains_key(&ty) {
+                return Err(StreamError::MissingRecord {
+                    kind: record_type_name(ty),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes a stream record by record, checksumming as it goes.
+///
+/// Every record is validated as the reader would validate it, and the limits are the
+/// reader's: what this writer accepts, a reader with the same limits accepts.
+/// [`StreamWriter::finish`] writes the end record; a writer dropped without `finish`
+/// leaves a stream every reader refuses.
+pub struct StreamWriter<W: Write> {
+    out: W,
+    crc: crc32fast::Hasher,
+    offset: u64,
+    records: u32,
+    snapshot: bool,
+    limits: Limits,
+    tally: Tally,
+}
+
+impl<W: Write> StreamWriter<W> {
+    /// Start a stream of the current version with header `flags`
+    /// ([`HEADER_FLAG_SNAPSHOT`]).
+    pub fn new(out: W, flags: u32) -> Result<Self, StreamError> {
+        Self::with_header(out, StreamHeader::current(flags), Limits::DEFAULT)
+    }
+
+    /// Start a stream with an explicit header and limits (tests, future versions).
+    pub fn with_header(out: W, header: StreamHeader, limits: Limits) -> Result<Self, StreamError> {
+        let mut writer = StreamWriter {
+            out,
+            crc: crc32fast::Hasher::new(),
+            offset: 0,
+            records: 0,
+            snapshot: header.flags & HEADER_FLAG_SNAPSHOT != 0,
+            limits,
+            tally: Tally::default(),
+        };
+        writer.put(&header.to_bytes())?;
+        Ok(writer)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<(), StreamError> {
+        let end = self.offset + bytes.len() as u64;
+        if end > self.limits.max_stream_bytes {
+            return Err(StreamError::StreamTooLarge {
+                limit: self.limits.max_stream_bytes,
+            });
+        }
+        self.out.write_all(bytes)?;
+        self.crc.update(bytes);
+        self.offset = end;
+        Ok(())
+    }
+
+    /// Validate and write one record.
+    pub fn write_record(&mut self, record: &Record) -> Result<(), StreamError> {
+        let kind = record_type_name(record.record_type());
+        let (index, offset) = (self.records, self.offset);
+        record
+            .validate(self.snapshot)
+            .map_err(|source| StreamError::Invalid {
+                index,
+                offset,
+                kind,
+                source,
+            })?;
+        self.tally.note(record, index, offset)?;
+        let body = record
+            .encode_body()
+            .map_err(|source| StreamError::Encode { kind, source })?;
+        self.write_raw_record(record.record_type(), 0, &body)
+    }
+
+    /// Write a record as given (no validation of the body): for record types this code
+    /// does not know, and for tests that need a bad stream. Limits still apply.
+    pub fn write_raw_record(
+        &mut self,
+        record_type: u16,
+        flags: u16,
+        body: &[u8],
+    ) -> Result<(), StreamError> {
+        if record_type == record_type::END {
+            return Err(StreamError::RawEndRecord);
+        }
+        let (index, offset) = (self.records, self.offset);
+        if index >= self.limits.max_records {
+            return Err(StreamError::TooManyRecords {
+                index,
+                offset,
+                limit: self.limits.max_records,
+            });
+        }
+        let limit = self.limits.body_limit(record_type);
+        let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+        if len > limit {
+            return Err(StreamError::RecordTooLarge {
+                index,
+                offset,
+                record_type,
+                kind: record_type_name(record_type),
+                len,
+                limit,
+            });
+        }
+        let mut head = [0u8; RECORD_HEADER_LEN];
+        head[0..2].copy_from_slice(&record_type.to_le_bytes());
+        head[2..4].copy_from_slice(&flags.to_le_bytes());
+        head[4..8].copy_from_slice(&len.to_le_bytes());
+        self.put(&head)?;
+        self.put(body)?;
+        if matches!(
+            record_type,
+            record_type::DEVICE | record_type::SOURCE | record_type::GUEST | record_type::FORWARDS
+        ) {
+            self.tally.singletons.entry(record_type).or_insert(index);
+        }
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Write the end record (count and checksum), flush, and return the output. Fails if
+    /// a required record (Device, Source, Guest) was not written.
+    pub fn finish(mut self) -> Result<W, StreamError> {
+        self.tally.check_required()?;
+        let mut end = [0u8; RECORD_HEADER_LEN + 4];
+        end[0..2].copy_from_slice(&record_type::END.to_le_bytes());
+        end[4..8].copy_from_slice(&(END_BODY_LEN as u32).to_le_bytes());
+        end[8..12].copy_from_slice(&self.records.to_le_bytes());
+        self.put(&end)?;
+        let crc = self.crc.clone().finalize();
+        self.put(&crc.to_le_bytes())?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
+/// Write `state` as a complete stream (in the canonical order: Device, Source, Guest,
+/// Forwards, TCP flows, UDP flows, end). `state.skipped` is ignored.
+pub fn write_stream<W: Write>(out: W, state: &MigrationState) -> Result<W, StreamError> {
+    let flags = if state.snapshot {
+        HEADER_FLAG_SNAPSHOT
+    } else {
+        0
+    };
+    let mut w = StreamWriter::new(out, flags)?;
+    w.write_record(&Record::Device(state.device))?;
+    w.write_record(&Record::Source(state.source.clone()))?;
+    w.write_record(&Record::Guest(state.guest))?;
+    if let Some(forwards) = &state.forwards {
+        w.write_record(&Record::Forwards(forwards.clone()))?;
+    }
+    for flow in &state.tcp_flows {
+        w.write_record(&Record::TcpFlow(Box::new(flow.clone())))?;
+    }
+    for flow in &state.udp_flows {
+        w.write_record(&Record::UdpFlow(*flow))?;
+    }
+    w.finish()
+}
+
+/// [`write_stream`] into memory.
+pub fn encode_stream(state: &MigrationState) -> Result<Vec<u8>, StreamError> {
+    write_stream(Vec::new(), state)
+}
+
+// ---------------------------------------------------------------------------------------
+// Reader
+// ---------------------------------------------------------------------------------------
+
+/// Read the whole stream from `input` (to EOF) and validate it with the default limits.
+pub fn read_stream<R: Read>(input: R) -> Result<MigrationState, StreamError> {
+    read_stream_with_limits(input, &Limits::DEFAULT)
+}
+
+/// [`read_stream`] with explicit limits.
+pub fn read_stream_with_limits<R: Read>(
+    input: R,
+    limits: &Limits,
+) -> Result<MigrationState, StreamError> {
+    let mut bytes = Vec::new();
+    input
+        .take(limits.max_stream_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    decode_stream_with_limits(&bytes, limits)
+}
+
+/// Validate a stream held in memory with the default limits.
+pub fn decode_stream(bytes: &[u8]) -> Result<MigrationState, StreamError> {
+    decode_stream_with_limits(bytes, &Limits::DEFAULT)
+}
+
+/// One record located by the framing pass.
+struct Located<'a> {
+    index: u32,
+    offset: u64,
+    record_type: u16,
+    flags: u16,
+    body: &'a [u8],
+}
+
+/// Validate a stream held in memory.
+///
+/// Pass 1 walks the framing (header, record headers and limits, end record, count,
+/// trailing bytes) and verifies the checksum, so that a corrupted stream is reported as
+/// such rather than as whatever a flipped bit turned a body into. Pass 2 decodes and
+/// validates every record and assembles the state.
+pub fn decode_stream_with_limits(
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<MigrationState, StreamError> {
+    if bytes.len() as u64 > limits.max_stream_bytes {
+        return Err(StreamError::StreamTooLarge {
+            limit: limits.max_stream_bytes,
+        });
+    }
+    let header = StreamHeader::parse(bytes)?;
+    let records = walk_records(bytes, limits)?;
+    assemble(header, records)
+}
+
+fn truncated(offset: usize, what: &'static str, need: usize, have: usize) -> StreamError {
+    StreamError::Truncated {
+        offset: offset as u64,
+        what,
+        need: need as u64,
+        have: have as u64,
+    }
+}
+
+fn le_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Pass 1: framing, limits, end record, checksum.
+fn walk_records<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Vec<Located<'a>>, StreamError> {
+    let mut records = Vec::new();
+    let mut offset = HEADER_LEN;
+    let mut index: u32 = 0;
+    loop {
+        let rest = bytes.get(offset..).unwrap_or_default();
+        let Some(head) = rest.get(..RECORD_HEADER_LEN) else {
+            return Err(truncated(
+                offset,
+                "record header",
+                RECORD_HEADER_LEN,
+                rest.len(),
+            ));
+        };
+        let record_type = le_u16(head, 0);
+        let flags = le_u16(head, 2);
+        let len = le_u32(head, 4);
+        if record_type == record_type::END {
+            if flags != 0 || len as usize != END_BODY_LEN {
+                return Err(StreamError::BadEndRecord {
+                    offset: offset as u64,
+                    flags,
+                    len,
+                });
+            }
+            let body_at = offset + RECORD_HEADER_LEN;
+            let Some(body) = bytes.get(body_at..body_at.saturating_add(END_BODY_LEN)) else {
+                return Err(truncated(
+                    body_at,
+                    "end record",
+                    END_BODY_LEN,
+                    bytes.len() - body_at,
+                ));
+            };
+            let counted = le_u32(body, 0);
+            let stored = le_u32(body, 4);
+            let end = body_at + END_BODY_LEN;
+            if bytes.len() > end {
+                return Err(StreamError::TrailingGarbage {
+                    offset: end as u64,
+                    len: (bytes.len() - end) as u64,
+                });
+            }
+            let covered = end - 4;
+            let computed = crc32fast::hash(&bytes[..covered]);
+            if computed != stored {
+                return Err(StreamError::ChecksumMismatch {
+                    stored,
+                    computed,
+                    covered: covered as u64,
+                });
+            }
+            if counted != index {
+                return Err(StreamError::RecordCount {
+                    offset: offset as u64,
+                    counted,
+                    found: index,
+                });
+            }
+            return Ok(records);
+        }
+        if index >= limits.max_records {
+            return Err(StreamError::TooManyRecords {
+                index,
+                offset: offset as u64,
+                limit: limits.max_records,
+            });
+        }
+        if flags & !RECORD_FLAGS_KNOWN != 0 {
+            return Err(StreamError::ReservedRecordFlags {
+                index,
+                offset: offset as u64,
+                flags,
+            });
+        }
+        let limit = limits.body_limit(record_type);
+        if len > limit {
+            return Err(StreamError::RecordTooLarge {
+                index,
+                offset: offset as u64,
+                record_type,
+                kind: record_type_name(record_type),
+                len,
+                limit,
+            });
+        }
+        let body_at = offset + RECORD_HEADER_LEN;
+        let Some(body) = bytes.get(body_at..body_at.saturating_add(len as usize)) else {
+            return Err(truncated(
+                body_at,
+                "record body",
+                len as usize,
+                bytes.len() - body_at,
+            ));
+        };
+        records.push(Located {
+            index,
+            offset: offset as u64,
+            record_type,
+            flags,
+            body,
+        });
+        offset = body_at + len as usize;
+        index += 1;
+    }
+}
+
+/// Pass 2: decode, validate, assemble.
+fn assemble(
+    header: StreamHeader,
+    records: Vec<Located<'_>>,
+) -> Result<MigrationState, StreamError> {
+    let snapshot = header.flags & HEADER_FLAG_SNAPSHOT != 0;
+    let mut tally = Tally::default();
+    let mut device = None;
+    let mut source = None;
+    let mut guest = None;
+    let mut forwards = None;
+    let mut tcp_flows = Vec::new();
+    let mut udp_flows = Vec::new();
+    let mut skipped = Vec::new();
+    for located in records {
+        let Located {
+            index,
+            offset,
+            record_type,
+            flags,
+            body,
+        } = located;
+        let kind = record_type_name(record_type);
+        let Some(decoded) = Record::decode_body(record_type, body) else {
+            if flags & RECORD_FLAG_SKIPPABLE != 0 {
+                skipped.push(SkippedRecord {
+                    index,
+                    offset,
+                    record_type,
+                    len: body.len() as u32,
+                });
+                continue;
+            }
+            return Err(StreamError::UnknownRecord {
+                index,
+                offset,
+                record_type,
+            });
+        };
+        let record = decoded.map_err(|source| StreamError::Malformed {
+            index,
+            offset,
+            kind,
+            source,
+        })?;
+        record
+            .validate(snapshot)
+            .map_err(|source| StreamError::Invalid {
+                index,
+                offset,
+                kind,
+                source,
+            })?;
+        tally.note(&record, index, offset)?;
+        match record {
+            Record::Device(r) => device = Some(r),
+            Record::Source(r) => source = Some(r),
+            Record::Guest(r) => guest = Some(r),
+            Record::Forwards(r) => forwards = Some(r),
+            Record::TcpFlow(r) => tcp_flows.push(*r),
+            Record::UdpFlow(r) => udp_flows.push(r),
+        }
+    }
+    tally.check_required()?;
+    let missing = |ty| StreamError::MissingRecord {
+        kind: record_type_name(ty),
+    };
+    Ok(MigrationState {
+        snapshot,
+        device: device.ok_or_else(|| missing(record_type::DEVICE))?,
+        source: source.ok_or_else(|| missing(record_type::SOURCE))?,
+        guest: guest.ok_or_else(|| missing(record_type::GUEST))?,
+        forwards,
+        tcp_flows,
+        udp_flows,
+        skipped,
+    })
+}

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# QEMU option values contain commas, not array separators:
+# shellcheck disable=SC2054
+# Live-migrate a running VM between two QEMU 10 processes (TCG), each with its own baton
+# backend (same host, same network namespace), while the guest pings its gateway every
+# 50 ms; assert that the pings go on after the switch-over on the destination. Exercises
+# dirty logging (LOG_ALL), the device-state transfer (SET_DEVICE_STATE_FD SAVE/LOAD and
+# CHECK_DEVICE_STATE) and QEMU's return path.
+#
+# Usage: migrate-smoke.sh [BATON_BINARY] [GUEST_DIR]
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
+
+baton="${1:-$here/../target/debug/baton}"
+guest_dir="${2:-$here/out/guest}"
+HOST_ADDR=10.77.0.2
+GATEWAY=10.77.0.1
+TICKS=600
+
+[[ "$(id -u)" == 0 ]] || die "run as root (creates a network namespace)"
+[[ -x "$baton" ]] || die "baton binary $baton not found"
+for tool in qemu-system-x86_64 socat timeout; do
+    command -v "$tool" >/dev/null || die "$tool not found; run install-deps.sh"
+done
+[[ -r "$guest_dir/vmlinuz" ]] || "$here/build-guest.sh" "$guest_dir"
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/baton-migrate.XXXXXX")"
+ns="baton-mig-$$"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for f in "$work"/baton-*.pid; do [[ -s "$f" ]] && kill "$(cat "$f")" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+    if [[ -n "${BATON_KEEP_LOGS:-}" ]]; then cp -r "$work" "$BATON_KEEP_LOGS"; fi
+    rm -rf -- "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+ip netns add "$ns"
+ip -n "$ns" link set lo up
+ip -n "$ns" link add veth0 type veth peer name veth1
+ip -n "$ns" addr add "$HOST_ADDR/24" dev veth0
+ip -n "$ns" link set veth0 up
+ip -n "$ns" link set veth1 up
+ip -n "$ns" route add default via "$GATEWAY"
+ip netns exec "$ns" sh -c 'echo "0 2147483647" > /proc/sys/net/ipv4/ping_group_range'
+
+for side in src dst; do
+    ip netns exec "$ns" "$baton" --socket "$work/vu-$side.sock" --pid "$work/baton-$side.pid" \
+        --log-file "$work/baton-$side.log" --debug
+done
+
+# The guest pings its gateway every 50 ms and prints one console line per ping.
+run="i=0; while [ \$i -lt $TICKS ]; do if ping -c1 -W1 -q $GATEWAY >/dev/null 2>&1; then echo BATON-GUEST: tick ok \$i; else echo BATON-GUEST: tick fail \$i; fi; i=\$((i+1)); sleep 0.05; done"
+qemu_for() { # qemu_for SIDE [extra args...]
+    local side="$1"; shift
+    qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 1 -m 256 \
+        -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
+        -nodefaults -no-user-config -display none -no-reboot \
+        -serial "file:$work/console-$side.log" \
+        -qmp "unix:$work/qmp-$side.sock,server=on,wait=off" \
+        -kernel "$guest_dir/vmlinuz" -initrd "$guest_dir/initrd.gz" \
+        -append "console=ttyS0 quiet panic=-1 baton.test=ping-gw baton.run=\"$run\" baton.poweroff=1" \
+        -chardev "socket,id=c0,path=$work/vu-$side.sock" -netdev vhost-user,id=n0,chardev=c0 \
+        -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56 "$@" \
+        </dev/null >"$work/qemu-$side.out" 2>&1 &
+    pids+=("$!")
+}
+qmp() { # qmp SIDE JSON... -> replies on stdout
+    local side="$1"; shift
+    { echo '{"execute":"qmp_capabilities"}'; printf '%s\n' "$@"; sleep 0.3; } |
+        socat -t 1 - "UNIX-CONNECT:$work/qmp-$side.sock"
+}
+wait_for() { # wait_for SECONDS FILE REGEX
+    local deadline=$((SECONDS + $1))
+    while ! grep -Eq -- "$3" "$2" 2>/dev/null; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.1
+    done
+}
+ticks_ok() { grep -c 'BATON-GUEST: tick ok' "$1" 2>/dev/null || true; }
+fail_with_logs() {
+    {
+        echo "=== migrate-smoke FAILED: $* ==="
+        for f in "$work"/console-*.log "$work"/qemu-*.out "$work"/baton-*.log; do
+            echo "=== $f"; tr -d '\r' <"$f" | tail -n 40
+        done
+    } >&2
+    exit 1
+}
+
+qemu_for src
+wait_for 60 "$work/console-src.log" 'BATON-GUEST: tick ok 20[^0-9]' || fail_with_logs "the guest did not start pinging on the source"
+qemu_for dst -incoming "unix:$work/migration.sock"
+for _ in $(seq 1 100); do [[ -S "$work/qmp-dst.sock" ]] && break; sleep 0.1; done
+caps='{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"return-path","state":true}]}}'
+qmp dst "$caps" >/dev/null
+qmp src "$caps" >/dev/null
+t0="$EPOCHREALTIME"
+qmp src "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"unix:$work/migration.sock\"}}" >/dev/null
+status=""
+for _ in $(seq 1 600); do
+    status="$(qmp src '{"execute":"query-migrate"}' | sed -n 's/.*"status": *"\([a-z-]*\)".*/\1/p' | tail -n1)"
+    [[ "$status" == completed || "$status" == failed || "$status" == cancelled ]] && break
+    sleep 0.1
+done
+took="$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }')"
+[[ "$status" == completed ]] || fail_with_logs "migration status '$status' after ${took}s"
+
+# The guest now runs on the destination: its pings must go on there.
+before="$(ticks_ok "$work/console-dst.log")"
+wait_for 60 "$work/console-dst.log" 'BATON-GUEST: done status=' || fail_with_logs "the guest did not finish on the destination"
+after="$(ticks_ok "$work/console-dst.log")"
+fails="$(grep -c 'BATON-GUEST: tick fail' "$work/console-dst.log" || true)"
+((after >= 50)) || fail_with_logs "only $after pings answered on the destination"
+grep -q 'BATON-GUEST: done status=ok' "$work/console-dst.log" || fail_with_logs "guest reported a failure"
+echo "migrate-smoke: PASS migration ${took}s; on the destination $after pings answered ($before already at switch-over), $fails lost"
