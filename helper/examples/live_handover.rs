@@ -101,7 +101,7 @@ fn main() {
     let (mut repair, mut child) = RepairClient::spawn(&helper, Vec::<String>::new())
         .unwrap_or_else(|e| panic!("spawning {}: {e}", helper.display()));
     println!(
-        "baton-repair {} running sandboxed (pid {})",
+        "{} running sandboxed (pid {})",
         repair.helper_software(),
         child.id()
     );
