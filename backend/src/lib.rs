@@ -20,6 +20,7 @@
 pub mod cli;
 pub mod config;
 pub mod flow;
+pub mod handover;
 pub mod hostinfo;
 pub mod migrate;
 pub mod net;

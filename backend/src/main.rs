@@ -49,7 +49,9 @@ fn run(cli: &baton::cli::Cli, rt: &RuntimeConfig) -> Result<(), Box<dyn std::err
     }
     let stopper = Stopper::new()?;
     runtime::handle_signals(stopper.clone())?;
-    let engine: Arc<Mutex<dyn NetworkEngine>> = Arc::new(Mutex::new(GuestNet::new(config)?));
+    let mut net = GuestNet::new(config)?;
+    net.set_drop_unmigratable_tcp(rt.migration.drop_unmigratable_tcp);
+    let engine: Arc<Mutex<dyn NetworkEngine>> = Arc::new(Mutex::new(net));
     // Hostname, boot id and namespace identity for the migration stream's Source record:
     // reading them opens files, which the sandbox forbids.
     baton::migrate::remember_host_identity();

@@ -61,8 +61,10 @@ use baton_proto::migration::{
 use tracing::{error, info, warn};
 use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
 
+use crate::handover::{take_over, ExpectedSocket, HandoverError, HandoverOffer, OFFER_LIFETIME};
 use crate::net::{GuestNet, ObservedGuest};
 use crate::ports::PortForwards;
+use crate::tcp::{Env as TcpEnv, TcpFlows};
 use crate::vu::device::OFFERED_FEATURES;
 use crate::vu::NetworkEngine;
 
@@ -98,6 +100,22 @@ pub struct EngineState {
 pub enum EngineStateError {
     #[error("this network engine does not support migration")]
     Unsupported,
+    #[error("offering the TCP connections for a handover: {0}")]
+    Offer(#[source] HandoverError),
+    #[error(
+        "taking over {flows} TCP connection(s) from the source failed \
+         (use --migrate-drop-tcp to migrate without them): {source}"
+    )]
+    Handover {
+        flows: usize,
+        #[source]
+        source: HandoverError,
+    },
+    #[error(
+        "the stream carries {0} TCP connection(s) but no handover socket; restoring \
+         dumped connections (different host) is not implemented yet"
+    )]
+    NoHandover(usize),
 }
 
 /// A device-state transfer failed (the message is what baton logs; QEMU only learns
@@ -333,9 +351,19 @@ fn load(file: File, device: &DeviceSide) -> Result<(), TransferError> {
 // ---------------------------------------------------------------------------------------
 
 impl GuestNet {
-    /// The engine's part of the device state. No flows yet: TCP and UDP flows join when
-    /// their engines exist (and a snapshot will carry no kernel TCP state).
-    pub fn save_engine_state(&mut self, _mode: SaveMode) -> Result<EngineState, EngineStateError> {
+    /// The engine's part of the device state. In a migration every TCP connection is
+    /// frozen and offered for a same-host handover ([`freeze_and_offer_tcp_flows`]); a
+    /// snapshot leaves them alone. UDP flows are not carried (the guest re-creates them
+    /// with its next datagram).
+    pub fn save_engine_state(&mut self, mode: SaveMode) -> Result<EngineState, EngineStateError> {
+        let mut source = local_source_record();
+        let tcp_flows = match mode {
+            SaveMode::Migration => {
+                let (tcp, env) = self.tcp_parts();
+                freeze_and_offer_tcp_flows(tcp, &env, &mut source)?
+            }
+            SaveMode::Snapshot => Vec::new(),
+        };
         let config = self.config().clone();
         let forwards = forwards_record(&config.tcp_forwards, &config.udp_forwards);
         if forwards.is_none() {
@@ -344,17 +372,29 @@ impl GuestNet {
         Ok(EngineState {
             our_mac: config.our_mac,
             mtu: config.mtu,
-            source: local_source_record(),
+            source,
             guest: GuestRecord::from(*self.observed()),
             forwards,
-            tcp_flows: Vec::new(),
+            tcp_flows,
             udp_flows: Vec::new(),
         })
     }
 
     /// Adopt a validated state. Differences in configuration are logged, not fatal: the
     /// target's own command line decides its MAC, MTU and forwards (as passt does).
+    ///
+    /// TCP connections are taken over first ([`take_over_tcp_flows`]); if that fails
+    /// (and `--migrate-drop-tcp` was not given) nothing has changed: the migration fails
+    /// and the source keeps its connections.
     pub fn load_engine_state(&mut self, state: EngineState) -> Result<(), EngineStateError> {
+        let drop = self.drop_unmigratable_tcp();
+        {
+            let (tcp, _env) = self.tcp_parts();
+            let taken = take_over_tcp_flows(tcp, &state.source, &state.tcp_flows, drop)?;
+            if taken > 0 {
+                info!("device state LOAD: {taken} TCP connection(s) taken over from the source");
+            }
+        }
         let config = self.config().clone();
         if state.our_mac != config.our_mac {
             warn!(
@@ -389,6 +429,109 @@ impl GuestNet {
         );
         Ok(())
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// TCP connections: same-host handover
+// ---------------------------------------------------------------------------------------
+
+/// SAVE of a migration, TCP part: freeze every connection, offer the sockets on a fresh
+/// abstract socket and name it in `source` (see [`crate::handover`]). The frozen flows'
+/// fate is decided later by the table itself: taken by a target, or thawed when the
+/// guest talks here again. If no offer can be made the flows are thawed at once and
+/// SAVE fails, so that the source keeps everything (the design's default policy).
+pub(crate) fn freeze_and_offer_tcp_flows(
+    tcp: &mut TcpFlows,
+    env: &TcpEnv<'_>,
+    source: &mut SourceRecord,
+) -> Result<Vec<TcpFlowRecord>, EngineStateError> {
+    let frozen = tcp.freeze_for_handover(env);
+    if frozen.left_behind > 0 {
+        warn!(
+            "device state SAVE: {} TCP connection(s) cannot move (handshake in progress or \
+             socket trouble); the guest will see them reset on the target",
+            frozen.left_behind
+        );
+    }
+    if frozen.records.is_empty() {
+        return Ok(Vec::new());
+    }
+    match HandoverOffer::start(frozen.sockets, OFFER_LIFETIME) {
+        Ok(offer) => {
+            source.handover = Some(offer.endpoint().clone());
+            tcp.set_offer(offer);
+            info!(
+                "device state SAVE: {} TCP connection(s) frozen and offered for a handover",
+                frozen.records.len()
+            );
+            Ok(frozen.records)
+        }
+        Err(err) => {
+            tcp.source_resumed(env);
+            Err(EngineStateError::Offer(err))
+        }
+    }
+}
+
+/// LOAD, TCP part: take the stream's connections over from the source on this host and
+/// rebuild them in `tcp`. With `drop_unmigratable`, connections that cannot be taken
+/// are left out (logged): the guest's next segment for one of them is answered with a
+/// RST, the others continue. Without it, any failure fails LOAD and nothing changed.
+/// Returns how many connections were rebuilt.
+pub(crate) fn take_over_tcp_flows(
+    tcp: &mut TcpFlows,
+    source: &SourceRecord,
+    flows: &[TcpFlowRecord],
+    drop_unmigratable: bool,
+) -> Result<usize, EngineStateError> {
+    if flows.is_empty() {
+        return Ok(0);
+    }
+    let dumped = flows.iter().filter(|f| f.kernel.is_some()).count();
+    let failure = |err: EngineStateError| {
+        if drop_unmigratable {
+            warn!("device state LOAD: {err}; --migrate-drop-tcp: those connections are reset");
+            Ok(0)
+        } else {
+            Err(err)
+        }
+    };
+    if dumped > 0 {
+        // Dumped connections come from another host: helper-based restore comes later.
+        return failure(EngineStateError::NoHandover(dumped));
+    }
+    let Some(endpoint) = &source.handover else {
+        return failure(EngineStateError::NoHandover(flows.len()));
+    };
+    let expected: Vec<ExpectedSocket> = flows
+        .iter()
+        .map(|f| ExpectedSocket {
+            flow: f.id,
+            host: f.host,
+        })
+        .collect();
+    let sockets = match take_over(endpoint, &expected) {
+        Ok(sockets) => sockets,
+        Err(source) => {
+            return failure(EngineStateError::Handover {
+                flows: flows.len(),
+                source,
+            })
+        }
+    };
+    let rebuilt: Vec<_> = sockets
+        .into_iter()
+        .filter_map(|(id, socket)| {
+            let record = flows.iter().find(|f| f.id == id)?;
+            Some((
+                crate::tcp::conn::GuestSide::from(&record.guest_side),
+                socket,
+            ))
+        })
+        .collect();
+    let adopted = tcp.adopt(rebuilt, std::time::Instant::now());
+    info!("device state LOAD: {adopted} TCP connection(s) taken over from the source");
+    Ok(adopted)
 }
 
 impl From<ObservedGuest> for GuestRecord {
@@ -567,6 +710,161 @@ mod tests {
             ])
         );
         assert_eq!(parse_uuid("xyz"), None);
+    }
+
+    mod tcp_handover {
+        use super::super::*;
+        use crate::net::testing::{config, CapturedFrames};
+        use crate::tcp::conn::{GuestSide, Origin, TcpState};
+        use crate::tcp::seq::Seq;
+        use nix::sys::epoll::{Epoll, EpollCreateFlags};
+        use std::io::{Read, Write};
+        use std::net::{IpAddr, TcpListener, TcpStream};
+        use std::time::Instant;
+
+        struct Side {
+            config: crate::config::NetConfig,
+            epoll: Epoll,
+            tcp: TcpFlows,
+        }
+
+        impl Side {
+            fn new() -> Self {
+                let config = config();
+                let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+                let tcp = TcpFlows::new(&config, &epoll, 16, Instant::now()).unwrap();
+                Side { config, epoll, tcp }
+            }
+            fn parts(&mut self) -> (&mut TcpFlows, TcpEnv<'_>) {
+                let env = TcpEnv {
+                    config: &self.config,
+                    epoll: &self.epoll,
+                    guest_mac: None,
+                };
+                (&mut self.tcp, env)
+            }
+        }
+
+        fn established(port: u16) -> GuestSide {
+            GuestSide {
+                origin: Origin::Guest,
+                guest_addr: IpAddr::V4(crate::net::testing::guest_v4()),
+                guest_port: port,
+                remote_addr: "192.0.2.1".parse().unwrap(),
+                remote_port: 80,
+                state: TcpState::Established,
+                isn: Seq(1000),
+                seq_to_guest: Seq(1001),
+                seq_max_to_guest: Seq(1001),
+                seq_ack_from_guest: Seq(1001),
+                seq_from_guest: Seq(5000),
+                fin_to_guest: None,
+                fin_from_guest: false,
+                guest_window: 65535,
+                guest_window_scale: 0,
+                our_window_scale: 0,
+                mss: 1460,
+                window_to_guest: 65535,
+            }
+        }
+
+        /// A source table holding one established connection to a local server.
+        fn source_with_flow() -> (Side, TcpStream) {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            let mut source = Side::new();
+            let adopted = source
+                .tcp
+                .adopt(vec![(established(40000), client.into())], Instant::now());
+            assert_eq!(adopted, 1);
+            (source, server)
+        }
+
+        #[test]
+        fn guest_side_converts_both_ways() {
+            let live = established(40000);
+            let wire = baton_proto::migration::GuestTcpSide::try_from(&live).unwrap();
+            wire.validate().unwrap();
+            assert_eq!(GuestSide::from(&wire), live);
+            let handshake = GuestSide {
+                state: TcpState::SynAckSent,
+                ..live
+            };
+            assert!(baton_proto::migration::GuestTcpSide::try_from(&handshake).is_err());
+        }
+
+        #[test]
+        fn flows_move_to_a_target_on_the_same_host() {
+            let (mut source, mut server) = source_with_flow();
+            let mut record = SourceRecord::default();
+            let (tcp, env) = source.parts();
+            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record).unwrap();
+            assert_eq!(flows.len(), 1);
+            assert!(record.handover.is_some());
+            assert!(tcp.is_frozen());
+            // The stream round trip validates the records.
+            for flow in &flows {
+                flow.validate(false).unwrap();
+            }
+
+            let mut target = Side::new();
+            let taken = take_over_tcp_flows(&mut target.tcp, &record, &flows, false).unwrap();
+            assert_eq!(taken, 1);
+            assert_eq!(target.tcp.len(), 1);
+            let (tcp, env) = source.parts();
+            assert_eq!(tcp.collect_handover(&env), 1);
+            assert_eq!(tcp.len(), 0);
+
+            // The connection is alive (not reset, not closed by the source's close).
+            server.write_all(b"still here").unwrap();
+            server
+                .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+                .unwrap();
+            let mut buf = [0u8; 1];
+            let err = server.read(&mut buf).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock, "{err}");
+
+            // The guest resuming on the source afterwards finds nothing to thaw.
+            let (tcp, env) = source.parts();
+            assert!(tcp.source_resumed(&env));
+            assert_eq!(tcp.len(), 0);
+        }
+
+        #[test]
+        fn a_resumed_source_thaws_and_withdraws_its_offer() {
+            let (mut source, _server) = source_with_flow();
+            let mut record = SourceRecord::default();
+            let (tcp, env) = source.parts();
+            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record).unwrap();
+            assert!(tcp.source_resumed(&env));
+            assert!(!tcp.is_frozen());
+            assert_eq!(tcp.len(), 1);
+            let mut target = Side::new();
+            let err = take_over_tcp_flows(&mut target.tcp, &record, &flows, false).unwrap_err();
+            assert!(matches!(err, EngineStateError::Handover { .. }), "{err}");
+            assert_eq!(target.tcp.len(), 0);
+            // With --migrate-drop-tcp the target goes on without them.
+            assert_eq!(
+                take_over_tcp_flows(&mut target.tcp, &record, &flows, true).unwrap(),
+                0
+            );
+            let mut sink = CapturedFrames::default();
+            tcp.after_events(&env, &mut sink, Instant::now());
+            assert_eq!(tcp.len(), 1);
+        }
+
+        #[test]
+        fn a_stream_without_handover_socket_fails_load() {
+            let (mut source, _server) = source_with_flow();
+            let mut record = SourceRecord::default();
+            let (tcp, env) = source.parts();
+            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record).unwrap();
+            record.handover = None;
+            let mut target = Side::new();
+            let err = take_over_tcp_flows(&mut target.tcp, &record, &flows, false).unwrap_err();
+            assert!(matches!(err, EngineStateError::NoHandover(1)), "{err}");
+        }
     }
 
     #[test]

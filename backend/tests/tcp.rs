@@ -186,6 +186,8 @@ struct GuestStream {
     recv_len: u64,
     received: u64,
     closed_send: bool,
+    /// The guest application does not read before this instant (zero window tests).
+    hold_recv_until: Option<Instant>,
 }
 
 impl GuestStream {
@@ -199,6 +201,7 @@ impl GuestStream {
             recv_len: lens.1,
             received: 0,
             closed_send: false,
+            hold_recv_until: None,
         }
     }
 
@@ -218,7 +221,8 @@ impl GuestStream {
             self.closed_send = true;
         }
         let mut buf = [0u8; 16384];
-        while socket.can_recv() {
+        let holding = self.hold_recv_until.is_some_and(|t| Instant::now() < t);
+        while !holding && socket.can_recv() {
             match socket.recv_slice(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
@@ -411,6 +415,10 @@ fn outbound_streams_both_ways_ipv4_and_ipv6() {
 /// listening on the mapped port; `guest_closes_first` makes the guest send less so its
 /// FIN comes first (half-close with the host still sending).
 fn inbound_streams(name: &str, count: usize, lens: (u64, u64)) {
+    inbound_streams_to(name, "127.0.0.1:5000", count, lens);
+}
+
+fn inbound_streams_to(name: &str, forward: &'static str, count: usize, lens: (u64, u64)) {
     let baton = Baton::start(name, &["-t", "5000:6000"]);
     let mut guest = Guest::new(baton.connect());
     let mut streams = Vec::new();
@@ -422,11 +430,27 @@ fn inbound_streams(name: &str, count: usize, lens: (u64, u64)) {
     let hosts: Vec<JoinHandle<()>> = (0..count)
         .map(|_| {
             std::thread::spawn(move || {
-                let stream = TcpStream::connect("127.0.0.1:5000").expect("connect to forward");
+                let stream = TcpStream::connect(forward).expect("connect to forward");
                 host_stream(stream, Pattern::new(100), lens.1, Pattern::new(101), lens.0);
             })
         })
         .collect();
+    // The forwarded connection reaches the guest in the host connection's IP version.
+    let first = streams[0].handle;
+    wait_for(&mut guest, "the forwarded connection", |g| {
+        g.tcp(first).local_endpoint().is_some()
+    });
+    let local = guest.tcp(first).local_endpoint().map(|e| e.addr);
+    let expected = if forward.starts_with('[') {
+        IpAddress::Ipv6(GUEST_V6)
+    } else {
+        IpAddress::Ipv4(GUEST_V4)
+    };
+    assert_eq!(
+        local,
+        Some(expected),
+        "guest side of the forwarded connection"
+    );
     drive(&mut guest, &mut streams, &baton);
     for h in hosts {
         join_driving(&mut guest, h, "host side");
@@ -669,4 +693,118 @@ fn hostile_segments_do_not_disturb_other_flows() {
         guest.wait();
     }
     join_driving(&mut guest, server, "server");
+}
+
+#[test]
+fn inbound_forward_streams_both_ways_ipv6() {
+    inbound_streams_to("inbound-v6", "[::1]:5000", 1, (2 << 20, 3 << 20));
+}
+
+fn set_rcvbuf(listener: &TcpListener, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `bytes` outlives the call and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+}
+
+/// The host application stops reading for 1 s while the guest streams: baton must stop
+/// acknowledging (the guest's window closes, nothing is dropped) and resume afterwards.
+#[test]
+fn zero_window_host_reader_pauses() {
+    let baton = Baton::start("zw-host", &[]);
+    let mut guest = Guest::new(baton.connect());
+    let len: u64 = 6 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    set_rcvbuf(&listener, 64 << 10);
+    let port = port_of(&listener);
+    let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = reading.clone();
+    let host = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        std::thread::sleep(Duration::from_secs(1));
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        host_stream(stream, Pattern::new(1), 0, Pattern::new(0), len);
+    });
+    let handle = guest.socket(256 << 10);
+    guest.connect(handle, (IpAddress::Ipv4(GW_V4), port), 20000);
+    let mut stream = GuestStream::new(handle, (0, 1), (len, 0));
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    let mut unacked_when_reading = None;
+    loop {
+        guest.poll();
+        let done = stream.step(&mut guest);
+        if unacked_when_reading.is_none() && reading.load(std::sync::atomic::Ordering::SeqCst) {
+            // What the guest had not got acknowledged when the host started reading.
+            let queued = guest.tcp(handle).send_queue() as u64;
+            unacked_when_reading = Some(len - stream.sent + queued);
+        }
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sent {} of {len}; baton log:\n{}",
+            stream.sent,
+            baton.log()
+        );
+        guest.wait();
+    }
+    join_driving(&mut guest, host, "host reader");
+    let unacked = unacked_when_reading.expect("the host started reading before the end");
+    assert!(
+        unacked > 1 << 20,
+        "the guest's window did not close while the host was not reading ({unacked} B unacknowledged)"
+    );
+}
+
+/// The guest application stops reading for 1 s while the host streams through the
+/// forward: the guest advertises a zero window, baton must hold the data (probing the
+/// window) and deliver every byte once the guest reads again.
+#[test]
+fn zero_window_guest_reader_pauses() {
+    let baton = Baton::start("zw-guest", &["-t", "5000:6000"]);
+    let mut guest = Guest::new(baton.connect());
+    let len: u64 = 4 << 20;
+    // Below 64 KiB: no window scaling, so a full buffer is an exact zero window.
+    let buffer = 48 << 10;
+    let handle = guest.socket(buffer);
+    guest.tcp(handle).listen(6000).expect("listen");
+    // The guest sends a little too: with nothing to send, GuestStream would close the
+    // listening socket at once.
+    let mut stream = GuestStream::new(handle, (101, 100), (1000, len));
+    let host = std::thread::spawn(move || {
+        let stream = TcpStream::connect("127.0.0.1:5000").expect("connect to forward");
+        host_stream(stream, Pattern::new(100), len, Pattern::new(101), 1000);
+    });
+    // Hold from the start, so the whole second is spent with a full buffer.
+    stream.hold_recv_until = Some(Instant::now() + Duration::from_secs(1));
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    let mut max_queued = 0;
+    loop {
+        guest.poll();
+        if stream.step(&mut guest) {
+            break;
+        }
+        max_queued = max_queued.max(guest.tcp(handle).recv_queue());
+        assert!(
+            Instant::now() < deadline,
+            "guest received {} of {len}; baton log:\n{}",
+            stream.received,
+            baton.log()
+        );
+        guest.wait();
+    }
+    assert_eq!(
+        max_queued, buffer,
+        "the guest's receive buffer never filled (no zero window)"
+    );
+    join_driving(&mut guest, host, "host writer");
 }

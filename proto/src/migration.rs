@@ -57,7 +57,7 @@
 //! | 0x0002 | [`SourceRecord`]     | once, required | where the source runs, handover |
 //! | 0x0003 | [`GuestRecord`]      | once, required | what was learned about the guest |
 //! | 0x0004 | [`ForwardsRecord`]   | once    | the `-t`/`-u` forwards in force |
-//! | 0x0010 | [`TcpFlowRecord`]    | per flow | guest side + kernel state     |
+//! | 0x0010 | [`TcpFlowRecord`]    | per flow | guest side, host ends, kernel |
 //! | 0x0011 | [`UdpFlowRecord`]    | per flow | 4-tuple + idle time left      |
 //! | 0xFFFF | end                  | once, last | count + CRC                 |
 //!
@@ -89,7 +89,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, DecodeError};
-use crate::tcp::{Endpoint, StateError, TcpConnState, TcpState, MAX_QUEUE_BYTES, MAX_WSCALE};
+use crate::tcp::{Endpoint, StateError, TcpConnState, MAX_QUEUE_BYTES, MAX_WSCALE};
 
 /// The first eight bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"BATONMIG";
@@ -134,6 +134,9 @@ pub const MIN_MTU: u16 = 68;
 pub const MAX_MTU: u16 = 65520;
 /// Smallest MSS a [`GuestTcpSide`] may carry.
 pub const MIN_MSS: u16 = 64;
+/// Largest window (and so distance between guest-side sequence numbers) a
+/// [`GuestTcpSide`] may carry: 65535 scaled by the largest window scale.
+pub const MAX_GUEST_WINDOW: u32 = 65535 << MAX_WSCALE;
 
 /// Record type numbers.
 pub mod record_type {
@@ -324,14 +327,19 @@ pub enum FlowOrigin {
 }
 
 /// The guest-facing half of a TCP flow: baton plays the guest's peer, and these are the
-/// numbers it keeps for that role. Sequence numbers are in the guest connection's space.
+/// numbers it keeps for that role (the wire form of the backend's `tcp::conn::GuestSide`).
+/// Sequence numbers are in the guest connection's space. Only connections past the
+/// handshake are recorded (a handshake in progress is simply started again by the guest).
 ///
 /// ```text
-///  towards the guest:  seq_acked_by_guest ........ seq_to_guest
-///                      |<-- sent, not yet acked -->|
-///  from the guest:     seq_acked_to_guest ..... seq_from_guest
-///                      |<-- received, ACK owed -->|
+///  towards the guest:  seq_acked_by_guest ... seq_to_guest ... seq_max_to_guest
+///                      |<-- sent, not yet acked -->|<- sent before a rewind ->|
+///  from the guest:     everything before seq_from_guest is in the host socket
 /// ```
+///
+/// baton holds no payload: the unacknowledged bytes towards the guest are the head of
+/// the host socket's receive queue, and `SO_PEEK_OFF` = `seq_to_guest - seq_acked_by_guest`
+/// (minus our FIN once sent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestTcpSide {
     pub origin: FlowOrigin,
@@ -340,17 +348,22 @@ pub struct GuestTcpSide {
     /// The address and port the guest talks to, as the guest sees it (before any
     /// mapping such as `--map-host-loopback`).
     pub remote: Endpoint,
-    /// State of baton's end of the guest connection (`FinWait1`: baton sent its FIN to
-    /// the guest; `CloseWait`: the guest sent its FIN; ...).
-    pub state: TcpState,
-    /// Next sequence number baton sends to the guest.
+    /// baton's initial sequence number towards the guest.
+    pub isn: u32,
+    /// SND.NXT: next sequence number baton sends to the guest.
     pub seq_to_guest: u32,
-    /// Highest acknowledgement received from the guest.
+    /// SND.MAX: highest sequence number sent so far (above `seq_to_guest` after a
+    /// retransmission rewind).
+    pub seq_max_to_guest: u32,
+    /// SND.UNA: highest acknowledgement received from the guest.
     pub seq_acked_by_guest: u32,
-    /// Next sequence number expected from the guest.
+    /// RCV.NXT: next sequence number expected from the guest (baton always acknowledges
+    /// up to here).
     pub seq_from_guest: u32,
-    /// Acknowledgement baton last sent to the guest.
-    pub seq_acked_to_guest: u32,
+    /// Sequence number of baton's FIN towards the guest, once sent.
+    pub fin_to_guest: Option<u32>,
+    /// The guest's FIN was received and passed on to the host socket.
+    pub fin_from_guest: bool,
     /// Window the guest advertised last, in bytes (scaled).
     pub wnd_from_guest: u32,
     /// Window baton advertised last, in bytes (scaled).
@@ -358,12 +371,16 @@ pub struct GuestTcpSide {
     /// Window scale shifts: applied to the guest's windows / to ours.
     pub ws_from_guest: u8,
     pub ws_to_guest: u8,
-    /// MSS the guest announced.
-    pub mss_from_guest: u16,
-    pub sack: bool,
-    pub timestamps: bool,
-    /// Last TSval seen from the guest (echoed in our TSecr), if timestamps are on.
-    pub ts_recent: u32,
+    /// Largest payload per segment towards the guest (the guest's MSS, clamped).
+    pub mss_to_guest: u16,
+}
+
+/// The host socket of a TCP flow, as `getsockname`/`getpeername` report it. A target
+/// that takes the live socket checks it against these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HostSocketEnds {
+    pub local: Endpoint,
+    pub peer: Endpoint,
 }
 
 /// One TCP flow.
@@ -371,6 +388,8 @@ pub struct GuestTcpSide {
 pub struct TcpFlowRecord {
     pub id: FlowId,
     pub guest_side: GuestTcpSide,
+    /// The host socket's addresses.
+    pub host: HostSocketEnds,
     /// The host socket as the helper dumped it. `None` when it was not transferred: a
     /// snapshot, or a same-host handover (the target takes the live socket).
     pub kernel: Option<TcpConnState>,
@@ -499,6 +518,8 @@ pub enum RecordError {
     WindowScale(u8),
     #[error("MSS {0} below {MIN_MSS}")]
     Mss(u16),
+    #[error("guest-side sequence numbers: {0}")]
+    GuestSequence(&'static str),
     #[error("kernel TCP state: {0}")]
     Kernel(#[from] StateError),
     #[error("a snapshot stream carries kernel TCP state (its sockets were not frozen)")]
@@ -656,10 +677,40 @@ impl GuestTcpSide {
                 return Err(RecordError::WindowScale(shift));
             }
         }
-        if self.mss_from_guest < MIN_MSS {
-            return Err(RecordError::Mss(self.mss_from_guest));
+        if self.mss_to_guest < MIN_MSS {
+            return Err(RecordError::Mss(self.mss_to_guest));
+        }
+        // SND.UNA <= SND.NXT <= SND.MAX, all within one window of each other.
+        let in_flight = self.seq_to_guest.wrapping_sub(self.seq_acked_by_guest);
+        let rewound = self.seq_max_to_guest.wrapping_sub(self.seq_to_guest);
+        let window_limit = MAX_GUEST_WINDOW;
+        if in_flight > window_limit || rewound > window_limit - in_flight.min(window_limit) {
+            return Err(RecordError::GuestSequence(
+                "SND.UNA <= SND.NXT <= SND.MAX within one window",
+            ));
+        }
+        if let Some(fin) = self.fin_to_guest {
+            // Our FIN is the last thing sent: SND.UNA <= FIN < SND.MAX.
+            let max_since_fin = self.seq_max_to_guest.wrapping_sub(fin);
+            if fin.wrapping_add(1).wrapping_sub(self.seq_acked_by_guest) > window_limit
+                || max_since_fin == 0
+                || max_since_fin > window_limit
+            {
+                return Err(RecordError::GuestSequence("FIN outside SND.UNA..SND.MAX"));
+            }
+        }
+        for wnd in [self.wnd_from_guest, self.wnd_to_guest] {
+            if wnd > MAX_GUEST_WINDOW {
+                return Err(RecordError::GuestSequence("window above 65535 << 14"));
+            }
         }
         Ok(())
+    }
+}
+
+impl HostSocketEnds {
+    pub fn validate(&self) -> Result<(), RecordError> {
+        check_endpoints("host socket", &self.local, &self.peer, ("local", "peer"))
     }
 }
 
@@ -667,6 +718,7 @@ impl TcpFlowRecord {
     /// `snapshot`: the stream is a snapshot, which must not carry kernel state.
     pub fn validate(&self, snapshot: bool) -> Result<(), RecordError> {
         self.guest_side.validate()?;
+        self.host.validate()?;
         if let Some(kernel) = &self.kernel {
             if snapshot {
                 return Err(RecordError::KernelStateInSnapshot);
@@ -680,6 +732,80 @@ impl TcpFlowRecord {
 impl UdpFlowRecord {
     pub fn validate(&self) -> Result<(), RecordError> {
         check_endpoints("UDP", &self.guest, &self.remote, ("guest", "remote"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Same-host socket handover
+// ---------------------------------------------------------------------------------------
+
+/// Most flows one handover moves (and one [`HandoverMessage::Taken`] lists).
+pub const MAX_HANDOVER_FLOWS: usize = 1 << 16;
+/// Most bytes of a [`HandoverMessage::Refused`] reason.
+pub const MAX_HANDOVER_REASON: usize = 256;
+
+/// The messages of the same-host handover, one per frame of the repair-ipc transport
+/// (12-byte header, bincode body, descriptors as `SCM_RIGHTS`) over the abstract UNIX
+/// socket named in [`SourceRecord::handover`]:
+///
+/// ```text
+///  target                                   source
+///  Hello { token } ───────────────────────▶ peer uid + token checked (once)
+///            ◀─────── Sockets { flows } + fds  (≤ MAX_FDS per frame, repeated)
+///            ◀─────── Done { total }
+///  fds checked
+///  Taken { flows } ───────────────────────▶ flows dropped from the source's table
+///            ◀─────── Released               (ownership moved: never thawed there)
+///  filters detached, flows rebuilt
+/// ```
+///
+/// Either side may send `Refused` instead of its next message and close.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HandoverMessage {
+    Hello {
+        token: [u8; 32],
+    },
+    /// The frame carries one descriptor per flow, in this order.
+    Sockets {
+        flows: Vec<FlowId>,
+    },
+    Done {
+        total: u32,
+    },
+    Taken {
+        flows: Vec<FlowId>,
+    },
+    Released,
+    Refused {
+        reason: String,
+    },
+}
+
+impl HandoverMessage {
+    /// Check the bounds of a received message.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        match self {
+            HandoverMessage::Sockets { flows } if flows.len() > crate::frame::MAX_FDS => {
+                Err(RecordError::TooLong {
+                    what: "handover socket batch",
+                    len: flows.len(),
+                    limit: crate::frame::MAX_FDS,
+                })
+            }
+            HandoverMessage::Taken { flows } if flows.len() > MAX_HANDOVER_FLOWS => {
+                Err(RecordError::TooLong {
+                    what: "handover taken list",
+                    len: flows.len(),
+                    limit: MAX_HANDOVER_FLOWS,
+                })
+            }
+            HandoverMessage::Refused { reason } => check_name(
+                "handover refusal reason",
+                reason.as_bytes(),
+                MAX_HANDOVER_REASON,
+            ),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -6,11 +6,11 @@
 use baton_proto::migration::{
     decode_stream, decode_stream_with_limits, encode_stream, read_stream, record_type,
     DeviceRecord, FlowId, FlowOrigin, ForwardRuleRecord, ForwardsRecord, GuestRecord, GuestTcpSide,
-    HandoverEndpoint, IpAddress, Limits, MigrationState, NetnsIdentity, Record, RecordError,
-    SkippedRecord, SourceRecord, StreamError, StreamHeader, StreamWriter, TcpFlowRecord,
-    UdpFlowRecord, FORMAT_VERSION, HEADER_FLAG_SNAPSHOT, RECORD_FLAG_SKIPPABLE,
+    HandoverEndpoint, HostSocketEnds, IpAddress, Limits, MigrationState, NetnsIdentity, Record,
+    RecordError, SkippedRecord, SourceRecord, StreamError, StreamHeader, StreamWriter,
+    TcpFlowRecord, UdpFlowRecord, FORMAT_VERSION, HEADER_FLAG_SNAPSHOT, RECORD_FLAG_SKIPPABLE,
 };
-use baton_proto::tcp::{Endpoint, TcpState, MAX_QUEUE_BYTES};
+use baton_proto::tcp::{Endpoint, MAX_QUEUE_BYTES};
 use proptest::prelude::*;
 
 mod common;
@@ -79,19 +79,25 @@ fn guest_side() -> GuestTcpSide {
         origin: FlowOrigin::Guest,
         guest: v4([10, 0, 2, 15], 0x1234),
         remote: v4([192, 0, 2, 1], 80),
-        state: TcpState::Established,
+        isn: 0xaabb_cc00,
         seq_to_guest: 0xaabb_ccdd,
+        seq_max_to_guest: 0xaabb_ccdd,
         seq_acked_by_guest: 0xaabb_ccd0,
         seq_from_guest: 0x0102_0304,
-        seq_acked_to_guest: 0x0102_0300,
+        fin_to_guest: None,
+        fin_from_guest: false,
         wnd_from_guest: 65535,
         wnd_to_guest: 131072,
         ws_from_guest: 7,
         ws_to_guest: 9,
-        mss_from_guest: 1460,
-        sack: true,
-        timestamps: false,
-        ts_recent: 0,
+        mss_to_guest: 1460,
+    }
+}
+
+fn host_ends() -> HostSocketEnds {
+    HostSocketEnds {
+        local: v4([192, 0, 2, 100], 40000),
+        peer: v4([192, 0, 2, 1], 80),
     }
 }
 
@@ -101,6 +107,7 @@ fn full_state() -> MigrationState {
         TcpFlowRecord {
             id: FlowId(1),
             guest_side: guest_side(),
+            host: host_ends(),
             kernel: Some(sample_state()),
         },
         TcpFlowRecord {
@@ -109,6 +116,7 @@ fn full_state() -> MigrationState {
                 origin: FlowOrigin::Host,
                 ..guest_side()
             },
+            host: host_ends(),
             kernel: None,
         },
     ];
@@ -225,13 +233,14 @@ fn golden_small_stream_freezes_format_version_1() {
     assert_eq!(decode_stream(&bytes).expect("decode golden"), small_state());
 }
 
-/// Provisional: the guest side of a TCP flow is frozen here too, but may still change
-/// before the TCP engine lands (nothing has shipped with TCP flows yet).
+/// The guest side of a TCP flow mirrors the backend's `GuestSide` (issue 5: same-host
+/// handover); the host socket's ends let a target check a handed-over socket.
 #[test]
 fn golden_tcp_flow_record_body() {
     let record = Record::TcpFlow(Box::new(TcpFlowRecord {
         id: FlowId(0x0102_0304),
         guest_side: guest_side(),
+        host: host_ends(),
         kernel: None,
     }));
     assert_eq!(
@@ -241,15 +250,17 @@ fn golden_tcp_flow_record_body() {
             "00000000", // origin Guest
             "00000000", "0a00020f", "3412", // guest 10.0.2.15:0x1234
             "00000000", "c0000201", "5000",     // remote 192.0.2.1:80
-            "00000000", // Established
-            "ddccbbaa", "d0ccbbaa", // seq_to_guest, seq_acked_by_guest
-            "04030201", "00030201", // seq_from_guest, seq_acked_to_guest
+            "00ccbbaa", // isn
+            "ddccbbaa", "ddccbbaa",
+            "d0ccbbaa", // seq_to_guest, seq_max_to_guest, seq_acked_by_guest
+            "04030201", // seq_from_guest
+            "00", "00", // fin_to_guest: None, fin_from_guest
             "ffff0000", "00000200", // windows
             "07", "09",   // window scales
             "b405", // MSS 1460
-            "01", "00",       // SACK, timestamps
-            "00000000", // ts_recent
-            "00",       // kernel: None
+            "00000000", "c0000264", "409c", // host local 192.0.2.100:40000
+            "00000000", "c0000201", "5000", // host peer 192.0.2.1:80
+            "00",   // kernel: None
         )
     );
 }
@@ -271,6 +282,7 @@ fn snapshot_flag_round_trips_and_refuses_kernel_state() {
     state.tcp_flows = vec![TcpFlowRecord {
         id: FlowId(1),
         guest_side: guest_side(),
+        host: host_ends(),
         kernel: None,
     }];
     let bytes = encode_stream(&state).expect("encode snapshot");
@@ -668,6 +680,7 @@ fn a_tcp_queue_over_the_limit_is_refused() {
     let flow = TcpFlowRecord {
         id: FlowId(1),
         guest_side: guest_side(),
+        host: host_ends(),
         kernel: Some(kernel),
     };
     let mut w = StreamWriter::new(Vec::new(), 0).expect("writer");
@@ -780,19 +793,22 @@ fn tcp_flow(id: u32, snapshot: bool) -> impl Strategy<Value = TcpFlowRecord> {
                         origin,
                         guest,
                         remote,
-                        state: TcpState::Established,
-                        seq_to_guest: n[0],
+                        isn: ts,
+                        seq_to_guest: n[1].wrapping_add(n[0] % 100_000),
+                        seq_max_to_guest: n[1].wrapping_add(n[0] % 100_000 + n[3] % 100_000),
                         seq_acked_by_guest: n[1],
                         seq_from_guest: n[2],
-                        seq_acked_to_guest: n[3],
-                        wnd_from_guest: n[4],
-                        wnd_to_guest: n[5],
+                        fin_to_guest: None,
+                        fin_from_guest: flags[0],
+                        wnd_from_guest: n[4] % (65535 << 14),
+                        wnd_to_guest: n[5] % (65535 << 14),
                         ws_from_guest: wsf,
                         ws_to_guest: wst,
-                        mss_from_guest: mss,
-                        sack: flags[0],
-                        timestamps: flags[1],
-                        ts_recent: ts,
+                        mss_to_guest: mss,
+                    },
+                    host: HostSocketEnds {
+                        local: remote,
+                        peer: guest,
                     },
                     kernel,
                 }
@@ -946,4 +962,61 @@ proptest! {
         bytes.extend_from_slice(&tail);
         prop_assert!(decode_stream(&bytes).is_err());
     }
+}
+
+// ----- same-host handover messages ---------------------------------------------------------
+
+#[test]
+fn handover_messages_round_trip_and_are_bounded() {
+    use baton_proto::migration::{HandoverMessage, MAX_HANDOVER_FLOWS, MAX_HANDOVER_REASON};
+    let messages = [
+        HandoverMessage::Hello { token: [7; 32] },
+        HandoverMessage::Sockets {
+            flows: vec![FlowId(1), FlowId(2)],
+        },
+        HandoverMessage::Done { total: 2 },
+        HandoverMessage::Taken {
+            flows: vec![FlowId(2)],
+        },
+        HandoverMessage::Released,
+        HandoverMessage::Refused {
+            reason: "wrong token".into(),
+        },
+    ];
+    for msg in messages {
+        msg.validate().expect("valid");
+        let bytes = baton_proto::encode(&msg).expect("encode");
+        let back: HandoverMessage = baton_proto::decode(&bytes).expect("decode");
+        assert_eq!(back, msg);
+    }
+    let too_many_fds = HandoverMessage::Sockets {
+        flows: (0..=baton_proto::frame::MAX_FDS as u32)
+            .map(FlowId)
+            .collect(),
+    };
+    assert!(too_many_fds.validate().is_err());
+    let too_many_flows = HandoverMessage::Taken {
+        flows: (0..=MAX_HANDOVER_FLOWS as u32).map(FlowId).collect(),
+    };
+    assert!(too_many_flows.validate().is_err());
+    let long = HandoverMessage::Refused {
+        reason: "x".repeat(MAX_HANDOVER_REASON + 1),
+    };
+    assert!(long.validate().is_err());
+}
+
+#[test]
+fn guest_tcp_side_sequence_numbers_are_checked() {
+    let mut side = guest_side();
+    side.validate().expect("sample");
+    // SND.NXT before SND.UNA.
+    side.seq_to_guest = side.seq_acked_by_guest.wrapping_sub(1);
+    assert!(side.validate().is_err());
+    // A FIN that was sent and acknowledged is fine; one beyond SND.MAX is not.
+    let mut side = guest_side();
+    side.fin_to_guest = Some(side.seq_to_guest.wrapping_sub(1));
+    side.seq_acked_by_guest = side.seq_to_guest;
+    side.validate().expect("FIN acknowledged");
+    side.fin_to_guest = Some(side.seq_max_to_guest);
+    assert!(side.validate().is_err());
 }

@@ -366,6 +366,9 @@ pub struct GuestNet {
     tcp: crate::tcp::TcpFlows,
     /// UDP flows and `-u` forwards (see [`crate::udp`]).
     udp: crate::udp::UdpFlows,
+    /// `--migrate-drop-tcp`: a LOAD whose TCP connections cannot be taken over goes on
+    /// without them (they are reset towards the guest) instead of failing.
+    drop_unmigratable_tcp: bool,
     /// Host sockets of all protocol handlers; event data = [`icmp::EPOLL_OWNER_PING`]
     /// (and later other owners) in the top byte, a per-owner token below.
     epoll: Epoll,
@@ -398,6 +401,7 @@ impl GuestNet {
         Ok(Self {
             tcp,
             udp,
+            drop_unmigratable_tcp: false,
             dhcpv4: dhcp::DhcpServer::new(&config),
             dhcpv6: dhcpv6::Dhcpv6Server::new(&config),
             router_advert: ndp::RouterAdvertiser::new(&config),
@@ -411,6 +415,26 @@ impl GuestNet {
             error_log: LogLimiter::new(now),
             event_log: RefCell::new(LogLimiter::new(now)),
         })
+    }
+
+    /// `--migrate-drop-tcp`: see the field of the same name.
+    pub fn set_drop_unmigratable_tcp(&mut self, drop: bool) {
+        self.drop_unmigratable_tcp = drop;
+    }
+
+    /// Whether a LOAD may go on without TCP connections it cannot take over.
+    pub(crate) fn drop_unmigratable_tcp(&self) -> bool {
+        self.drop_unmigratable_tcp
+    }
+
+    /// The TCP table with what its operations need, for the migration code.
+    pub(crate) fn tcp_parts(&mut self) -> (&mut crate::tcp::TcpFlows, crate::tcp::Env<'_>) {
+        let env = crate::tcp::Env {
+            config: &self.config,
+            epoll: &self.epoll,
+            guest_mac: self.observed.mac,
+        };
+        (&mut self.tcp, env)
     }
 
     /// The configuration these services answer with.

@@ -7,6 +7,8 @@ use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use baton_proto::migration::{FlowOrigin, GuestTcpSide};
+use baton_proto::tcp::Endpoint;
 use nix::errno::Errno;
 use nix::sys::epoll::EpollFlags;
 use nix::sys::socket::{recv, send, shutdown, MsgFlags, Shutdown};
@@ -44,10 +46,21 @@ pub enum TcpState {
     Established,
 }
 
+/// Who opened a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The guest connected out.
+    Guest,
+    /// A host peer connected to a `-t` forward.
+    Host,
+}
+
 /// The guest-facing TCP endpoint: plain data, everything the migration stream needs
-/// besides the kernel socket itself.
+/// besides the kernel socket itself. Its wire form is
+/// [`baton_proto::migration::GuestTcpSide`]; the conversions are below.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestSide {
+    pub origin: Origin,
     pub guest_addr: IpAddr,
     pub guest_port: u16,
     /// The remote end as the guest sees it.
@@ -157,6 +170,7 @@ impl TcpConn {
             .clamp(64, link_mss.max(64));
         TcpConn {
             guest: GuestSide {
+                origin: Origin::Guest,
                 guest_addr,
                 guest_port,
                 remote_addr,
@@ -195,6 +209,7 @@ impl TcpConn {
         let (guest_addr, guest_port, remote_addr, remote_port) = ends;
         TcpConn {
             guest: GuestSide {
+                origin: Origin::Host,
                 guest_addr,
                 guest_port,
                 remote_addr,
@@ -224,6 +239,33 @@ impl TcpConn {
             retries: 0,
             dup_acks: 0,
             ack_pending: false,
+        }
+    }
+
+    /// A connection taken over from a migration source: the guest side as the stream
+    /// recorded it, the live socket the source handed over (its filter detached, its
+    /// `SO_PEEK_OFF` and queues intact, so the peek model's invariant still holds).
+    ///
+    /// Nothing is sent now (the rings may not run yet): the connection waits as if the
+    /// guest's receive queue had been full ([`TcpConn::rx_blocked`]), so the first round
+    /// of events after the rings start sends what is due. Unacknowledged data gets a
+    /// retransmission deadline: frames in flight at the switch may be lost.
+    pub fn adopt(guest: GuestSide, socket: OwnedFd, now: Instant) -> Self {
+        let unacked = guest.seq_to_guest != guest.seq_ack_from_guest
+            || guest.seq_max_to_guest != guest.seq_to_guest;
+        TcpConn {
+            guest,
+            socket,
+            registered: None,
+            send_blocked: false,
+            ack_pending: true,
+            rx_blocked: true,
+            hung_up: false,
+            deadline: unacked.then(|| now + INITIAL_RTO),
+            scheduled: None,
+            rto: INITIAL_RTO,
+            retries: 0,
+            dup_acks: 0,
         }
     }
 
@@ -842,6 +884,101 @@ impl TcpConn {
             self.arm_rto(io.now);
         }
         Outcome::Keep
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Wire form (migration stream)
+// ---------------------------------------------------------------------------------------
+
+/// A guest side that the migration stream cannot carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GuestSideError {
+    /// Only established connections move; the guest restarts a handshake by itself.
+    #[error("the connection is still in its handshake ({0:?})")]
+    Handshake(TcpState),
+    #[error("the guest and remote ends mix IPv4 and IPv6")]
+    MixedFamilies,
+}
+
+fn endpoint(addr: IpAddr, port: u16) -> Endpoint {
+    Endpoint::from_socket_addr(std::net::SocketAddr::new(addr, port))
+}
+
+impl From<Origin> for FlowOrigin {
+    fn from(origin: Origin) -> Self {
+        match origin {
+            Origin::Guest => FlowOrigin::Guest,
+            Origin::Host => FlowOrigin::Host,
+        }
+    }
+}
+
+impl From<FlowOrigin> for Origin {
+    fn from(origin: FlowOrigin) -> Self {
+        match origin {
+            FlowOrigin::Guest => Origin::Guest,
+            FlowOrigin::Host => Origin::Host,
+        }
+    }
+}
+
+impl TryFrom<&GuestSide> for GuestTcpSide {
+    type Error = GuestSideError;
+
+    fn try_from(g: &GuestSide) -> Result<Self, Self::Error> {
+        if g.state != TcpState::Established {
+            return Err(GuestSideError::Handshake(g.state));
+        }
+        if g.guest_addr.is_ipv4() != g.remote_addr.is_ipv4() {
+            return Err(GuestSideError::MixedFamilies);
+        }
+        Ok(GuestTcpSide {
+            origin: g.origin.into(),
+            guest: endpoint(g.guest_addr, g.guest_port),
+            remote: endpoint(g.remote_addr, g.remote_port),
+            isn: g.isn.0,
+            seq_to_guest: g.seq_to_guest.0,
+            seq_max_to_guest: g.seq_max_to_guest.0,
+            seq_acked_by_guest: g.seq_ack_from_guest.0,
+            seq_from_guest: g.seq_from_guest.0,
+            fin_to_guest: g.fin_to_guest.map(|s| s.0),
+            fin_from_guest: g.fin_from_guest,
+            wnd_from_guest: g.guest_window,
+            wnd_to_guest: g.window_to_guest,
+            ws_from_guest: g.guest_window_scale,
+            ws_to_guest: g.our_window_scale,
+            mss_to_guest: g.mss,
+        })
+    }
+}
+
+/// From a record the stream reader has validated
+/// ([`GuestTcpSide::validate`]): always an established connection.
+impl From<&GuestTcpSide> for GuestSide {
+    fn from(r: &GuestTcpSide) -> Self {
+        let guest = r.guest.to_socket_addr();
+        let remote = r.remote.to_socket_addr();
+        GuestSide {
+            origin: r.origin.into(),
+            guest_addr: guest.ip(),
+            guest_port: guest.port(),
+            remote_addr: remote.ip(),
+            remote_port: remote.port(),
+            state: TcpState::Established,
+            isn: Seq(r.isn),
+            seq_to_guest: Seq(r.seq_to_guest),
+            seq_max_to_guest: Seq(r.seq_max_to_guest),
+            seq_ack_from_guest: Seq(r.seq_acked_by_guest),
+            seq_from_guest: Seq(r.seq_from_guest),
+            fin_to_guest: r.fin_to_guest.map(Seq),
+            fin_from_guest: r.fin_from_guest,
+            guest_window: r.wnd_from_guest,
+            guest_window_scale: r.ws_from_guest,
+            our_window_scale: r.ws_to_guest,
+            mss: r.mss_to_guest,
+            window_to_guest: r.wnd_to_guest,
+        }
     }
 }
 

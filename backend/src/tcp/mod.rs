@@ -50,6 +50,17 @@
 //! the flow waits in a list that is retried on every `handle_host_events` (which the
 //! device runs when the guest posts receive buffers).
 //!
+//! Migration (same host, see [`crate::handover`]): [`TcpFlows::freeze_for_handover`]
+//! makes every socket deaf (drop-all filter), takes it out of the epoll set and turns
+//! each established connection into a [`TcpFlowRecord`] plus a duplicate descriptor to
+//! offer. While frozen nothing is sent to the guest (no timers, no waiters, no accepts).
+//! Two things end it: the offer is taken ([`TcpFlows::collect_handover`] drops those
+//! flows without a sound — the target holds the same sockets — and never thaws them),
+//! or the guest talks again on this side (the source VM resumed:
+//! [`TcpFlows::handle_guest_segment`] withdraws the offer, detaches the filters and
+//! carries on). A target rebuilds flows with [`TcpFlows::adopt`]; they wait silently
+//! for the first round of events after the rings start.
+//!
 //! Addresses: the guest's destination `map_host_loopback` (default: the gateway; for
 //! IPv6 also the router's link-local address) reaches the host's loopback, and
 //! connections from the host's loopback through a `-t` forward appear to come from it.
@@ -69,10 +80,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
+use baton_proto::migration::{FlowId as WireFlowId, TcpFlowRecord};
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
 use crate::config::{MacAddr, NetConfig};
 use crate::flow::{FlowId, FlowTable, DEFAULT_MAX_FLOWS};
+use crate::handover::{HandoverOffer, OfferStatus, OfferedSocket};
 use crate::net::FrameSink;
 use conn::{Io, Outcome, TcpConn, TcpState};
 use segment::{Segment, ACK, RST, SYN};
@@ -138,6 +151,30 @@ pub(crate) struct TcpFlows {
     peek_buf: Vec<u8>,
     frame_buf: Vec<u8>,
     log: crate::net::ratelimit::LogLimiter<LOG_CLASSES>,
+    /// Live, or frozen for a migration.
+    freeze: Freeze,
+}
+
+/// The migration state of the table.
+#[derive(Debug, Default)]
+enum Freeze {
+    #[default]
+    Live,
+    /// Frozen at SAVE: every socket deaf and out of the epoll set.
+    Frozen {
+        /// Stream flow id → table flow id of the flows offered.
+        offered: Vec<(WireFlowId, FlowId)>,
+        offer: Option<HandoverOffer>,
+    },
+}
+
+/// The flows frozen at SAVE: their records, and duplicates of their sockets to offer.
+#[derive(Debug, Default)]
+pub(crate) struct FrozenFlows {
+    pub(crate) records: Vec<TcpFlowRecord>,
+    pub(crate) sockets: Vec<OfferedSocket>,
+    /// Connections that cannot move (handshake in progress, socket trouble).
+    pub(crate) left_behind: usize,
 }
 
 fn flow_data(id: FlowId) -> u64 {
@@ -174,6 +211,7 @@ impl TcpFlows {
             peek_buf: vec![0; PEEK_BUFFER_LEN],
             frame_buf: Vec::with_capacity(PEEK_BUFFER_LEN + 128),
             log: crate::net::ratelimit::LogLimiter::new(now),
+            freeze: Freeze::Live,
         };
         if config.handlers.tcp {
             flows.bind_forwards(config, epoll)?;
@@ -273,6 +311,10 @@ impl TcpFlows {
         now: Instant,
     ) -> Result<(), TcpError> {
         let seg = segment::parse(src, dst, l4)?;
+        if !self.source_resumed(env) {
+            // A handover is under way: drop the segment, the guest sends it again.
+            return Ok(());
+        }
         let key: FlowKey = (src, seg.src_port, dst, seg.dst_port);
         let guest_mac = env.guest_mac.unwrap_or([0xff; 6]);
         let link_mss = link_mss(env.config, dst.is_ipv4());
@@ -454,6 +496,10 @@ impl TcpFlows {
         now: Instant,
     ) {
         let payload = data & PAYLOAD_MASK;
+        if self.is_frozen() && (data >> KIND_SHIFT) & 0xff != KIND_ALARM {
+            // Sockets left the epoll set when frozen; a stale event changes nothing.
+            return;
+        }
         match (data >> KIND_SHIFT) & 0xff {
             KIND_FLOW => self.flow_event(env, FlowId::from_bits(payload), events, sink, now),
             KIND_LISTENER => self.accept_connections(env, payload as usize, sink, now),
@@ -596,6 +642,10 @@ impl TcpFlows {
 
     /// After a round of events: retry flows waiting for receive buffers, run due timers.
     pub(crate) fn after_events(&mut self, env: &Env<'_>, sink: &mut dyn FrameSink, now: Instant) {
+        if self.is_frozen() {
+            self.collect_handover(env);
+            return;
+        }
         let waiters = std::mem::take(&mut self.rx_waiters);
         let mut stalled = false;
         for id in waiters {
@@ -647,6 +697,232 @@ impl TcpFlows {
         if let Some(Reverse((when, _))) = self.timers.peek() {
             self.alarm.arm(*when);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Migration: freeze, hand over, thaw, adopt
+// ---------------------------------------------------------------------------------------
+
+impl TcpFlows {
+    /// Frozen for a migration (nothing goes to the guest).
+    pub(crate) fn is_frozen(&self) -> bool {
+        matches!(self.freeze, Freeze::Frozen { .. })
+    }
+
+    /// SAVE of a migration (the VM is stopped): make every socket deaf, take it out of
+    /// the epoll set, and describe each established connection. A connection whose
+    /// socket cannot be frozen or described stays live and is counted in `left_behind`
+    /// (as are handshakes in progress, which the guest restarts on the target).
+    pub(crate) fn freeze_for_handover(&mut self, env: &Env<'_>) -> FrozenFlows {
+        self.unfreeze_offer();
+        let mut frozen = FrozenFlows::default();
+        let mut offered = Vec::new();
+        let mut next_id: u32 = 0;
+        for id in self.flows.ids() {
+            let Some(conn) = self.flows.get_mut(id) else {
+                continue;
+            };
+            if let Err(err) = crate::handover::attach_deaf_filter(conn.socket.as_fd()) {
+                tracing::warn!("{id}: cannot freeze the socket, it stays here: {err}");
+                frozen.left_behind += 1;
+                continue;
+            }
+            if conn.registered.take().is_some() {
+                let _ = env.epoll.delete(conn.socket.as_fd());
+            }
+            let guest_side = match baton_proto::migration::GuestTcpSide::try_from(&conn.guest) {
+                Ok(side) => side,
+                Err(err) => {
+                    tracing::info!("{id}: not migrated: {err}");
+                    frozen.left_behind += 1;
+                    continue;
+                }
+            };
+            let described = crate::handover::socket_ends(conn.socket.as_fd())
+                .and_then(|host| Ok((host, conn.socket.try_clone()?)));
+            let (host, dup) = match described {
+                Ok(described) => described,
+                Err(err) => {
+                    tracing::warn!("{id}: not migrated: {err}");
+                    frozen.left_behind += 1;
+                    continue;
+                }
+            };
+            next_id += 1;
+            let wire = WireFlowId(next_id);
+            let record = TcpFlowRecord {
+                id: wire,
+                guest_side,
+                host,
+                kernel: None,
+            };
+            if let Err(err) = record.validate(false) {
+                tracing::warn!("{id}: not migrated: {err}");
+                frozen.left_behind += 1;
+                continue;
+            }
+            frozen.records.push(record);
+            frozen.sockets.push(OfferedSocket {
+                flow: wire,
+                socket: dup,
+            });
+            offered.push((wire, id));
+        }
+        for listener in &self.listeners {
+            let _ = env.epoll.delete(listener.socket.as_fd());
+        }
+        self.freeze = Freeze::Frozen {
+            offered,
+            offer: None,
+        };
+        frozen
+    }
+
+    /// Keep the offer made for the frozen flows (its status decides their fate).
+    pub(crate) fn set_offer(&mut self, new: HandoverOffer) {
+        if let Freeze::Frozen { offer, .. } = &mut self.freeze {
+            *offer = Some(new);
+        }
+    }
+
+    /// Withdraw a previous offer (a second SAVE); its outcome is applied first.
+    fn unfreeze_offer(&mut self) {
+        if let Freeze::Frozen { offer, offered } = &mut self.freeze {
+            if let Some(old) = offer.take() {
+                if let OfferStatus::Taken(flows) = old.cancel() {
+                    let ids: Vec<FlowId> = offered
+                        .iter()
+                        .filter(|(wire, _)| flows.contains(wire))
+                        .map(|(_, id)| *id)
+                        .collect();
+                    self.release(&ids);
+                }
+            }
+        }
+    }
+
+    /// If the target took flows, drop them here: no FIN, no RST (the target holds the
+    /// same sockets), never thawed. Returns how many.
+    pub(crate) fn collect_handover(&mut self, env: &Env<'_>) -> usize {
+        let _ = env;
+        let Freeze::Frozen {
+            offer: Some(offer),
+            offered,
+        } = &self.freeze
+        else {
+            return 0;
+        };
+        let OfferStatus::Taken(flows) = offer.status() else {
+            return 0;
+        };
+        let ids: Vec<FlowId> = offered
+            .iter()
+            .filter(|(wire, _)| flows.contains(wire))
+            .map(|(_, id)| *id)
+            .collect();
+        self.release(&ids);
+        tracing::info!("TCP: {} connection(s) handed over to the target", ids.len());
+        ids.len()
+    }
+
+    fn release(&mut self, ids: &[FlowId]) {
+        for &id in ids {
+            if let Some(conn) = self.flows.remove(id) {
+                // Not in the epoll set since the freeze; closing our descriptor leaves
+                // the connection to the target's.
+                drop(conn);
+            }
+        }
+        self.rx_waiters.retain(|id| self.flows.get(*id).is_some());
+    }
+
+    /// The guest talks on this side. If frozen, the source VM has resumed: withdraw the
+    /// offer and thaw what is still ours. `false` while a handover is under way (the
+    /// caller drops the guest's segment and asks again with the next one).
+    pub(crate) fn source_resumed(&mut self, env: &Env<'_>) -> bool {
+        let Freeze::Frozen { offer, offered } = &self.freeze else {
+            return true;
+        };
+        let taken: Vec<FlowId> = match offer.as_ref().map(HandoverOffer::cancel) {
+            None | Some(OfferStatus::Closed) | Some(OfferStatus::Waiting) => Vec::new(),
+            Some(OfferStatus::Busy) => return false,
+            Some(OfferStatus::Taken(flows)) => offered
+                .iter()
+                .filter(|(wire, _)| flows.contains(wire))
+                .map(|(_, id)| *id)
+                .collect(),
+        };
+        if !taken.is_empty() {
+            tracing::warn!(
+                "TCP: the VM resumed here after {} connection(s) moved to the target; \
+                 the guest's segments for them are answered with RST",
+                taken.len()
+            );
+            self.release(&taken);
+        }
+        self.thaw(env);
+        true
+    }
+
+    /// Detach the filters and go back to normal operation (dropping the offer, which
+    /// [`TcpFlows::source_resumed`] has withdrawn first).
+    fn thaw(&mut self, env: &Env<'_>) {
+        self.freeze = Freeze::Live;
+        let mut thawed = 0usize;
+        for id in self.flows.ids() {
+            let Some(conn) = self.flows.get(id) else {
+                continue;
+            };
+            if let Err(err) = crate::handover::detach_filter(conn.socket.as_fd()) {
+                tracing::warn!("{id}: detaching the freeze filter: {err}");
+            }
+            thawed += 1;
+            self.settle(env, id, Outcome::Keep);
+        }
+        for (index, listener) in self.listeners.iter().enumerate() {
+            let event = EpollEvent::new(
+                EpollFlags::EPOLLIN,
+                (u64::from(EPOLL_OWNER_TCP) << OWNER_SHIFT)
+                    | (KIND_LISTENER << KIND_SHIFT)
+                    | index as u64,
+            );
+            if let Err(err) = env.epoll.add(listener.socket.as_fd(), event) {
+                tracing::warn!("TCP forward listener back to epoll: {err}");
+            }
+        }
+        if thawed > 0 {
+            tracing::info!("TCP: {thawed} connection(s) thawed, carrying on here");
+        }
+    }
+
+    /// LOAD on a target: rebuild connections around sockets taken over from the
+    /// source (filters already detached). Nothing reaches the guest now; the first
+    /// round of events after the rings start drives them. Returns how many were
+    /// rebuilt; the others (table full, duplicate 4-tuple) are reset towards the host.
+    pub(crate) fn adopt(&mut self, flows: Vec<(conn::GuestSide, OwnedFd)>, now: Instant) -> usize {
+        let mut adopted = 0;
+        for (guest, socket) in flows {
+            let key: FlowKey = (
+                guest.guest_addr,
+                guest.guest_port,
+                guest.remote_addr,
+                guest.remote_port,
+            );
+            if self.flows.lookup(&key).is_some() {
+                tracing::warn!("TCP: migrated connection {key:?} already exists here; reset");
+                let _ = sock::set_reset_on_close(socket.as_fd());
+                continue;
+            }
+            match self.flows.insert(key, TcpConn::adopt(guest, socket, now)) {
+                Ok(id) => {
+                    self.rx_waiters.push(id);
+                    adopted += 1;
+                }
+                Err(_) => tracing::warn!("TCP: flow table full; migrated connection {key:?} reset"),
+            }
+        }
+        adopted
     }
 }
 

@@ -1,0 +1,945 @@
+//! Same-host handover of live TCP sockets between two baton processes (issue 5).
+//!
+//! # Theory of operation
+//!
+//! When source and target backend run on the same host, in the same network namespace,
+//! nothing needs to be dumped or restored: the target simply takes the source's live
+//! sockets (`SCM_RIGHTS`). No privilege is involved, there is no gap, and the 4-tuple is
+//! never free.
+//!
+//! ```text
+//!  source (SAVE, VM stopped)                       target (LOAD, rings not started)
+//!  freeze: drop-all socket filter on every flow
+//!  HandoverOffer::start(dups of the sockets)
+//!   └ abstract UNIX listener "\0baton-handover-…"
+//!     + 32-byte random token  ── both in the stream's SourceRecord ──▶ take_over():
+//!                                                   connect (abstract names are scoped
+//!                                                   to the network namespace: reaching
+//!                                                   it proves the namespace is shared)
+//!   peer uid == ours?  ◀──────────── Hello { token }
+//!   token right (once)?
+//!   Sockets { flows } + fds ─────────────────────▶ every fd checked: TCP socket, same
+//!   … (≤ MAX_FDS per frame)                        namespace, local and peer address
+//!   Done { total } ──────────────────────────────▶ exactly as the record says
+//!   ownership recorded ◀──────────── Taken { flows }
+//!   Released ────────────────────────────────────▶ filters detached, flows rebuilt
+//! ```
+//!
+//! * The source's sockets stay frozen (deaf) from SAVE until one of two things happens:
+//!   the target takes them ([`OfferStatus::Taken`]: the source drops its copies, which
+//!   closes nothing because the target holds the same open file descriptions, and never
+//!   thaws them), or the source VM resumes ([`HandoverOffer::cancel`] succeeds: the
+//!   source detaches its filters and carries on). Both decisions go through one mutex,
+//!   so they exclude each other; while sockets are on their way
+//!   ([`OfferStatus::Busy`]) the source must wait for the outcome before thawing.
+//! * The target thaws (detaches the filters) only after `Released`: from then on the
+//!   source has recorded that it no longer owns the sockets. Without `Released` the
+//!   target closes its copies and fails: two owners would be worse than none.
+//! * Everything from the peer is untrusted and bounded: the peer's uid must be ours
+//!   (`SO_PEERCRED`), the token is compared in constant time and consumed by the first
+//!   correct attempt, every step has a deadline ([`STEP_TIMEOUT`]), messages are
+//!   bounds-checked ([`HandoverMessage::validate`]), descriptor counts must match, and
+//!   every received descriptor is owned at once (closed on any error).
+//! * Only system calls of the sandbox's allow-list are used: `socket(AF_UNIX,
+//!   SOCK_STREAM)`, `bind`, `listen`, `accept4`, `connect`, `sendmsg`/`recvmsg`, `poll`,
+//!   `getsockname`, `getsockopt` (`SO_PEERCRED`, `SO_PEERNAME` instead of `getpeername`,
+//!   `SO_DOMAIN`/`SO_TYPE`/`SO_PROTOCOL`, `SO_NETNS_COOKIE`), `setsockopt`
+//!   (`SO_ATTACH_FILTER`/`SO_DETACH_FILTER`), `getrandom`, `clone` (one thread).
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use baton_proto::frame::MAX_FDS;
+use baton_proto::migration::{
+    FlowId, HandoverEndpoint, HandoverMessage, HostSocketEnds, RecordError, MAX_HANDOVER_FLOWS,
+    MAX_HANDOVER_REASON,
+};
+use baton_proto::DecodeError;
+use baton_repair_ipc::transport::{self, TransportError};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{
+    accept4, bind, connect, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag,
+    SockType, UnixAddr,
+};
+
+/// Deadline of each step of the exchange (one frame sent or received).
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a source keeps its offer open if neither a target nor a resume comes.
+pub const OFFER_LIFETIME: Duration = Duration::from_secs(600);
+/// How often the offer thread looks at the shared state while no target connects.
+const ACCEPT_POLL_MS: u16 = 100;
+/// Prefix of the abstract socket names.
+const NAME_PREFIX: &str = "baton-handover-";
+
+/// A handover failed (the message is logged; LOAD fails with it).
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("{step}: {source}")]
+    Sys {
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("handover transport: {0}")]
+    Transport(#[from] TransportError),
+    #[error("handover message: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("handover message: {0}")]
+    Bounds(#[from] RecordError),
+    #[error("the peer closed the handover connection early")]
+    Closed,
+    #[error("the peer refused the handover: {0}")]
+    Refused(String),
+    #[error("unexpected handover message (wanted {0})")]
+    Unexpected(&'static str),
+    #[error("handover peer runs as uid {peer}, this backend as uid {ours}")]
+    Uid { peer: u32, ours: u32 },
+    #[error("wrong handover token")]
+    Token,
+    #[error("a frame announced {announced} descriptors for {flows} flows; {received} arrived")]
+    FdCount {
+        announced: usize,
+        flows: usize,
+        received: usize,
+    },
+    #[error("flow {0}: not in the stream, or sent twice")]
+    UnknownFlow(u32),
+    #[error("the source handed over {got} sockets, the stream lists {want}")]
+    Incomplete { got: usize, want: usize },
+    #[error("socket of flow {flow}: {reason}")]
+    BadSocket { flow: u32, reason: String },
+    #[error("more than {MAX_HANDOVER_FLOWS} flows")]
+    TooMany,
+    #[error("the offer is no longer open (taken, cancelled or expired)")]
+    NotOpen,
+}
+
+fn sys(step: &'static str) -> impl FnOnce(nix::errno::Errno) -> HandoverError {
+    move |errno| HandoverError::Sys {
+        step,
+        source: io::Error::from(errno),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------
+// Freezing
+// ---------------------------------------------------------------------------------------
+
+/// `BPF_RET | BPF_K`: return the constant `k` (0 = drop the packet).
+const BPF_RET_K: u16 = 0x06;
+
+/// Attach the drop-all ("deaf") classic BPF filter: incoming segments are discarded
+/// before TCP sees them — no ACK, no RST; the peer retransmits later. Unprivileged.
+/// (The same primitive as `baton_tcp_repair::attach_deaf_filter`, which the backend does
+/// not link.)
+pub fn attach_deaf_filter(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let program = [libc::sock_filter {
+        code: BPF_RET_K,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: `fprog` and the program it points to live across the call; the kernel
+    // copies the program and only reads `size_of::<sock_fprog>()` bytes of `fprog`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Detach any socket filter; `ENOENT` (no filter) is not an error.
+pub fn detach_filter(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let zero: libc::c_int = 0;
+    // SAFETY: `zero` lives across the call and its size is passed; the kernel ignores it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_FILTER,
+            (&zero as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENOENT) {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Socket facts (getsockname, SO_PEERNAME, SO_DOMAIN, ...)
+// ---------------------------------------------------------------------------------------
+
+fn get_int(fd: BorrowedFd<'_>, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` live across the call; the kernel writes at most `len`
+    // bytes into `value` and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A `sockaddr_storage` the kernel filled as an IPv4 or IPv6 address.
+fn storage_to_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let len = len as usize;
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a `sockaddr_in`, the kernel wrote
+            // at least its size, and `sockaddr_storage` is suitably aligned for it.
+            let sin =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::from((
+                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for `sockaddr_in6`.
+            let sin6 = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                u32::from_be(sin6.sin6_flowinfo),
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// The socket's local address (`getsockname`).
+pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    // SAFETY: an all-zero `sockaddr_storage` is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` and `len` live across the call; the kernel writes at most `len`
+    // bytes and updates `len`.
+    let rc = unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    storage_to_addr(&storage, len).ok_or_else(|| io::Error::other("not an IP socket"))
+}
+
+/// The socket's peer address, through `SO_PEERNAME` (the sandbox allows `getsockopt`,
+/// not `getpeername`). The kernel refuses (`EINVAL`) a buffer longer than the address,
+/// so the length comes from the socket's family.
+pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    let want = match get_int(fd, libc::SO_DOMAIN)? {
+        libc::AF_INET => std::mem::size_of::<libc::sockaddr_in>(),
+        libc::AF_INET6 => std::mem::size_of::<libc::sockaddr_in6>(),
+        _ => return Err(io::Error::other("not an IP socket")),
+    };
+    // SAFETY: an all-zero `sockaddr_storage` is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = want as libc::socklen_t;
+    // SAFETY: `storage` and `len` live across the call; the kernel writes at most `len`
+    // bytes and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERNAME,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    storage_to_addr(&storage, len).ok_or_else(|| io::Error::other("not an IP socket"))
+}
+
+/// The host ends of a connected TCP socket, for its record.
+pub fn socket_ends(fd: BorrowedFd<'_>) -> io::Result<HostSocketEnds> {
+    use baton_proto::tcp::Endpoint;
+    Ok(HostSocketEnds {
+        local: Endpoint::from_socket_addr(local_addr(fd)?),
+        peer: Endpoint::from_socket_addr(peer_addr(fd)?),
+    })
+}
+
+fn same_addr(a: SocketAddr, b: SocketAddr) -> bool {
+    a.ip() == b.ip() && a.port() == b.port()
+}
+
+/// `SO_NETNS_COOKIE` of a socket.
+fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` live across the call; the kernel writes at most `len`
+    // bytes into `cookie` and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Check that a received descriptor is a connected TCP socket of this network namespace
+/// whose addresses are exactly those of the record.
+pub fn check_socket(fd: BorrowedFd<'_>, expected: &HostSocketEnds) -> Result<(), String> {
+    let domain = get_int(fd, libc::SO_DOMAIN).map_err(|e| format!("SO_DOMAIN: {e}"))?;
+    if domain != libc::AF_INET && domain != libc::AF_INET6 {
+        return Err(format!("address family {domain} is not IPv4 or IPv6"));
+    }
+    let kind = get_int(fd, libc::SO_TYPE).map_err(|e| format!("SO_TYPE: {e}"))?;
+    let protocol = get_int(fd, libc::SO_PROTOCOL).map_err(|e| format!("SO_PROTOCOL: {e}"))?;
+    if kind != libc::SOCK_STREAM || protocol != libc::IPPROTO_TCP {
+        return Err(format!("type {kind}, protocol {protocol}: not TCP"));
+    }
+    let theirs = netns_cookie(fd).map_err(|e| format!("SO_NETNS_COOKIE: {e}"))?;
+    let probe = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("probe socket: {e}"))?;
+    let ours = netns_cookie(probe.as_fd()).map_err(|e| format!("SO_NETNS_COOKIE: {e}"))?;
+    if theirs != ours {
+        return Err("the socket belongs to another network namespace".into());
+    }
+    let local = local_addr(fd).map_err(|e| format!("getsockname: {e}"))?;
+    let peer = peer_addr(fd).map_err(|e| format!("SO_PEERNAME (not connected?): {e}"))?;
+    if !same_addr(local, expected.local.to_socket_addr())
+        || !same_addr(peer, expected.peer.to_socket_addr())
+    {
+        return Err(format!(
+            "addresses {local} -> {peer}, the record says {} -> {}",
+            expected.local.to_socket_addr(),
+            expected.peer.to_socket_addr()
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Messages
+// ---------------------------------------------------------------------------------------
+
+fn deadline() -> Option<Instant> {
+    transport::deadline_after(STEP_TIMEOUT)
+}
+
+fn send(
+    sock: BorrowedFd<'_>,
+    msg: &HandoverMessage,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), HandoverError> {
+    transport::send_message(sock, msg, fds, deadline())?;
+    Ok(())
+}
+
+/// Receive one message and its descriptors (each owned at once).
+fn recv(sock: BorrowedFd<'_>) -> Result<(HandoverMessage, Vec<OwnedFd>), HandoverError> {
+    let frame = transport::recv_frame(sock, deadline())?.ok_or(HandoverError::Closed)?;
+    let msg: HandoverMessage = baton_proto::decode(&frame.body)?;
+    msg.validate()?;
+    if !frame.fd_count_matches() {
+        return Err(HandoverError::FdCount {
+            announced: usize::from(frame.header.fd_count),
+            flows: 0,
+            received: frame.fds_received(),
+        });
+    }
+    if let HandoverMessage::Refused { reason } = msg {
+        return Err(HandoverError::Refused(reason));
+    }
+    Ok((msg, frame.fds))
+}
+
+/// Tell the peer why, best effort.
+fn refuse(sock: BorrowedFd<'_>, err: &HandoverError) {
+    let mut reason = err.to_string();
+    if reason.len() > MAX_HANDOVER_REASON {
+        let mut cut = MAX_HANDOVER_REASON;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    let reason = reason.replace('\0', " ");
+    let _ = transport::send_message(sock, &HandoverMessage::Refused { reason }, &[], deadline());
+}
+
+fn peer_uid(sock: BorrowedFd<'_>) -> Result<u32, HandoverError> {
+    let creds = getsockopt(&sock, sockopt::PeerCredentials).map_err(sys("SO_PEERCRED"))?;
+    Ok(creds.uid())
+}
+
+fn check_uid(sock: BorrowedFd<'_>) -> Result<(), HandoverError> {
+    let peer = peer_uid(sock)?;
+    let ours = nix::unistd::geteuid().as_raw();
+    if peer != ours {
+        return Err(HandoverError::Uid { peer, ours });
+    }
+    Ok(())
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], HandoverError> {
+    let mut out = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        let rest = &mut out[filled..];
+        // SAFETY: `rest` is valid for writes of `rest.len()` bytes; the kernel writes at
+        // most that many.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(HandoverError::Sys {
+                step: "getrandom",
+                source: err,
+            });
+        }
+        filled += n as usize;
+    }
+    Ok(out)
+}
+
+fn tokens_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// ---------------------------------------------------------------------------------------
+// Source side
+// ---------------------------------------------------------------------------------------
+
+/// One socket the source offers: a duplicate of the flow's descriptor (the same open
+/// file description; dropping it closes nothing while the flow holds its own).
+#[derive(Debug)]
+pub struct OfferedSocket {
+    pub flow: FlowId,
+    pub socket: OwnedFd,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for a target (or a resume).
+    Open(Vec<OfferedSocket>),
+    /// A target presented the token; the sockets are on their way.
+    Sending,
+    /// The target took these flows; not yet collected by the engine.
+    Taken(Vec<FlowId>),
+    /// Over: collected, cancelled, failed or expired.
+    Closed,
+}
+
+/// What became of an offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OfferStatus {
+    /// Still open: no target came.
+    Waiting,
+    /// Sockets are on their way to a target: wait for the outcome before thawing.
+    Busy,
+    /// The target owns these flows now (reported once): drop them, never thaw them.
+    Taken(Vec<FlowId>),
+    /// No handover happened and none will: the source still owns every socket.
+    Closed,
+}
+
+/// The source's side: an abstract listener, a token, the sockets, and the thread that
+/// serves one target.
+#[derive(Debug)]
+pub struct HandoverOffer {
+    endpoint: HandoverEndpoint,
+    phase: Arc<Mutex<Phase>>,
+    _thread: JoinHandle<()>,
+}
+
+impl HandoverOffer {
+    /// Listen on a fresh abstract socket and serve the first target that presents the
+    /// token, for at most `lifetime`.
+    pub fn start(sockets: Vec<OfferedSocket>, lifetime: Duration) -> Result<Self, HandoverError> {
+        if sockets.len() > MAX_HANDOVER_FLOWS {
+            return Err(HandoverError::TooMany);
+        }
+        let token = random_bytes::<32>()?;
+        let tag = random_bytes::<8>()?;
+        let name = format!(
+            "{NAME_PREFIX}{}-{}",
+            std::process::id(),
+            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(sys("handover listener: socket"))?;
+        let addr =
+            UnixAddr::new_abstract(name.as_bytes()).map_err(sys("handover listener: name"))?;
+        bind(listener.as_raw_fd(), &addr).map_err(sys("handover listener: bind"))?;
+        let backlog = Backlog::new(4).map_err(sys("handover listener: backlog"))?;
+        listen(&listener, backlog).map_err(sys("handover listener: listen"))?;
+        let phase = Arc::new(Mutex::new(Phase::Open(sockets)));
+        let shared = Arc::clone(&phase);
+        let thread = std::thread::Builder::new()
+            .name("baton-handover".into())
+            .spawn(move || serve(listener, token, shared, lifetime))
+            .map_err(|source| HandoverError::Sys {
+                step: "handover thread",
+                source,
+            })?;
+        Ok(HandoverOffer {
+            endpoint: HandoverEndpoint {
+                abstract_name: name.into_bytes(),
+                token,
+            },
+            phase,
+            _thread: thread,
+        })
+    }
+
+    /// Where and how a target reaches this offer (for the stream's `SourceRecord`).
+    pub fn endpoint(&self) -> &HandoverEndpoint {
+        &self.endpoint
+    }
+
+    /// What became of the offer; [`OfferStatus::Taken`] is reported once.
+    pub fn status(&self) -> OfferStatus {
+        let mut phase = lock(&self.phase);
+        match &*phase {
+            Phase::Open(_) => OfferStatus::Waiting,
+            Phase::Sending => OfferStatus::Busy,
+            Phase::Closed => OfferStatus::Closed,
+            Phase::Taken(_) => match std::mem::replace(&mut *phase, Phase::Closed) {
+                Phase::Taken(flows) => OfferStatus::Taken(flows),
+                _ => OfferStatus::Closed,
+            },
+        }
+    }
+
+    /// The source VM resumed: withdraw the offer if no target is taking it. Returns
+    /// [`OfferStatus::Closed`] when the source still owns everything (thaw now),
+    /// [`OfferStatus::Busy`] when a handover is under way (ask again), or
+    /// [`OfferStatus::Taken`] when the target already owns those flows.
+    pub fn cancel(&self) -> OfferStatus {
+        let mut phase = lock(&self.phase);
+        if let Phase::Open(_) = &*phase {
+            // Drops the duplicates: the flows keep their own descriptors.
+            *phase = Phase::Closed;
+        }
+        drop(phase);
+        self.status()
+    }
+}
+
+impl Drop for HandoverOffer {
+    fn drop(&mut self) {
+        let mut phase = lock(&self.phase);
+        if !matches!(&*phase, Phase::Sending) {
+            *phase = Phase::Closed;
+        }
+        // The thread notices within ACCEPT_POLL_MS (or a step timeout) and exits.
+    }
+}
+
+/// The offer thread: accept targets until one presents the token, the offer is
+/// cancelled, or it expires.
+fn serve(listener: OwnedFd, token: [u8; 32], phase: Arc<Mutex<Phase>>, lifetime: Duration) {
+    let expires = Instant::now() + lifetime;
+    loop {
+        if !matches!(&*lock(&phase), Phase::Open(_)) {
+            return;
+        }
+        if Instant::now() >= expires {
+            tracing::warn!("TCP handover: no target came within {lifetime:?}; offer withdrawn");
+            *lock(&phase) = Phase::Closed;
+            return;
+        }
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ACCEPT_POLL_MS)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(err) => {
+                tracing::error!("TCP handover: poll: {err}; offer withdrawn");
+                *lock(&phase) = Phase::Closed;
+                return;
+            }
+        }
+        let conn = match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            // SAFETY: accept4 returned a new descriptor that nothing else owns.
+            Ok(raw) => unsafe { OwnedFd::from_raw_fd(raw) },
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+            Err(err) => {
+                tracing::warn!("TCP handover: accept: {err}");
+                continue;
+            }
+        };
+        match serve_target(conn.as_fd(), &token, &phase) {
+            Ok(count) => {
+                tracing::info!("TCP handover: the target took {count} connection(s)");
+                return;
+            }
+            Err(Served::Rejected(err)) => {
+                // A stranger or a wrong token: the offer stays open.
+                tracing::warn!("TCP handover: refused a connection: {err}");
+                refuse(conn.as_fd(), &err);
+            }
+            Err(Served::Failed(err)) => {
+                tracing::error!("TCP handover failed, this backend keeps its connections: {err}");
+                refuse(conn.as_fd(), &err);
+                *lock(&phase) = Phase::Closed;
+                return;
+            }
+        }
+    }
+}
+
+enum Served {
+    /// Before the token was accepted: nothing changed.
+    Rejected(HandoverError),
+    /// After: the offer is consumed, the source keeps its sockets.
+    Failed(HandoverError),
+}
+
+fn serve_target(
+    conn: BorrowedFd<'_>,
+    token: &[u8; 32],
+    phase: &Mutex<Phase>,
+) -> Result<usize, Served> {
+    check_uid(conn).map_err(Served::Rejected)?;
+    let (hello, _fds) = recv(conn).map_err(Served::Rejected)?;
+    let HandoverMessage::Hello { token: presented } = hello else {
+        return Err(Served::Rejected(HandoverError::Unexpected("Hello")));
+    };
+    if !tokens_equal(&presented, token) {
+        return Err(Served::Rejected(HandoverError::Token));
+    }
+    let sockets = {
+        let mut phase = lock(phase);
+        match std::mem::replace(&mut *phase, Phase::Sending) {
+            Phase::Open(sockets) => sockets,
+            other => {
+                *phase = other;
+                return Err(Served::Rejected(HandoverError::NotOpen));
+            }
+        }
+    };
+    // From here on the token is used up; `sockets` (the duplicates) close on return.
+    let offered: Vec<FlowId> = sockets.iter().map(|s| s.flow).collect();
+    let result = send_sockets(conn, &sockets).and_then(|()| {
+        let (taken, _fds) = recv(conn)?;
+        let HandoverMessage::Taken { flows } = taken else {
+            return Err(HandoverError::Unexpected("Taken"));
+        };
+        if let Some(stranger) = flows.iter().find(|f| !offered.contains(f)) {
+            return Err(HandoverError::UnknownFlow(stranger.0));
+        }
+        Ok(flows)
+    });
+    let flows = match result {
+        Ok(flows) => flows,
+        Err(err) => {
+            *lock(phase) = Phase::Closed;
+            return Err(Served::Failed(err));
+        }
+    };
+    let count = flows.len();
+    // Record the move before confirming it: once the target reads `Released` it thaws.
+    *lock(phase) = Phase::Taken(flows);
+    if let Err(err) = send(conn, &HandoverMessage::Released, &[]) {
+        // The target will not use the sockets without `Released`; they are lost either
+        // way now (this side has given them up).
+        tracing::error!("TCP handover: confirming to the target: {err}");
+    }
+    Ok(count)
+}
+
+fn send_sockets(conn: BorrowedFd<'_>, sockets: &[OfferedSocket]) -> Result<(), HandoverError> {
+    for batch in sockets.chunks(MAX_FDS) {
+        let flows = batch.iter().map(|s| s.flow).collect();
+        let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|s| s.socket.as_fd()).collect();
+        send(conn, &HandoverMessage::Sockets { flows }, &fds)?;
+    }
+    let total = u32::try_from(sockets.len()).map_err(|_| HandoverError::TooMany)?;
+    send(conn, &HandoverMessage::Done { total }, &[])
+}
+
+// ---------------------------------------------------------------------------------------
+// Target side
+// ---------------------------------------------------------------------------------------
+
+/// A flow the stream lists, whose socket the target expects.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpectedSocket {
+    pub flow: FlowId,
+    pub host: HostSocketEnds,
+}
+
+/// Take the sockets of `expected` from the source at `endpoint`. On success every
+/// socket was checked, the source has recorded that it gave them up, and their filters
+/// are detached: the caller owns live connections. On error nothing was taken (the
+/// received descriptors are closed; the source keeps its sockets).
+pub fn take_over(
+    endpoint: &HandoverEndpoint,
+    expected: &[ExpectedSocket],
+) -> Result<Vec<(FlowId, OwnedFd)>, HandoverError> {
+    if expected.len() > MAX_HANDOVER_FLOWS {
+        return Err(HandoverError::TooMany);
+    }
+    let conn = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(sys("handover: socket"))?;
+    let addr =
+        UnixAddr::new_abstract(&endpoint.abstract_name).map_err(sys("handover: socket name"))?;
+    connect(conn.as_raw_fd(), &addr).map_err(sys(
+        "handover: connect to the source (not on this host, or not in this network namespace?)",
+    ))?;
+    let result = take_over_on(conn.as_fd(), endpoint, expected);
+    if let Err(err) = &result {
+        if !matches!(err, HandoverError::Refused(_) | HandoverError::Closed) {
+            refuse(conn.as_fd(), err);
+        }
+    }
+    result
+}
+
+fn take_over_on(
+    conn: BorrowedFd<'_>,
+    endpoint: &HandoverEndpoint,
+    expected: &[ExpectedSocket],
+) -> Result<Vec<(FlowId, OwnedFd)>, HandoverError> {
+    check_uid(conn)?;
+    send(
+        conn,
+        &HandoverMessage::Hello {
+            token: endpoint.token,
+        },
+        &[],
+    )?;
+    let mut received: Vec<(FlowId, OwnedFd)> = Vec::with_capacity(expected.len());
+    loop {
+        let (msg, fds) = recv(conn)?;
+        match msg {
+            HandoverMessage::Sockets { flows } => {
+                if flows.len() != fds.len() {
+                    return Err(HandoverError::FdCount {
+                        announced: fds.len(),
+                        flows: flows.len(),
+                        received: fds.len(),
+                    });
+                }
+                for (flow, fd) in flows.into_iter().zip(fds) {
+                    let wanted = expected
+                        .iter()
+                        .find(|e| e.flow == flow)
+                        .ok_or(HandoverError::UnknownFlow(flow.0))?;
+                    if received.iter().any(|(f, _)| *f == flow) {
+                        return Err(HandoverError::UnknownFlow(flow.0));
+                    }
+                    check_socket(fd.as_fd(), &wanted.host).map_err(|reason| {
+                        HandoverError::BadSocket {
+                            flow: flow.0,
+                            reason,
+                        }
+                    })?;
+                    received.push((flow, fd));
+                }
+            }
+            HandoverMessage::Done { total } => {
+                if total as usize != received.len() || received.len() != expected.len() {
+                    return Err(HandoverError::Incomplete {
+                        got: received.len(),
+                        want: expected.len(),
+                    });
+                }
+                break;
+            }
+            _ => return Err(HandoverError::Unexpected("Sockets or Done")),
+        }
+    }
+    let flows = received.iter().map(|(f, _)| *f).collect();
+    send(conn, &HandoverMessage::Taken { flows }, &[])?;
+    let (released, _fds) = recv(conn)?;
+    if released != HandoverMessage::Released {
+        return Err(HandoverError::Unexpected("Released"));
+    }
+    for (flow, fd) in &received {
+        detach_filter(fd.as_fd()).map_err(|e| HandoverError::BadSocket {
+            flow: flow.0,
+            reason: format!("detaching the filter: {e}"),
+        })?;
+    }
+    Ok(received)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    fn expected(flow: u32, s: &TcpStream) -> ExpectedSocket {
+        ExpectedSocket {
+            flow: FlowId(flow),
+            host: socket_ends(s.as_fd()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn sockets_move_and_the_source_learns_it() {
+        let (client, mut server) = pair();
+        attach_deaf_filter(client.as_fd()).unwrap();
+        let want = [expected(7, &client)];
+        let offer = HandoverOffer::start(
+            vec![OfferedSocket {
+                flow: FlowId(7),
+                socket: client.as_fd().try_clone_to_owned().unwrap(),
+            }],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(offer.status(), OfferStatus::Waiting);
+        let taken = take_over(offer.endpoint(), &want).unwrap();
+        assert_eq!(offer.status(), OfferStatus::Taken(vec![FlowId(7)]));
+        assert_eq!(offer.cancel(), OfferStatus::Closed);
+        drop(client);
+        let (flow, fd) = taken.into_iter().next().unwrap();
+        assert_eq!(flow, FlowId(7));
+        let mut moved = TcpStream::from(fd);
+        server.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        moved.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+
+    #[test]
+    fn a_wrong_token_is_refused_and_the_offer_stays_open() {
+        let (client, _server) = pair();
+        let want = [expected(1, &client)];
+        let offer = HandoverOffer::start(
+            vec![OfferedSocket {
+                flow: FlowId(1),
+                socket: client.as_fd().try_clone_to_owned().unwrap(),
+            }],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let mut wrong = offer.endpoint().clone();
+        wrong.token[0] ^= 1;
+        let err = take_over(&wrong, &want).unwrap_err();
+        assert!(matches!(err, HandoverError::Refused(_)), "{err}");
+        assert_eq!(offer.status(), OfferStatus::Waiting);
+        assert_eq!(offer.cancel(), OfferStatus::Closed);
+        // Withdrawn: refused, reset, or no listener at all — never the sockets.
+        assert!(take_over(offer.endpoint(), &want).is_err());
+    }
+
+    #[test]
+    fn a_socket_that_does_not_match_its_record_is_refused() {
+        let (client, _server) = pair();
+        let (other, _other_server) = pair();
+        let want = [expected(1, &other)];
+        let offer = HandoverOffer::start(
+            vec![OfferedSocket {
+                flow: FlowId(1),
+                socket: client.as_fd().try_clone_to_owned().unwrap(),
+            }],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let err = take_over(offer.endpoint(), &want).unwrap_err();
+        assert!(matches!(err, HandoverError::BadSocket { .. }), "{err}");
+        // The source keeps its sockets (the offer is used up).
+        for _ in 0..100 {
+            if offer.status() == OfferStatus::Closed {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("offer not closed: {:?}", offer.status());
+    }
+
+    #[test]
+    fn no_listener_means_not_this_host() {
+        let endpoint = HandoverEndpoint {
+            abstract_name: b"baton-handover-nobody-listens-here".to_vec(),
+            token: [0; 32],
+        };
+        let err = take_over(&endpoint, &[]).unwrap_err();
+        assert!(matches!(err, HandoverError::Sys { .. }), "{err}");
+    }
+
+    #[test]
+    fn deaf_filter_attaches_and_detaches() {
+        let (client, _server) = pair();
+        attach_deaf_filter(client.as_fd()).unwrap();
+        detach_filter(client.as_fd()).unwrap();
+        detach_filter(client.as_fd()).unwrap();
+    }
+}
