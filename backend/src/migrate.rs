@@ -112,6 +112,11 @@ pub enum EngineStateError {
         source: HandoverError,
     },
     #[error(
+        "{0} TCP connection(s) could not be frozen for the migration (the source keeps \
+         them all; use --migrate-drop-tcp to migrate without them)"
+    )]
+    CannotFreeze(usize),
+    #[error(
         "the stream carries {0} TCP connection(s) but no handover socket; restoring \
          dumped connections (different host) is not implemented yet"
     )]
@@ -359,8 +364,9 @@ impl GuestNet {
         let mut source = local_source_record();
         let tcp_flows = match mode {
             SaveMode::Migration => {
+                let drop = self.drop_unmigratable_tcp();
                 let (tcp, env) = self.tcp_parts();
-                freeze_and_offer_tcp_flows(tcp, &env, &mut source)?
+                freeze_and_offer_tcp_flows(tcp, &env, &mut source, drop)?
             }
             SaveMode::Snapshot => Vec::new(),
         };
@@ -444,12 +450,19 @@ pub(crate) fn freeze_and_offer_tcp_flows(
     tcp: &mut TcpFlows,
     env: &TcpEnv<'_>,
     source: &mut SourceRecord,
+    drop_unmigratable: bool,
 ) -> Result<Vec<TcpFlowRecord>, EngineStateError> {
     let frozen = tcp.freeze_for_handover(env);
+    if frozen.left_behind > 0 && !drop_unmigratable {
+        // The design's default: a connection that cannot move fails the migration, so
+        // that the source continues with everything intact.
+        tcp.source_resumed(env);
+        return Err(EngineStateError::CannotFreeze(frozen.left_behind));
+    }
     if frozen.left_behind > 0 {
         warn!(
             "device state SAVE: {} TCP connection(s) cannot move (handshake in progress or \
-             socket trouble); the guest will see them reset on the target",
+             socket trouble); --migrate-drop-tcp: the guest will see them reset on the target",
             frozen.left_behind
         );
     }
@@ -799,7 +812,7 @@ mod tests {
             let (mut source, mut server) = source_with_flow();
             let mut record = SourceRecord::default();
             let (tcp, env) = source.parts();
-            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record).unwrap();
+            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record, false).unwrap();
             assert_eq!(flows.len(), 1);
             assert!(record.handover.is_some());
             assert!(tcp.is_frozen());
@@ -836,7 +849,7 @@ mod tests {
             let (mut source, _server) = source_with_flow();
             let mut record = SourceRecord::default();
             let (tcp, env) = source.parts();
-            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record).unwrap();
+            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record, false).unwrap();
             assert!(tcp.source_resumed(&env));
             assert!(!tcp.is_frozen());
             assert_eq!(tcp.len(), 1);
@@ -859,7 +872,7 @@ mod tests {
             let (mut source, _server) = source_with_flow();
             let mut record = SourceRecord::default();
             let (tcp, env) = source.parts();
-            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record).unwrap();
+            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record, false).unwrap();
             record.handover = None;
             let mut target = Side::new();
             let err = take_over_tcp_flows(&mut target.tcp, &record, &flows, false).unwrap_err();
