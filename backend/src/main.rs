@@ -9,7 +9,7 @@ use baton::net::GuestNet;
 use baton::runtime;
 use baton::vu::serve::{serve, Stopper};
 use baton::vu::NetworkEngine;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 fn main() -> ExitCode {
     let cli = baton::cli::parse_args();
@@ -49,6 +49,7 @@ fn run(cli: &baton::cli::Cli, rt: &RuntimeConfig) -> Result<(), Box<dyn std::err
     }
     let stopper = Stopper::new()?;
     runtime::handle_signals(stopper.clone())?;
+    warn_unimplemented_migration_options(rt);
     let mut net = GuestNet::new(config)?;
     net.set_drop_unmigratable_tcp(rt.migration.drop_unmigratable_tcp);
     let engine: Arc<Mutex<dyn NetworkEngine>> = Arc::new(Mutex::new(net));
@@ -59,6 +60,22 @@ fn run(cli: &baton::cli::Cli, rt: &RuntimeConfig) -> Result<(), Box<dyn std::err
     serve(&mut listener, engine, rt.one_off, &stopper)?;
     info!("exiting");
     Ok(())
+}
+
+/// Options accepted for compatibility whose behaviour is not built yet: say so at start
+/// rather than ignore them silently.
+fn warn_unimplemented_migration_options(rt: &RuntimeConfig) {
+    let m = &rt.migration;
+    if let Some(helper) = &m.helper {
+        warn!(
+            "--helper {}: spawning baton-repair is not implemented yet; TCP connections are \
+             migrated only by same-host handover",
+            helper.display()
+        );
+    }
+    if m.exit_after_source_migration {
+        warn!("--migrate-exit: exiting after a completed migration is not implemented yet");
+    }
 }
 
 fn log_config(config: &NetConfig) {
