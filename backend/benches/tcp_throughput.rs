@@ -16,18 +16,20 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use baton_testkit::pattern::Pattern;
 use baton_vu_harness::smol::GuestNic;
-use baton_vu_harness::{FrontendOptions, NetFrontend};
+use baton_vu_harness::NetFrontend;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{Baton, V4_ONLY};
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -37,76 +39,6 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 const STREAM_BUFFER: usize = 4 << 20;
 const PERIOD: usize = 65521;
 const CHUNK: usize = 65536;
-
-struct Baton {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Baton {
-    fn start(extra: &[&str]) -> Self {
-        baton_testkit::netns::enter_private_netns()
-            .expect("private network namespace (run as root)");
-        let dir = std::env::temp_dir().join(format!("baton-bench-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let child = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .args(["-f", "--stderr", "--socket"])
-            .arg(dir.join("vu.sock"))
-            .args(["-a", "10.77.0.2/24", "-g", "10.77.0.1", "-D", "10.77.0.53"])
-            .args(extra)
-            .arg(if std::env::var_os("BATON_BENCH_DEBUG").is_some() {
-                "--debug"
-            } else {
-                "--quiet"
-            })
-            .stderr(std::fs::File::create(dir.join("baton.log")).expect("log"))
-            .spawn()
-            .expect("start baton");
-        let b = Baton { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !b.dir.join("vu.sock").exists() {
-            assert!(
-                Instant::now() < deadline,
-                "baton did not create its socket: {}",
-                b.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        b
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
-    }
-
-    fn connect(&self) -> NetFrontend {
-        NetFrontend::connect(
-            Path::new(&self.dir.join("vu.sock")),
-            FrontendOptions::default(),
-        )
-        .expect("frontend")
-    }
-}
-
-impl Drop for Baton {
-    fn drop(&mut self) {
-        // SAFETY: signalling the child we started, by its PID.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().expect("wait for baton");
-        if !std::thread::panicking() {
-            assert!(
-                status.success(),
-                "baton exit status {status:?}; log:\n{}",
-                self.log()
-            );
-        }
-        if let Some(keep) = std::env::var_os("BATON_BENCH_LOG") {
-            let _ = std::fs::copy(self.dir.join("baton.log"), keep);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 struct Guest {
     nic: GuestNic,
@@ -414,7 +346,7 @@ fn main() {
     let conns = env_or("BATON_BENCH_CONNS", 1000).min(40000) as u16;
     let total = mib << 20;
     let _ = baton_testkit::netns::raise_nofile(8192);
-    let baton = Baton::start(&["-t", "5000:6000"]);
+    let baton = start_baton(&["-t", "5000:6000"]);
     let mut guest = Guest::new(baton.connect());
 
     let t = guest_to_host(&mut guest, total);
@@ -436,4 +368,22 @@ fn main() {
         f64::from(conns) / t.as_secs_f64(),
         t.as_secs_f64() * 1e6 / f64::from(conns)
     );
+}
+
+/// Baton in a private network namespace (this thread), IPv4, quiet unless
+/// `BATON_BENCH_DEBUG` is set.
+fn start_baton(extra: &[&str]) -> Baton {
+    baton_testkit::netns::enter_private_netns().expect("private network namespace (run as root)");
+    let level = if std::env::var_os("BATON_BENCH_DEBUG").is_some() {
+        "--debug"
+    } else {
+        "--quiet"
+    };
+    let args: Vec<&str> = V4_ONLY
+        .iter()
+        .copied()
+        .chain(extra.iter().copied())
+        .chain([level])
+        .collect();
+    Baton::spawn("bench", &args)
 }

@@ -5,12 +5,10 @@
 //! nothing leaves this machine.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use baton_vu_harness::smol::GuestNic;
-use baton_vu_harness::{FrontendOptions, NetFrontend};
+use baton_vu_harness::NetFrontend;
 use etherparse::{
     ArpHardwareId, ArpOperation, ArpPacket, EtherType, NetSlice, PacketBuilder, SlicedPacket,
     TransportSlice,
@@ -21,6 +19,9 @@ use smoltcp::wire::{
     EthernetAddress, HardwareAddress, IcmpRepr, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr,
 };
 
+mod common;
+use common::Baton;
+
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const OUR_MAC: [u8; 6] = [0x9a, 0x55, 0x9a, 0x55, 0x9a, 0x55];
 const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -28,80 +29,6 @@ const GW_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const DNS_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 53);
 const GUEST_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 2);
 const GUEST_LL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0x5054, 0xff, 0xfe12, 0x3456);
-
-struct Baton {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Baton {
-    /// Enter a private netns (this thread), allow ping sockets there, start baton.
-    fn start(name: &str) -> Self {
-        baton_testkit::netns::enter_private_netns()
-            .expect("private network namespace (run as root)");
-        std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")
-            .expect("ping_group_range");
-        let dir =
-            std::env::temp_dir().join(format!("baton-services-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let child = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .args(["-f", "--stderr", "-d", "--socket"])
-            .arg(dir.join("vu.sock"))
-            .args(["-a", "10.77.0.2/24", "-g", "10.77.0.1", "-D", "10.77.0.53"])
-            .args([
-                "-a",
-                "2001:db8:77::2/64",
-                "-g",
-                "fe80::1",
-                "-D",
-                "2001:db8:77::53",
-            ])
-            .stderr(std::fs::File::create(dir.join("baton.log")).expect("log"))
-            .spawn()
-            .expect("start baton");
-        let b = Baton { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !b.socket().exists() {
-            assert!(
-                Instant::now() < deadline,
-                "baton did not create its socket: {}",
-                b.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        b
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("vu.sock")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
-    }
-
-    fn connect(&self) -> NetFrontend {
-        NetFrontend::connect(Path::new(&self.socket()), FrontendOptions::default())
-            .expect("frontend")
-    }
-}
-
-impl Drop for Baton {
-    fn drop(&mut self) {
-        // SAFETY: signalling the child we started, by its PID.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().expect("wait for baton");
-        if !std::thread::panicking() {
-            assert!(
-                status.success(),
-                "baton exit status {status:?}; log:\n{}",
-                self.log()
-            );
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Wait for the first frame `want` accepts.
 fn expect_frame(dev: &mut NetFrontend, what: &str, mut want: impl FnMut(&[u8]) -> bool) -> Vec<u8> {
@@ -145,7 +72,7 @@ fn arp_reply_for(frame: &[u8], target: Ipv4Addr) -> bool {
 
 #[test]
 fn dhcp_lease_arp_and_ping_through_a_guest_tcpip_stack() {
-    let baton = Baton::start("dhcp");
+    let baton = Baton::start("dhcp", &[]);
     let mut nic = GuestNic::new(baton.connect(), 1500);
     let mut iface = Interface::new(
         Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
@@ -232,7 +159,7 @@ fn dhcp_lease_arp_and_ping_through_a_guest_tcpip_stack() {
 
 #[test]
 fn arp_is_answered_for_every_address_but_the_guests_own() {
-    let baton = Baton::start("arp");
+    let baton = Baton::start("arp", &[]);
     let mut dev = baton.connect();
     for target in [
         GW_V4,
@@ -286,7 +213,7 @@ fn icmpv6_of(frame: &[u8]) -> Option<(u8, Vec<u8>, Ipv6Addr, Ipv6Addr)> {
 
 #[test]
 fn router_solicitation_gets_an_advertisement_and_neighbours_are_answered() {
-    let baton = Baton::start("ndp");
+    let baton = Baton::start("ndp", &[]);
     let mut dev = baton.connect();
     let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
     // RS with a source link-layer address option.
@@ -371,7 +298,7 @@ fn router_solicitation_gets_an_advertisement_and_neighbours_are_answered() {
 fn dhcpv6_solicit_with_rapid_commit_gets_the_address() {
     use dhcproto::v6::{DhcpOption, Message, MessageType, OptionCode, IANA};
     use dhcproto::{Decodable, Decoder, Encodable, Encoder};
-    let baton = Baton::start("dhcpv6");
+    let baton = Baton::start("dhcpv6", &[]);
     let mut dev = baton.connect();
     let mut msg = Message::new(MessageType::Solicit);
     let mut duid = vec![0, 3, 0, 1];
@@ -430,7 +357,7 @@ fn dhcpv6_solicit_with_rapid_commit_gets_the_address() {
 
 #[test]
 fn hostile_frames_are_survived() {
-    let baton = Baton::start("hostile");
+    let baton = Baton::start("hostile", &[]);
     let mut dev = baton.connect();
     let good = arp_request(GW_V4);
     let mut ipv4_bad_checksum = Vec::new();

@@ -7,8 +7,6 @@
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use baton_proto::migration::{decode_stream, GuestRecord};
@@ -17,6 +15,9 @@ use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, NetSlice, Pa
 use etherparse::{IpNumber, Ipv4Header, SlicedPacket};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
+
+mod common;
+use common::{Baton, V4_ONLY};
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const OUR_MAC: [u8; 6] = [0x9a, 0x55, 0x9a, 0x55, 0x9a, 0x55];
@@ -27,80 +28,6 @@ const GUEST_OTHER_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 99);
 const LOG_ALL: u64 = 1 << 26;
 /// `SET_DEVICE_STATE_FD` request number.
 const SET_DEVICE_STATE_FD: u32 = 42;
-
-struct Baton {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Baton {
-    /// Start baton in the calling thread's network namespace (enter one first).
-    fn spawn(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("baton-migrate-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let child = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .args(["-f", "--stderr", "-d", "--socket"])
-            .arg(dir.join("vu.sock"))
-            .args(["-a", "10.77.0.2/24", "-g", "10.77.0.1", "-D", "10.77.0.53"])
-            .stderr(std::fs::File::create(dir.join("baton.log")).expect("log"))
-            .spawn()
-            .expect("start baton");
-        let b = Baton { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !b.socket().exists() {
-            assert!(
-                Instant::now() < deadline,
-                "baton did not create its socket: {}",
-                b.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        b
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("vu.sock")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
-    }
-
-    fn connect(&self) -> NetFrontend {
-        NetFrontend::connect(Path::new(&self.socket()), FrontendOptions::default())
-            .unwrap_or_else(|e| panic!("frontend: {e}; log:\n{}", self.log()))
-    }
-
-    /// Connect as a migration target: LOAD `state` where QEMU does (before SET_FEATURES,
-    /// memory and rings), then finish the set-up whatever CHECK said. Returns the device
-    /// and the LOAD result.
-    fn connect_loading(&self, state: &[u8]) -> (NetFrontend, Result<(), HarnessError>) {
-        let mut loaded = None;
-        let dev = NetFrontend::connect_with(&self.socket(), FrontendOptions::default(), |dev| {
-            loaded = Some(dev.load_state(state));
-            Ok(())
-        })
-        .unwrap_or_else(|e| panic!("frontend: {e}; log:\n{}", self.log()));
-        (dev, loaded.expect("the hook ran"))
-    }
-}
-
-impl Drop for Baton {
-    fn drop(&mut self) {
-        // SAFETY: signalling the child we started, by its PID.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().expect("wait for baton");
-        if !std::thread::panicking() {
-            assert!(
-                status.success(),
-                "baton exit status {status:?}; log:\n{}",
-                self.log()
-            );
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn private_netns() {
     baton_testkit::netns::enter_private_netns().expect("private network namespace (run as root)");
@@ -221,8 +148,8 @@ fn learned() -> GuestRecord {
 #[test]
 fn the_target_acts_on_what_the_source_learned_before_the_guest_speaks() {
     private_netns();
-    let a = Baton::spawn("learn-a");
-    let b = Baton::spawn("learn-b");
+    let a = spawn("learn-a");
+    let b = spawn("learn-b");
 
     let stream = learn_and_save(&a, true);
     let state = decode_stream(&stream).expect("the source's stream is valid");
@@ -239,7 +166,7 @@ fn the_target_acts_on_what_the_source_learned_before_the_guest_speaks() {
     assert!(a.log().contains("device state SAVE: done"), "{}", a.log());
 
     // The target gets the state before its rings exist, as from QEMU.
-    let (mut dev, loaded) = b.connect_loading(&stream);
+    let (mut dev, loaded) = connect_loading(&b, &stream);
     loaded.unwrap_or_else(|e| panic!("LOAD: {e}; log:\n{}", b.log()));
     assert!(
         b.log()
@@ -270,8 +197,8 @@ fn the_target_acts_on_what_the_source_learned_before_the_guest_speaks() {
 #[test]
 fn a_damaged_or_truncated_stream_fails_check_and_leaves_the_target_unchanged() {
     private_netns();
-    let a = Baton::spawn("bad-a");
-    let b = Baton::spawn("bad-b");
+    let a = spawn("bad-a");
+    let b = spawn("bad-b");
     let stream = learn_and_save(&a, true);
 
     let mut flipped = stream.clone();
@@ -287,7 +214,7 @@ fn a_damaged_or_truncated_stream_fails_check_and_leaves_the_target_unchanged() {
         ("empty", Vec::new()),
     ];
     for (what, bytes) in &damaged {
-        let (dev, loaded) = b.connect_loading(bytes);
+        let (dev, loaded) = connect_loading(&b, bytes);
         assert!(loaded.is_err(), "B accepted a stream {what}");
         drop(dev);
     }
@@ -319,7 +246,7 @@ fn a_damaged_or_truncated_stream_fails_check_and_leaves_the_target_unchanged() {
 #[test]
 fn save_without_log_all_is_a_snapshot() {
     private_netns();
-    let a = Baton::spawn("snapshot");
+    let a = spawn("snapshot");
     let stream = learn_and_save(&a, false);
     let state = decode_stream(&stream).expect("valid snapshot stream");
     assert!(state.snapshot, "no LOG_ALL: a snapshot");
@@ -335,7 +262,7 @@ fn save_without_log_all_is_a_snapshot() {
 #[test]
 fn a_phase_other_than_stopped_is_refused() {
     private_netns();
-    let a = Baton::spawn("phase");
+    let a = spawn("phase");
     let mut dev = a.connect();
     let (mut reader, writer) = {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
@@ -361,7 +288,7 @@ fn a_phase_other_than_stopped_is_refused() {
 #[test]
 fn check_without_a_transfer_fails_and_the_connection_survives() {
     private_netns();
-    let a = Baton::spawn("check");
+    let a = spawn("check");
     let mut dev = a.connect();
     assert!(dev.fe.check_device_state().is_err());
     assert!(
@@ -371,4 +298,23 @@ fn check_without_a_transfer_fails_and_the_connection_survives() {
     );
     dev.stop_rings().expect("the connection still answers");
     dev.save_state().expect("SAVE");
+}
+
+/// Start baton (IPv4, debug logs) in the calling thread's namespace.
+fn spawn(name: &str) -> Baton {
+    let args: Vec<&str> = V4_ONLY.iter().copied().chain(["-d"]).collect();
+    Baton::spawn(&format!("migrate-{name}"), &args)
+}
+
+/// Connect as a migration target: LOAD `state` where QEMU does (before SET_FEATURES,
+/// memory and rings), then finish the set-up whatever CHECK said. Returns the device
+/// and the LOAD result.
+fn connect_loading(baton: &Baton, state: &[u8]) -> (NetFrontend, Result<(), HarnessError>) {
+    let mut loaded = None;
+    let dev = NetFrontend::connect_with(&baton.socket(), FrontendOptions::default(), |dev| {
+        loaded = Some(dev.load_state(state));
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("frontend: {e}; log:\n{}", baton.log()));
+    (dev, loaded.expect("the hook ran"))
 }

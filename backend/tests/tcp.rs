@@ -4,19 +4,20 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use baton_testkit::pattern::Pattern;
 use baton_vu_harness::smol::GuestNic;
-use baton_vu_harness::{FrontendOptions, NetFrontend};
+use baton_vu_harness::NetFrontend;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+
+mod common;
+use common::Baton;
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const OUR_MAC: [u8; 6] = [0x9a, 0x55, 0x9a, 0x55, 0x9a, 0x55];
@@ -26,80 +27,6 @@ const GUEST_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 2);
 const GW_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 const GUEST_MTU: usize = 9014;
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
-
-struct Baton {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Baton {
-    /// Enter a private netns (this thread), allow ping sockets there, start baton.
-    fn start(name: &str, extra: &[&str]) -> Self {
-        baton_testkit::netns::enter_private_netns()
-            .expect("private network namespace (run as root)");
-        std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")
-            .expect("ping_group_range");
-        let dir = std::env::temp_dir().join(format!("baton-tcp-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let child = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .args(["-f", "--stderr", "-d", "--socket"])
-            .arg(dir.join("vu.sock"))
-            .args(["-a", "10.77.0.2/24", "-g", "10.77.0.1", "-D", "10.77.0.53"])
-            .args([
-                "-a",
-                "2001:db8:77::2/64",
-                "-g",
-                "fe80::1",
-                "-D",
-                "2001:db8:77::53",
-            ])
-            .args(extra)
-            .stderr(std::fs::File::create(dir.join("baton.log")).expect("log"))
-            .spawn()
-            .expect("start baton");
-        let b = Baton { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !b.socket().exists() {
-            assert!(
-                Instant::now() < deadline,
-                "baton did not create its socket: {}",
-                b.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        b
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("vu.sock")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
-    }
-
-    fn connect(&self) -> NetFrontend {
-        NetFrontend::connect(Path::new(&self.socket()), FrontendOptions::default())
-            .expect("frontend")
-    }
-}
-
-impl Drop for Baton {
-    fn drop(&mut self) {
-        // SAFETY: signalling the child we started, by its PID.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().expect("wait for baton");
-        if !std::thread::panicking() {
-            assert!(
-                status.success(),
-                "baton exit status {status:?}; log:\n{}",
-                self.log()
-            );
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// The smoltcp guest: interface, sockets and the device under test.
 struct Guest {

@@ -4,15 +4,16 @@
 
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use baton_vu_harness::{FrontendOptions, NetFrontend};
+use baton_vu_harness::NetFrontend;
 use etherparse::{
     ArpHardwareId, ArpOperation, ArpPacket, EtherType, NetSlice, PacketBuilder, SlicedPacket,
     TransportSlice,
 };
+
+mod common;
+use common::Baton;
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const OUR_MAC: [u8; 6] = [0x9a, 0x55, 0x9a, 0x55, 0x9a, 0x55];
@@ -21,77 +22,6 @@ const GW_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const GUEST_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 2);
 const GW_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 const DNS_FORWARD_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
-
-struct Baton {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Baton {
-    /// Enter a private netns (this thread), start baton with `extra` options.
-    fn start(name: &str, extra: &[&str]) -> Self {
-        baton_testkit::netns::enter_private_netns()
-            .expect("private network namespace (run as root)");
-        let dir = std::env::temp_dir().join(format!("baton-udp-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let child = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .args(["-f", "--stderr", "-d", "--socket"])
-            .arg(dir.join("vu.sock"))
-            .args(["-a", "10.77.0.2/24", "-g", "10.77.0.1", "-D", "10.77.0.53"])
-            .args(["-a", "2001:db8:77::2/64", "-g", "fe80::1"])
-            .args(extra)
-            .stderr(std::fs::File::create(dir.join("baton.log")).expect("log"))
-            .spawn()
-            .expect("start baton");
-        let b = Baton { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !b.socket().exists() {
-            assert!(
-                Instant::now() < deadline,
-                "baton did not create its socket: {}",
-                b.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        b
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("vu.sock")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
-    }
-
-    fn connect(&self) -> NetFrontend {
-        NetFrontend::connect(Path::new(&self.socket()), FrontendOptions::default())
-            .expect("frontend")
-    }
-
-    fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .map(|dir| dir.count())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Baton {
-    fn drop(&mut self) {
-        // SAFETY: signalling the child we started, by its PID.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().expect("wait for baton");
-        if !std::thread::panicking() {
-            assert!(
-                status.success(),
-                "baton exit status {status:?}; log:\n{}",
-                self.log()
-            );
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn udp_frame(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
     let link = PacketBuilder::ethernet2(GUEST_MAC, OUR_MAC);
@@ -428,7 +358,7 @@ fn two_thousand_flows() {
     let baton = Baton::start("many", &[]);
     let mut dev = baton.connect();
     let echo = host_socket("127.0.0.1:7777");
-    let fds_before = baton.open_fds();
+    let fds_before = open_fds(&baton);
     let mut seen = vec![false; usize::from(FLOWS)];
     for batch in (0..FLOWS).step_by(usize::from(BATCH)) {
         for k in batch..batch + BATCH {
@@ -456,7 +386,7 @@ fn two_thousand_flows() {
         }
     }
     assert!(seen.iter().all(|&s| s), "every flow answered");
-    let fds = baton.open_fds();
+    let fds = open_fds(&baton);
     assert!(
         fds >= fds_before + usize::from(FLOWS),
         "one socket per flow: {fds_before} -> {fds}"
@@ -520,4 +450,11 @@ fn hostile_datagrams_are_dropped_without_harming_other_flows() {
         remote,
         IpAddr::V4(Ipv4Addr::LOCALHOST),
     );
+}
+
+/// Descriptors the baton process holds (a socket per flow shows up here).
+fn open_fds(baton: &Baton) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", baton.pid()))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
 }

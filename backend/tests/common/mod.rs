@@ -1,0 +1,114 @@
+//! The real `baton` binary for integration tests and benches: started in the calling
+//! thread's network namespace with explicit addresses (so nothing depends on the host's
+//! own configuration and nothing leaves the machine), reached through the test frontend,
+//! and stopped with SIGTERM — a clean exit status is asserted.
+#![allow(dead_code)] // every test binary uses a different part of this module
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use baton_vu_harness::{FrontendOptions, NetFrontend};
+
+/// Guest 10.77.0.2/24 via 10.77.0.1 and 2001:db8:77::2/64 via fe80::1, with DNS servers.
+pub const DUAL_STACK: &[&str] = &[
+    "-a",
+    "10.77.0.2/24",
+    "-g",
+    "10.77.0.1",
+    "-D",
+    "10.77.0.53",
+    "-a",
+    "2001:db8:77::2/64",
+    "-g",
+    "fe80::1",
+    "-D",
+    "2001:db8:77::53",
+];
+
+/// IPv4 only: 10.77.0.2/24 via 10.77.0.1.
+pub const V4_ONLY: &[&str] = &["-a", "10.77.0.2/24", "-g", "10.77.0.1", "-D", "10.77.0.53"];
+
+/// A running `baton -f` with its socket and log in a scratch directory.
+pub struct Baton {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Baton {
+    /// Enter a private network namespace for this thread (ping sockets allowed there),
+    /// then start baton dual-stack with debug logs and the `extra` options.
+    pub fn start(name: &str, extra: &[&str]) -> Self {
+        baton_testkit::netns::enter_private_netns()
+            .expect("private network namespace (run as root)");
+        std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")
+            .expect("ping_group_range");
+        let args: Vec<&str> = DUAL_STACK
+            .iter()
+            .copied()
+            .chain(["-d"])
+            .chain(extra.iter().copied())
+            .collect();
+        Self::spawn(name, &args)
+    }
+
+    /// Start baton in the calling thread's namespace with exactly `args` (besides
+    /// `-f --stderr --socket`); wait until its socket exists.
+    pub fn spawn(name: &str, args: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!("baton-it-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let child = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(["-f", "--stderr", "--socket"])
+            .arg(dir.join("vu.sock"))
+            .args(args)
+            .stderr(std::fs::File::create(dir.join("baton.log")).expect("log"))
+            .spawn()
+            .expect("start baton");
+        let b = Baton { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !b.socket().exists() {
+            assert!(
+                Instant::now() < deadline,
+                "baton did not create its socket: {}",
+                b.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        b
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("vu.sock")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
+    }
+
+    /// A test frontend connected and set up like QEMU does.
+    pub fn connect(&self) -> NetFrontend {
+        NetFrontend::connect(&self.socket(), FrontendOptions::default())
+            .unwrap_or_else(|e| panic!("frontend: {e}; log:\n{}", self.log()))
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        // SAFETY: signalling the child we started, by its PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait for baton");
+        if !std::thread::panicking() {
+            assert!(
+                status.success(),
+                "baton exit status {status:?}; log:\n{}",
+                self.log()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
