@@ -206,6 +206,13 @@ impl<'a> Session<'a> {
                     });
                 (Reply::RepairSet(results), Next::Continue)
             }
+            (Request::Freeze, Some(_)) => {
+                let results =
+                    self.each_socket("freeze", &frame.fds, Expect::Connected, |fd, _, _| {
+                        Ok(baton_tcp_repair::attach_deaf_filter(fd)?)
+                    });
+                (Reply::Frozen(results), Next::Continue)
+            }
             (Request::Restore(states), Some(_)) => (
                 Reply::Restored(self.restore(&frame.fds, states)),
                 Next::Continue,

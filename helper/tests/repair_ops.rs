@@ -239,3 +239,37 @@ fn megabytes_of_queued_data_cross_the_helper_intact() {
     let received = read_exactly(&mut near, sent);
     assert!(received == pattern[..sent], "data intact after thaw");
 }
+
+#[test]
+fn freeze_through_the_helper_stops_acks_and_an_unprivileged_detach_resumes() {
+    private_netns();
+    let (mut near, mut far) = tcp::pair(IpAddr::V4(Ipv4Addr::LOCALHOST)).expect("pair");
+    let (mut client, child) = spawn_client();
+    let frozen = client.freeze(&[near.as_fd()]).expect("freeze request");
+    assert!(frozen[0].is_ok(), "{frozen:?}");
+    let mut repair: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt of an int into a local of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&near),
+            libc::IPPROTO_TCP,
+            19, // TCP_REPAIR
+            (&mut repair as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!((rc, repair), (0, 0), "freeze must not enter repair mode");
+
+    far.write_all(b"sent while frozen").expect("write");
+    assert!(
+        tcp::holds_for(std::time::Duration::from_millis(300), || tcp::outq(&far)
+            .unwrap_or(0)
+            == 17),
+        "a frozen socket must not acknowledge anything"
+    );
+    // Detaching the filter needs no privilege: the receiving side of a handover does it.
+    baton_tcp_repair::detach_filter(near.as_fd()).expect("detach");
+    assert_eq!(read_exactly(&mut near, 17), b"sent while frozen");
+    finish(client, child);
+}

@@ -39,8 +39,10 @@ pub mod caps {
     pub const RESTORE: u64 = 1 << 2;
     /// Toggle repair mode on single sockets.
     pub const SET_REPAIR: u64 = 1 << 3;
+    /// Freeze sockets without dumping them.
+    pub const FREEZE: u64 = 1 << 4;
     /// Everything version 1 defines.
-    pub const ALL_V1: u64 = DUMP | THAW | RESTORE | SET_REPAIR;
+    pub const ALL_V1: u64 = DUMP | THAW | RESTORE | SET_REPAIR | FREEZE;
 }
 
 /// A backend's request. Its wire tag is the variant index (u32, little-endian).
@@ -57,10 +59,15 @@ pub enum Request {
     Restore(Vec<TcpConnState>),
     /// Set repair mode on each attached socket.
     SetRepair(RepairMode),
+    /// Freeze each attached socket without dumping it: attach the drop-all filter only
+    /// (no repair mode). For a same-host handover of live sockets: the receiver detaches
+    /// the filter itself, which needs no privilege, while attaching one needs
+    /// `CAP_NET_ADMIN` on some kernels.
+    Freeze,
 }
 
 /// Names of the request variants in tag order (for error messages).
-pub const REQUEST_NAMES: [&str; 5] = ["Hello", "Dump", "Thaw", "Restore", "SetRepair"];
+pub const REQUEST_NAMES: [&str; 6] = ["Hello", "Dump", "Thaw", "Restore", "SetRepair", "Freeze"];
 
 /// Repair-mode values of `TCP_REPAIR`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -123,6 +130,8 @@ pub enum Reply {
     RepairSet(Vec<SocketResult<()>>),
     /// The request as a whole was refused; nothing was done.
     Error(ProtocolError),
+    /// Answer to [`Request::Freeze`] (after `Error` so that older tags keep their values).
+    Frozen(Vec<SocketResult<()>>),
 }
 
 /// The outcome for one socket of a batch.
@@ -227,6 +236,7 @@ impl Request {
             Request::Thaw => "Thaw",
             Request::Restore(_) => "Restore",
             Request::SetRepair(_) => "SetRepair",
+            Request::Freeze => "Freeze",
         }
     }
 
@@ -249,7 +259,7 @@ impl Request {
                     });
                 }
             }
-            Request::Dump | Request::Thaw | Request::SetRepair(_) => {}
+            Request::Dump | Request::Thaw | Request::SetRepair(_) | Request::Freeze => {}
             Request::Restore(states) => {
                 if states.len() != fds {
                     return Err(RequestError::StateCount {

@@ -160,3 +160,12 @@ fn a_frame_splits_into_header_and_body() {
     assert_eq!(header.fd_count, 2);
     assert_eq!(got, &body[..]);
 }
+
+#[test]
+fn freeze_request_and_reply() {
+    check(&Request::Freeze, "05000000");
+    check(
+        &Reply::Frozen(vec![Ok(())]),
+        concat!("06000000", "0100000000000000", "00000000"),
+    );
+}

@@ -168,6 +168,7 @@ fn request() -> impl Strategy<Value = Request> {
         }),
         Just(Request::Dump),
         Just(Request::Thaw),
+        Just(Request::Freeze),
         proptest::collection::vec(conn_state(), 0..4).prop_map(Request::Restore),
         prop_oneof![
             Just(RepairMode::On),

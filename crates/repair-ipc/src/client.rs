@@ -133,6 +133,7 @@ enum RequestOnWire<'a> {
     Thaw,
     Restore(Vec<&'a TcpConnState>),
     SetRepair(RepairMode),
+    Freeze,
 }
 
 impl RequestOnWire<'_> {
@@ -143,6 +144,7 @@ impl RequestOnWire<'_> {
             RequestOnWire::Thaw => "Thaw",
             RequestOnWire::Restore(_) => "Restore",
             RequestOnWire::SetRepair(_) => "SetRepair",
+            RequestOnWire::Freeze => "Freeze",
         }
     }
 }
@@ -155,6 +157,7 @@ fn reply_name(reply: &Reply) -> &'static str {
         Reply::Restored(_) => "Restored",
         Reply::RepairSet(_) => "RepairSet",
         Reply::Error(_) => "Error",
+        Reply::Frozen(_) => "Frozen",
     }
 }
 
@@ -375,6 +378,26 @@ impl RepairClient {
                     results.extend(done);
                 }
                 other => return Err(wrong_reply("SetRepair", other)),
+            }
+        }
+        Ok(results)
+    }
+
+    /// Freeze each socket (drop-all filter, no repair mode) for a same-host handover.
+    /// Undo with `baton_tcp_repair::detach_filter`, which needs no privilege.
+    pub fn freeze(
+        &mut self,
+        sockets: &[BorrowedFd<'_>],
+    ) -> Result<Vec<SocketResult<()>>, ClientError> {
+        self.require(caps::FREEZE, "Freeze")?;
+        let mut results = Vec::with_capacity(sockets.len());
+        for fds in sockets.chunks(MAX_FDS) {
+            match self.exchange(&RequestOnWire::Freeze, fds)? {
+                Reply::Frozen(done) => {
+                    check_count("Freeze", fds.len(), done.len())?;
+                    results.extend(done);
+                }
+                other => return Err(wrong_reply("Freeze", other)),
             }
         }
         Ok(results)
