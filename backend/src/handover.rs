@@ -517,9 +517,9 @@ impl HandoverOffer {
         }
         let token = random_bytes::<32>()?;
         let tag = random_bytes::<8>()?;
+        // Random, not derived from the pid: getpid is not on the sandbox's allow-list.
         let name = format!(
-            "{NAME_PREFIX}{}-{}",
-            std::process::id(),
+            "{NAME_PREFIX}{}",
             tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
         let listener = socket(

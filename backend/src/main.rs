@@ -52,6 +52,14 @@ fn run(cli: &baton::cli::Cli, rt: &RuntimeConfig) -> Result<(), Box<dyn std::err
     warn_unimplemented_migration_options(rt);
     let mut net = GuestNet::new(config)?;
     net.set_drop_unmigratable_tcp(rt.migration.drop_unmigratable_tcp);
+    if let Some(helper) = &rt.migration.helper {
+        // Started now: once sandboxed, baton can no longer fork or exec. The helper
+        // serves us until our end of its socketpair closes.
+        let (client, child) = baton_repair_ipc::RepairClient::spawn(helper, Vec::<String>::new())
+            .map_err(|e| format!("starting {}: {e}", helper.display()))?;
+        info!("{} started (pid {})", client.helper_software(), child.id());
+        net.set_repair_client(client);
+    }
     let engine: Arc<Mutex<dyn NetworkEngine>> = Arc::new(Mutex::new(net));
     // Hostname, boot id and namespace identity for the migration stream's Source record:
     // reading them opens files, which the sandbox forbids.
@@ -66,13 +74,6 @@ fn run(cli: &baton::cli::Cli, rt: &RuntimeConfig) -> Result<(), Box<dyn std::err
 /// rather than ignore them silently.
 fn warn_unimplemented_migration_options(rt: &RuntimeConfig) {
     let m = &rt.migration;
-    if let Some(helper) = &m.helper {
-        warn!(
-            "--helper {}: spawning baton-repair is not implemented yet; TCP connections are \
-             migrated only by same-host handover",
-            helper.display()
-        );
-    }
     if m.exit_after_source_migration {
         warn!("--migrate-exit: exiting after a completed migration is not implemented yet");
     }

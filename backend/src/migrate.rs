@@ -365,8 +365,12 @@ impl GuestNet {
         let tcp_flows = match mode {
             SaveMode::Migration => {
                 let drop = self.drop_unmigratable_tcp();
-                let (tcp, env) = self.tcp_parts();
-                freeze_and_offer_tcp_flows(tcp, &env, &mut source, drop)?
+                let (tcp, env, repair) = self.tcp_and_repair();
+                let pre_frozen = match repair {
+                    Some(client) => freeze_through_helper(tcp, client),
+                    None => std::collections::HashSet::new(),
+                };
+                freeze_and_offer_tcp_flows(tcp, &env, &mut source, drop, &pre_frozen)?
             }
             SaveMode::Snapshot => Vec::new(),
         };
@@ -451,8 +455,9 @@ pub(crate) fn freeze_and_offer_tcp_flows(
     env: &TcpEnv<'_>,
     source: &mut SourceRecord,
     drop_unmigratable: bool,
+    pre_frozen: &std::collections::HashSet<crate::flow::FlowId>,
 ) -> Result<Vec<TcpFlowRecord>, EngineStateError> {
-    let frozen = tcp.freeze_for_handover(env);
+    let frozen = tcp.freeze_for_handover(env, pre_frozen);
     if frozen.left_behind > 0 && !drop_unmigratable {
         // The design's default: a connection that cannot move fails the migration, so
         // that the source continues with everything intact.
@@ -482,6 +487,40 @@ pub(crate) fn freeze_and_offer_tcp_flows(
         Err(err) => {
             tcp.source_resumed(env);
             Err(EngineStateError::Offer(err))
+        }
+    }
+}
+
+/// Freeze every TCP socket through `baton-repair` (one request per 253 sockets); the
+/// flows it could not freeze are tried again without it (and fail SAVE if that fails
+/// too). Returns the flows the helper froze.
+fn freeze_through_helper(
+    tcp: &TcpFlows,
+    client: &mut baton_repair_ipc::RepairClient,
+) -> std::collections::HashSet<crate::flow::FlowId> {
+    let flows = tcp.flow_sockets();
+    if flows.is_empty() {
+        return std::collections::HashSet::new();
+    }
+    let fds: Vec<_> = flows.iter().map(|(_, fd)| *fd).collect();
+    match client.freeze(&fds) {
+        Ok(results) => flows
+            .iter()
+            .zip(results)
+            .filter_map(|((id, _), result)| match result {
+                Ok(()) => Some(*id),
+                Err(err) => {
+                    warn!("{id}: baton-repair could not freeze the socket: {err}");
+                    None
+                }
+            })
+            .collect(),
+        Err(err) => {
+            warn!(
+                "baton-repair: freezing {} socket(s) failed: {err}",
+                fds.len()
+            );
+            std::collections::HashSet::new()
         }
     }
 }
@@ -812,7 +851,9 @@ mod tests {
             let (mut source, mut server) = source_with_flow();
             let mut record = SourceRecord::default();
             let (tcp, env) = source.parts();
-            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record, false).unwrap();
+            let flows =
+                freeze_and_offer_tcp_flows(tcp, &env, &mut record, false, &Default::default())
+                    .unwrap();
             assert_eq!(flows.len(), 1);
             assert!(record.handover.is_some());
             assert!(tcp.is_frozen());
@@ -849,7 +890,9 @@ mod tests {
             let (mut source, _server) = source_with_flow();
             let mut record = SourceRecord::default();
             let (tcp, env) = source.parts();
-            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record, false).unwrap();
+            let flows =
+                freeze_and_offer_tcp_flows(tcp, &env, &mut record, false, &Default::default())
+                    .unwrap();
             assert!(tcp.source_resumed(&env));
             assert!(!tcp.is_frozen());
             assert_eq!(tcp.len(), 1);
@@ -872,7 +915,9 @@ mod tests {
             let (mut source, _server) = source_with_flow();
             let mut record = SourceRecord::default();
             let (tcp, env) = source.parts();
-            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record, false).unwrap();
+            let flows =
+                freeze_and_offer_tcp_flows(tcp, &env, &mut record, false, &Default::default())
+                    .unwrap();
             record.handover = None;
             let mut target = Side::new();
             let err = take_over_tcp_flows(&mut target.tcp, &record, &flows, false).unwrap_err();

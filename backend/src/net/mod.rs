@@ -369,6 +369,9 @@ pub struct GuestNet {
     /// `--migrate-drop-tcp`: a LOAD whose TCP connections cannot be taken over goes on
     /// without them (they are reset towards the guest) instead of failing.
     drop_unmigratable_tcp: bool,
+    /// `baton-repair`, when one was started for us (`--helper`): it freezes sockets on
+    /// SAVE where the kernel wants `CAP_NET_ADMIN` for it.
+    repair: Option<baton_repair_ipc::RepairClient>,
     /// Host sockets of all protocol handlers; event data = [`icmp::EPOLL_OWNER_PING`]
     /// (and later other owners) in the top byte, a per-owner token below.
     epoll: Epoll,
@@ -402,6 +405,7 @@ impl GuestNet {
             tcp,
             udp,
             drop_unmigratable_tcp: false,
+            repair: None,
             dhcpv4: dhcp::DhcpServer::new(&config),
             dhcpv6: dhcpv6::Dhcpv6Server::new(&config),
             router_advert: ndp::RouterAdvertiser::new(&config),
@@ -420,6 +424,27 @@ impl GuestNet {
     /// `--migrate-drop-tcp`: see the field of the same name.
     pub fn set_drop_unmigratable_tcp(&mut self, drop: bool) {
         self.drop_unmigratable_tcp = drop;
+    }
+
+    /// Use `client` (a connected `baton-repair`) for the privileged steps of a migration.
+    pub fn set_repair_client(&mut self, client: baton_repair_ipc::RepairClient) {
+        self.repair = Some(client);
+    }
+
+    /// The TCP table, its environment and the helper, for the migration code.
+    pub(crate) fn tcp_and_repair(
+        &mut self,
+    ) -> (
+        &mut crate::tcp::TcpFlows,
+        crate::tcp::Env<'_>,
+        Option<&mut baton_repair_ipc::RepairClient>,
+    ) {
+        let env = crate::tcp::Env {
+            config: &self.config,
+            epoll: &self.epoll,
+            guest_mac: self.observed.mac,
+        };
+        (&mut self.tcp, env, self.repair.as_mut())
     }
 
     /// Whether a LOAD may go on without TCP connections it cannot take over.

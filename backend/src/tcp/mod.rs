@@ -714,7 +714,22 @@ impl TcpFlows {
     /// the epoll set, and describe each established connection. A connection whose
     /// socket cannot be frozen or described stays live and is counted in `left_behind`
     /// (as are handshakes in progress, which the guest restarts on the target).
-    pub(crate) fn freeze_for_handover(&mut self, env: &Env<'_>) -> FrozenFlows {
+    /// Every flow with its socket, for freezing through `baton-repair` in one batch.
+    pub(crate) fn flow_sockets(&self) -> Vec<(FlowId, std::os::fd::BorrowedFd<'_>)> {
+        self.flows
+            .ids()
+            .into_iter()
+            .filter_map(|id| self.flows.get(id).map(|conn| (id, conn.socket.as_fd())))
+            .collect()
+    }
+
+    /// `pre_frozen`: flows whose sockets `baton-repair` already froze (attaching the
+    /// filter needs `CAP_NET_ADMIN` on some kernels); the others are frozen here.
+    pub(crate) fn freeze_for_handover(
+        &mut self,
+        env: &Env<'_>,
+        pre_frozen: &std::collections::HashSet<FlowId>,
+    ) -> FrozenFlows {
         self.unfreeze_offer();
         let mut frozen = FrozenFlows::default();
         let mut offered = Vec::new();
@@ -723,7 +738,9 @@ impl TcpFlows {
             let Some(conn) = self.flows.get_mut(id) else {
                 continue;
             };
-            if let Err(err) = crate::handover::attach_deaf_filter(conn.socket.as_fd()) {
+            if pre_frozen.contains(&id) {
+                // Frozen by the helper.
+            } else if let Err(err) = crate::handover::attach_deaf_filter(conn.socket.as_fd()) {
                 tracing::warn!("{id}: cannot freeze the socket, it stays here: {err}");
                 frozen.left_behind += 1;
                 continue;

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# QEMU option values contain commas, not array separators:
+# shellcheck disable=SC2054
+# Live-migrate a running VM between two QEMU 10 processes (TCG), each with its own baton
+# backend (same host, same network namespace), while the guest streams numbered lines over
+# one TCP connection to a host server; assert that the server received every line exactly
+# once, in order, over that one connection: its live socket was frozen by baton-repair on
+# the source and handed over to the destination baton.
+#
+# Usage: migrate-tcp-smoke.sh [BATON_BINARY] [GUEST_DIR]   (baton-repair is taken from
+#        the same directory as BATON_BINARY)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
+
+baton="${1:-$here/../target/debug/baton}"
+guest_dir="${2:-$here/out/guest}"
+HOST_ADDR=10.77.0.2
+GATEWAY=10.77.0.1
+LINES=1500
+
+[[ "$(id -u)" == 0 ]] || die "run as root (creates a network namespace)"
+[[ -x "$baton" ]] || die "baton binary $baton not found"
+helper="$(dirname "$baton")/baton-repair"
+[[ -x "$helper" ]] || die "baton-repair not found next to $baton (cargo build -p baton-repair)"
+for tool in qemu-system-x86_64 socat timeout; do
+    command -v "$tool" >/dev/null || die "$tool not found; run install-deps.sh"
+done
+[[ -r "$guest_dir/vmlinuz" ]] || "$here/build-guest.sh" "$guest_dir"
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/baton-migtcp.XXXXXX")"
+ns="baton-migtcp-$$"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for f in "$work"/baton-*.pid; do [[ -s "$f" ]] && kill "$(cat "$f")" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+    if [[ -n "${BATON_KEEP_LOGS:-}" ]]; then cp -r "$work" "$BATON_KEEP_LOGS"; fi
+    rm -rf -- "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+ip netns add "$ns"
+ip -n "$ns" link set lo up
+ip -n "$ns" link add veth0 type veth peer name veth1
+ip -n "$ns" addr add "$HOST_ADDR/24" dev veth0
+ip -n "$ns" link set veth0 up
+ip -n "$ns" link set veth1 up
+ip -n "$ns" route add default via "$GATEWAY"
+ip netns exec "$ns" sh -c 'echo "0 2147483647" > /proc/sys/net/ipv4/ping_group_range'
+
+for side in src dst; do
+    ip netns exec "$ns" "$baton" --socket "$work/vu-$side.sock" --pid "$work/baton-$side.pid" \
+        --log-file "$work/baton-$side.log" --debug --helper "$helper"
+done
+
+# Host server: one connection, everything it receives saved to a file.
+port=$((20000 + RANDOM % 20000))
+ip netns exec "$ns" socat -u "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr" "OPEN:$work/received.txt,creat,trunc" &
+pids+=("$!")
+# The guest writes numbered lines, 10 ms apart, over one connection to the gateway
+# address, which baton maps to the host's loopback.
+run="i=0; while [ \$i -lt $LINES ]; do echo line \$i; i=\$((i+1)); sleep 0.01; done | nc $GATEWAY $port; echo BATON-GUEST: stream done"
+qemu_for() { # qemu_for SIDE [extra args...]
+    local side="$1"; shift
+    qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 1 -m 256 \
+        -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
+        -nodefaults -no-user-config -display none -no-reboot \
+        -serial "file:$work/console-$side.log" \
+        -qmp "unix:$work/qmp-$side.sock,server=on,wait=off" \
+        -kernel "$guest_dir/vmlinuz" -initrd "$guest_dir/initrd.gz" \
+        -append "console=ttyS0 quiet panic=-1 baton.test=none baton.run=\"$run\" baton.poweroff=1" \
+        -chardev "socket,id=c0,path=$work/vu-$side.sock" -netdev vhost-user,id=n0,chardev=c0 \
+        -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56 "$@" \
+        </dev/null >"$work/qemu-$side.out" 2>&1 &
+    pids+=("$!")
+}
+qmp() { # qmp SIDE JSON... -> replies on stdout
+    local side="$1"; shift
+    { echo '{"execute":"qmp_capabilities"}'; printf '%s\n' "$@"; sleep 0.3; } |
+        socat -t 1 - "UNIX-CONNECT:$work/qmp-$side.sock"
+}
+wait_for() { # wait_for SECONDS FILE REGEX
+    local deadline=$((SECONDS + $1))
+    while ! grep -Eq -- "$3" "$2" 2>/dev/null; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.1
+    done
+}
+fail_with_logs() {
+    {
+        echo "=== migrate-smoke FAILED: $* ==="
+        for f in "$work"/console-*.log "$work"/qemu-*.out "$work"/baton-*.log; do
+            echo "=== $f"; tr -d '\r' <"$f" | tail -n 40
+        done
+    } >&2
+    exit 1
+}
+
+qemu_for src
+wait_for 90 "$work/received.txt" '^line 200$' || fail_with_logs "the guest's stream did not start on the source"
+qemu_for dst -incoming "unix:$work/migration.sock"
+for _ in $(seq 1 100); do [[ -S "$work/qmp-dst.sock" ]] && break; sleep 0.1; done
+caps='{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"return-path","state":true}]}}'
+qmp dst "$caps" >/dev/null
+qmp src "$caps" >/dev/null
+t0="$EPOCHREALTIME"
+qmp src "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"unix:$work/migration.sock\"}}" >/dev/null
+status=""
+for _ in $(seq 1 600); do
+    status="$(qmp src '{"execute":"query-migrate"}' | sed -n 's/.*"status": *"\([a-z-]*\)".*/\1/p' | tail -n1)"
+    [[ "$status" == completed || "$status" == failed || "$status" == cancelled ]] && break
+    sleep 0.1
+done
+took="$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }')"
+[[ "$status" == completed ]] || fail_with_logs "migration status '$status' after ${took}s"
+
+# The guest now runs on the destination; its connection must carry on there.
+at_switch="$(wc -l <"$work/received.txt")"
+wait_for 120 "$work/console-dst.log" 'BATON-GUEST: done status=' || fail_with_logs "the guest did not finish on the destination"
+for _ in $(seq 1 50); do [[ "$(wc -l <"$work/received.txt")" -ge $LINES ]] && break; sleep 0.1; done
+if [[ "$(cat "$work/received.txt")" != "$(seq 0 $((LINES - 1)) | sed 's/^/line /')" ]]; then
+    fail_with_logs "the host did not get lines 0..$((LINES - 1)) exactly once, in order ($(wc -l <"$work/received.txt") lines)"
+fi
+grep -q 'BATON-GUEST: done status=ok' "$work/console-dst.log" || fail_with_logs "guest reported a failure"
+grep -q 'taken over from the source' "$work/baton-dst.log" || fail_with_logs "the destination did not take the connection over"
+echo "migrate-tcp-smoke: PASS migration ${took}s; one TCP connection carried $LINES lines ($at_switch before the switch-over) across it, none lost, duplicated or reordered"
