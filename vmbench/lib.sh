@@ -46,3 +46,19 @@ baton_kmod_available() {
         END { exit !found }
     ' "${files[@]}"
 }
+
+# The "host" of the VM tests: a network namespace NS whose only interface pair is a
+# veth inside it, with HOST_ADDR/24 and a default route via GATEWAY, and ping sockets
+# allowed (ping_group_range is per namespace). Nothing routed there leaves the machine.
+# Usage: baton_host_netns NS HOST_ADDR GATEWAY
+baton_host_netns() {
+    local ns="$1" addr="$2" gw="$3"
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    ip -n "$ns" link add veth0 type veth peer name veth1
+    ip -n "$ns" addr add "$addr/24" dev veth0
+    ip -n "$ns" link set veth0 up
+    ip -n "$ns" link set veth1 up
+    ip -n "$ns" route add default via "$gw"
+    ip netns exec "$ns" sh -c 'echo "0 2147483647" > /proc/sys/net/ipv4/ping_group_range'
+}

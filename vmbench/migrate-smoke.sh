@@ -32,7 +32,7 @@ ns="baton-mig-$$"
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for f in "$work"/baton-*.pid; do [[ -s "$f" ]] && kill "$(cat "$f")" 2>/dev/null || true; done
+    for f in "$work"/baton-*.pid; do if [[ -s "$f" ]]; then kill "$(cat "$f")" 2>/dev/null || true; fi; done
     wait 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true
     if [[ -n "${BATON_KEEP_LOGS:-}" ]]; then cp -r "$work" "$BATON_KEEP_LOGS"; fi
@@ -41,14 +41,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-ip netns add "$ns"
-ip -n "$ns" link set lo up
-ip -n "$ns" link add veth0 type veth peer name veth1
-ip -n "$ns" addr add "$HOST_ADDR/24" dev veth0
-ip -n "$ns" link set veth0 up
-ip -n "$ns" link set veth1 up
-ip -n "$ns" route add default via "$GATEWAY"
-ip netns exec "$ns" sh -c 'echo "0 2147483647" > /proc/sys/net/ipv4/ping_group_range'
+baton_host_netns "$ns" "$HOST_ADDR" "$GATEWAY"
 
 for side in src dst; do
     ip netns exec "$ns" "$baton" --socket "$work/vu-$side.sock" --pid "$work/baton-$side.pid" \

@@ -99,14 +99,7 @@ bytes="$(stat -c %s "$work/pattern")"
 want="$(sha256sum <"$work/pattern")"; want="${want%% *}"
 
 # --- the "host": a network namespace with one veth pair and a default route --------
-ip netns add "$ns"
-ip -n "$ns" link set lo up
-ip -n "$ns" link add veth0 type veth peer name veth1
-ip -n "$ns" addr add "$HOST_ADDR/24" dev veth0
-ip -n "$ns" link set veth0 up
-ip -n "$ns" link set veth1 up
-ip -n "$ns" route add default via "$GATEWAY"
-ip netns exec "$ns" sh -c 'echo "0 2147483647" > /proc/sys/net/ipv4/ping_group_range'
+baton_host_netns "$ns" "$HOST_ADDR" "$GATEWAY"
 
 ip netns exec "$ns" "$baton" --socket "$work/vu.sock" --pid "$work/baton.pid" \
     --log-file "$work/baton.log" -t "$HOST_PORT:$GUEST_PORT"
