@@ -2,26 +2,41 @@
 # QEMU option values contain commas, not array separators:
 # shellcheck disable=SC2054
 # Live-migrate a running VM between two QEMU 10 processes (TCG), each with its own baton
-# backend (same host, same network namespace), while the guest pings its gateway every
-# 50 ms; assert that the pings go on after the switch-over on the destination. Exercises
-# dirty logging (LOG_ALL), the device-state transfer (SET_DEVICE_STATE_FD SAVE/LOAD and
-# CHECK_DEVICE_STATE) and QEMU's return path.
+# backend (same host, same network namespace). Exercises dirty logging (LOG_ALL), the
+# device-state transfer (SET_DEVICE_STATE_FD SAVE/LOAD and CHECK_DEVICE_STATE) and QEMU's
+# return path. Workload and check:
+#   default  the guest pings its gateway every 50 ms; the pings go on after the
+#            switch-over on the destination;
+#   --tcp    the guest streams numbered lines over one TCP connection to a host server;
+#            the server receives every line exactly once, in order, over that one
+#            connection: its live socket was frozen by baton-repair on the source and
+#            handed over to the destination baton.
 #
-# Usage: migrate-smoke.sh [BATON_BINARY] [GUEST_DIR]
+# Usage: migrate-smoke.sh [--tcp] [BATON_BINARY] [GUEST_DIR]   (with --tcp, baton-repair
+#        is taken from the same directory as BATON_BINARY)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$here/lib.sh"
 
+tcp=""
+if [[ "${1:-}" == --tcp ]]; then tcp=1; shift; fi
 baton="${1:-$here/../target/debug/baton}"
 guest_dir="${2:-$here/out/guest}"
 HOST_ADDR=10.77.0.2
 GATEWAY=10.77.0.1
 TICKS=600
+LINES=1500
 
 [[ "$(id -u)" == 0 ]] || die "run as root (creates a network namespace)"
 [[ -x "$baton" ]] || die "baton binary $baton not found"
+helper_args=()
+if [[ -n "$tcp" ]]; then
+    helper="$(dirname "$baton")/baton-repair"
+    [[ -x "$helper" ]] || die "baton-repair not found next to $baton (cargo build -p baton-repair)"
+    helper_args=(--helper "$helper")
+fi
 for tool in qemu-system-x86_64 socat timeout; do
     command -v "$tool" >/dev/null || die "$tool not found; run install-deps.sh"
 done
@@ -45,11 +60,23 @@ baton_host_netns "$ns" "$HOST_ADDR" "$GATEWAY"
 
 for side in src dst; do
     ip netns exec "$ns" "$baton" --socket "$work/vu-$side.sock" --pid "$work/baton-$side.pid" \
-        --log-file "$work/baton-$side.log" --debug
+        --log-file "$work/baton-$side.log" --debug "${helper_args[@]}"
 done
 
-# The guest pings its gateway every 50 ms and prints one console line per ping.
-run="i=0; while [ \$i -lt $TICKS ]; do if ping -c1 -W1 -q $GATEWAY >/dev/null 2>&1; then echo BATON-GUEST: tick ok \$i; else echo BATON-GUEST: tick fail \$i; fi; i=\$((i+1)); sleep 0.05; done"
+if [[ -n "$tcp" ]]; then
+    # Host server: one connection, everything it receives saved to a file.
+    port=$((20000 + RANDOM % 20000))
+    ip netns exec "$ns" socat -u "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr" "OPEN:$work/received.txt,creat,trunc" &
+    pids+=("$!")
+    # The guest writes numbered lines, 10 ms apart, over one connection to the gateway
+    # address, which baton maps to the host's loopback.
+    run="(i=0; while [ \$i -lt $LINES ]; do echo line \$i; i=\$((i+1)); sleep 0.01; done | nc $GATEWAY $port) & sleep 90"
+    checks=none
+else
+    # The guest pings its gateway every 50 ms and prints one console line per ping.
+    run="i=0; while [ \$i -lt $TICKS ]; do if ping -c1 -W1 -q $GATEWAY >/dev/null 2>&1; then echo BATON-GUEST: tick ok \$i; else echo BATON-GUEST: tick fail \$i; fi; i=\$((i+1)); sleep 0.05; done"
+    checks=ping-gw
+fi
 qemu_for() { # qemu_for SIDE [extra args...]
     local side="$1"; shift
     qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 1 -m 256 \
@@ -58,7 +85,7 @@ qemu_for() { # qemu_for SIDE [extra args...]
         -serial "file:$work/console-$side.log" \
         -qmp "unix:$work/qmp-$side.sock,server=on,wait=off" \
         -kernel "$guest_dir/vmlinuz" -initrd "$guest_dir/initrd.gz" \
-        -append "console=ttyS0 quiet panic=-1 baton.test=ping-gw baton.run=\"$run\" baton.poweroff=1" \
+        -append "console=ttyS0 quiet panic=-1 baton.test=$checks baton.run=\"$run\" baton.poweroff=1" \
         -chardev "socket,id=c0,path=$work/vu-$side.sock" -netdev vhost-user,id=n0,chardev=c0 \
         -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56 "$@" \
         </dev/null >"$work/qemu-$side.out" 2>&1 &
@@ -88,7 +115,11 @@ fail_with_logs() {
 }
 
 qemu_for src
-wait_for 60 "$work/console-src.log" 'BATON-GUEST: tick ok 20[^0-9]' || fail_with_logs "the guest did not start pinging on the source"
+if [[ -n "$tcp" ]]; then
+    wait_for 90 "$work/received.txt" '^line 200$' || fail_with_logs "the guest's stream did not start on the source"
+else
+    wait_for 60 "$work/console-src.log" 'BATON-GUEST: tick ok 20[^0-9]' || fail_with_logs "the guest did not start pinging on the source"
+fi
 qemu_for dst -incoming "unix:$work/migration.sock"
 for _ in $(seq 1 100); do [[ -S "$work/qmp-dst.sock" ]] && break; sleep 0.1; done
 caps='{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"return-path","state":true}]}}'
@@ -105,6 +136,19 @@ done
 took="$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }')"
 [[ "$status" == completed ]] || fail_with_logs "migration status '$status' after ${took}s"
 
+if [[ -n "$tcp" ]]; then
+    # The guest now runs on the destination; its connection must carry on there until
+    # the host has every line. (The orderly close after the handover is not part of
+    # this check: see "Known limitations" in the README.)
+    at_switch="$(wc -l <"$work/received.txt")"
+    for _ in $(seq 1 1200); do [[ "$(wc -l <"$work/received.txt")" -ge $LINES ]] && break; sleep 0.1; done
+    if [[ "$(cat "$work/received.txt")" != "$(seq 0 $((LINES - 1)) | sed 's/^/line /')" ]]; then
+        fail_with_logs "the host did not get lines 0..$((LINES - 1)) exactly once, in order ($(wc -l <"$work/received.txt") lines)"
+    fi
+    grep -q 'taken over from the source' "$work/baton-dst.log" || fail_with_logs "the destination did not take the connection over"
+    echo "migrate-smoke --tcp: PASS migration ${took}s; one TCP connection carried $LINES lines ($at_switch before the switch-over) across it, none lost, duplicated or reordered"
+    exit 0
+fi
 # The guest now runs on the destination: its pings must go on there.
 before="$(ticks_ok "$work/console-dst.log")"
 wait_for 60 "$work/console-dst.log" 'BATON-GUEST: done status=' || fail_with_logs "the guest did not finish on the destination"
