@@ -5,10 +5,14 @@
 //!
 //! A *UDP flow* is identified by the guest's view of the 4-tuple ([`FlowKey`]: the
 //! guest's address and port, and the remote address and port as the guest sees them).
-//! Every flow lives in one table with O(1) lookup both by that key (a guest datagram)
-//! and by epoll token (a host socket that became ready), and the table never holds more
-//! than its capacity ([`MAX_FLOWS`] in baton): a datagram that would need a new flow
-//! while the table is full is dropped (UDP may drop), rate-limited in the log.
+//! Every flow lives in the shared bounded [`FlowTable`] (see [`crate::flow`]): O(1) by
+//! that key (a guest datagram) and by [`FlowId`], which the epoll event data of the
+//! flow's socket carries (a host socket that became ready). The table holds at most
+//! [`MAX_FLOWS`] (`--max-flows`); a datagram that would need a new flow while it is full is dropped (UDP
+//! may drop) and a warning says so, rate-limited. Each outbound flow also holds a host
+//! socket: when the process runs out of descriptors (`RLIMIT_NOFILE`, logged at start
+//! when it is below the table size) the flow is refused the same way, with a warning
+//! that names the limit, rather than failing somewhere else later.
 //!
 //! Outbound (the guest sends first):
 //!
@@ -36,7 +40,8 @@
 //! which the guest shares, as the `--map-guest-addr` address or the gateway). That
 //! creates a *forwarded* flow keyed like an outbound one, whose host side is "the
 //! listening socket, towards `S`": the guest's replies to that key leave through
-//! `sendto(listener, S)`, so they come from the port `S` sent to.
+//! `sendto(listener, S)`, so they come from the port `S` sent to. Forwarded flows hold
+//! no socket of their own.
 //!
 //! ICMP errors: flow sockets have `IP_RECVERR`/`IPV6_RECVERR` set. The kernel then
 //! queues ICMP errors about our datagrams (port unreachable from the destination, host
@@ -47,9 +52,34 @@
 //! the flow's key (plus the hop limit it used), the UDP header of the last datagram the
 //! guest sent on the flow (kept, 8 bytes), and the payload the kernel returned.
 //!
-//! Flows expire after [`IDLE_TIMEOUT`] (passt's 180 s) without a datagram in either
-//! direction; idle flows are looked for at most once per second, from the UDP entry
-//! points and [`crate::net::GuestNet::expire_idle_flows`].
+//! # Idle timers
+//!
+//! A flow expires [`IDLE_TIMEOUT`] (passt's 180 s) after its last datagram in either
+//! direction, and its socket is closed then, whether or not anything else happens: the
+//! timers fire on their own. Every flow has one deadline (`expires`) and exactly one
+//! entry in a binary heap of `(deadline, FlowId)`. A datagram only moves `expires`
+//! forward (O(1), no heap operation); when an entry comes due it is checked against
+//! the flow: expired → closed; refreshed meanwhile → pushed again with the new deadline
+//! (so a busy flow costs one heap operation per timeout period, not per datagram).
+//! Entries of flows closed for other reasons are skipped (the id's generation no longer
+//! matches). The earliest entry is handed to one `AlarmClock` (`crate::tcp::alarm`'s: an
+//! eventfd in the shared epoll set, made readable by one helper thread for all UDP
+//! flows; a timerfd would need no thread but `timerfd_settime` is not on the seccomp
+//! allow-list), armed `timer_slack` late so flows expiring close together are closed
+//! in one wake-up. One round closes at most [`MAX_EXPIRIES_PER_ROUND`] flows, so a mass
+//! expiry (a guest that opened 100k flows at once) cannot stall the worker: the rest
+//! are left for the next round, for which the clock is re-armed at once.
+//!
+//! # Migration
+//!
+//! `UdpFlows::save_records` describes every flow as a [`UdpFlowRecord`]: its key, who
+//! started it, the host address that must be kept (the outbound socket's bound address,
+//! or the forwarded port the flow's replies leave from) and the idle time left.
+//! `UdpFlows::load_records` rebuilds them: an outbound flow gets a new socket bound to
+//! the recorded address when that is free on this host (else to the same port on any
+//! address, else to a new port: UDP peers mostly cope, and the flow still works), a
+//! forwarded flow is attached to this backend's socket of the same forwarded port, and
+//! every flow gets its timer back with the idle time it had left.
 //!
 //! When the guest has no receive buffers, a datagram read from a host socket is dropped
 //! (it was read: no busy loop on a level-triggered socket). At most
@@ -57,46 +87,58 @@
 //! busy flow cannot starve the others. Datagrams that would not fit the guest's MTU are
 //! dropped (baton does not fragment).
 //!
-//! Epoll event data: [`EPOLL_OWNER_UDP`] in the top byte; below it a flow token, or
-//! [`LISTENER_BIT`] plus the index of a forwarded-port socket.
+//! Epoll event data: [`EPOLL_OWNER_UDP`] in the top byte; below it a [`FlowId`]
+//! ([`FlowId::to_bits`], 40 bits), or [`LISTENER_BIT`] plus the index of a
+//! forwarded-port socket, or [`ALARM_BIT`] for the timer.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use baton_proto::migration::{FlowId as WireFlowId, FlowOrigin, UdpFlowRecord};
+use baton_proto::tcp::Endpoint;
 use etherparse::{
     Icmpv4Type, Icmpv6Type, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, PacketBuilder,
 };
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use nix::sys::socket::{
-    bind, connect, recv, recvfrom, recvmsg, send, sendto, setsockopt, socket, sockopt,
+    bind, connect, getsockname, recv, recvfrom, recvmsg, send, sendto, setsockopt, socket, sockopt,
     AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrStorage,
 };
 
 use crate::config::{MacAddr, NetConfig};
+use crate::flow::{FlowId, FlowTable, DEFAULT_MAX_FLOWS};
 use crate::net::icmp::EPOLL_OWNER_SHIFT;
+use crate::net::ratelimit::LogLimiter;
 use crate::net::{
     deliver, FrameError, FrameSink, Ipv4Packet, Ipv6Packet, Layer, ObservedGuest, ReplyContext,
     UdpDatagram, UnhandledTraffic,
 };
+use crate::tcp::alarm::AlarmClock;
 
 /// Owner tag of UDP sockets in `GuestNet`'s epoll event data (ping is 1, TCP 2).
 pub(crate) const EPOLL_OWNER_UDP: u8 = 3;
 const TOKEN_MASK: u64 = (1 << EPOLL_OWNER_SHIFT) - 1;
 /// Set in the token of a forwarded-port (listening) socket; the index is below it.
 pub(crate) const LISTENER_BIT: u64 = 1 << 48;
-const FLOW_TOKEN_MASK: u64 = LISTENER_BIT - 1;
+/// The token of the idle-timer alarm.
+pub(crate) const ALARM_BIT: u64 = 1 << 49;
+const LISTENER_INDEX_MASK: u64 = LISTENER_BIT - 1;
 
 /// A flow without datagrams in either direction for this long is closed (passt's
 /// `UDP_CONN_TIMEOUT`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
-/// At most this many UDP flows (each outbound one holds a host socket) exist at a time.
-pub const MAX_FLOWS: usize = 8192;
-/// Idle flows are looked for at most this often.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// At most this many UDP flows exist at a time (each outbound one holds a host socket).
+pub const MAX_FLOWS: usize = DEFAULT_MAX_FLOWS;
+/// Most flows one timer round closes (the rest wait for the next round, at once).
+pub const MAX_EXPIRIES_PER_ROUND: usize = 1024;
+/// Descriptors left for everything else (vhost-user, TCP, epoll) when comparing
+/// `RLIMIT_NOFILE` with the table size at start.
+const FD_RESERVE: u64 = 256;
 /// Datagrams read from one socket per readiness event (the epoll instance is
 /// level-triggered: the rest wait for the next round).
 pub const MAX_DATAGRAMS_PER_EVENT: usize = 32;
@@ -129,7 +171,13 @@ const ICMPV6_DEST_UNREACHABLE: u8 = 1;
 const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 const ICMPV6_TIME_EXCEEDED: u8 = 3;
 
-/// Errors setting up the forwarded ports.
+/// How late the alarm may fire after a deadline, so that flows expiring close together
+/// share a wake-up: a sixteenth of the timeout, at most a second.
+fn timer_slack(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 16).min(Duration::from_secs(1))
+}
+
+/// Errors setting up the forwarded ports and the timer.
 #[derive(Debug, thiserror::Error)]
 pub enum UdpError {
     #[error("cannot bind UDP port {port} on {addr}{device}: {errno}")]
@@ -142,6 +190,8 @@ pub enum UdpError {
     },
     #[error("cannot watch the UDP socket of port {port}: {errno}")]
     Epoll { port: u16, errno: Errno },
+    #[error("cannot set up the UDP idle timer: {0}")]
+    Timer(#[source] std::io::Error),
 }
 
 impl From<UdpError> for std::io::Error {
@@ -185,7 +235,8 @@ struct UdpFlow {
     key: FlowKey,
     host: HostSide,
     guest_mac: MacAddr,
-    last_used: Instant,
+    /// When the flow expires unless a datagram comes first.
+    expires: Instant,
     last_sent: Option<SentHeader>,
 }
 
@@ -193,54 +244,21 @@ struct UdpFlow {
 #[derive(Debug)]
 struct Listener {
     socket: OwnedFd,
+    /// The address it is bound to (migration records name the port by it).
+    local: SocketAddr,
     /// Guest address from the rule (`None`: the guest's own address).
     guest_addr: Option<IpAddr>,
     guest_port: u16,
 }
 
-/// Log classes (each with its own budget).
+/// Log classes (each with its own budget, see [`LogLimiter`]).
 const LOG_GUEST: usize = 0;
 const LOG_SOCKET: usize = 1;
 const LOG_SEND: usize = 2;
 const LOG_RECV: usize = 3;
-const LOG_CLASSES: usize = 4;
-/// Messages per class per second.
-const LOG_BURST: u32 = 10;
-
-/// A fixed-window log limiter: at most [`LOG_BURST`] messages per class per second;
-/// the next admitted message reports how many were suppressed.
-#[derive(Debug)]
-struct LogBudget {
-    window_start: [Instant; LOG_CLASSES],
-    count: [u32; LOG_CLASSES],
-    suppressed: [u64; LOG_CLASSES],
-}
-
-impl LogBudget {
-    fn new(now: Instant) -> Self {
-        Self {
-            window_start: [now; LOG_CLASSES],
-            count: [0; LOG_CLASSES],
-            suppressed: [0; LOG_CLASSES],
-        }
-    }
-
-    fn admit(&mut self, class: usize, now: Instant) -> Option<u64> {
-        let start = self.window_start.get_mut(class)?;
-        let count = self.count.get_mut(class)?;
-        let suppressed = self.suppressed.get_mut(class)?;
-        if now.saturating_duration_since(*start) >= Duration::from_secs(1) {
-            *start = now;
-            *count = 0;
-        }
-        if *count >= LOG_BURST {
-            *suppressed = suppressed.saturating_add(1);
-            return None;
-        }
-        *count += 1;
-        Some(std::mem::take(suppressed))
-    }
-}
+/// Table full, descriptors exhausted: kept apart so chatter cannot hide them.
+const LOG_FULL: usize = 4;
+const LOG_CLASSES: usize = 5;
 
 /// `limited!(budget, CLASS, now, LEVEL, "format", args...)`.
 macro_rules! limited {
@@ -253,47 +271,89 @@ macro_rules! limited {
     };
 }
 
+/// What [`UdpFlows::load_records`] made of the records it was given.
+// Not called yet outside the tests: `migrate.rs` (save/load_engine_state) is to call them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RestoredFlows {
+    /// Flows rebuilt (with their timers).
+    pub(crate) restored: usize,
+    /// Of those, outbound flows whose recorded source port could not be kept here.
+    pub(crate) new_port: usize,
+    /// Records not used (UDP disabled, guest MAC unknown, unroutable here, forwarded
+    /// port not configured here, duplicate, table full, no socket); each is logged.
+    pub(crate) skipped: usize,
+}
+
 /// All UDP flows of the guest and the forwarded-port sockets.
 #[derive(Debug)]
 pub struct UdpFlows {
     enabled: bool,
-    capacity: usize,
-    flows: HashMap<u64, UdpFlow>,
-    by_key: HashMap<FlowKey, u64>,
+    idle_timeout: Duration,
+    flows: FlowTable<FlowKey, UdpFlow>,
+    /// One entry per flow (plus stale ones of closed flows), earliest deadline first.
+    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
+    alarm: AlarmClock,
     listeners: Vec<Listener>,
-    next_token: u64,
-    last_sweep: Instant,
-    log: LogBudget,
+    /// The soft `RLIMIT_NOFILE` at start, named when descriptors run out.
+    nofile_limit: Option<u64>,
+    log: LogLimiter<LOG_CLASSES>,
     buffer: Vec<u8>,
+}
+
+fn flow_data(id: FlowId) -> u64 {
+    (u64::from(EPOLL_OWNER_UDP) << EPOLL_OWNER_SHIFT) | id.to_bits()
 }
 
 impl UdpFlows {
     /// The UDP handler for `config`: binds every forwarded port (`-u`) and registers
-    /// it in `epoll`. Fails if a port of a rule that is not best-effort cannot be bound.
+    /// it and the idle timer in `epoll`. Fails if a port of a rule that is not
+    /// best-effort cannot be bound. At most `config.max_flows` flows (`--max-flows`).
     pub(crate) fn new(config: &NetConfig, epoll: &Epoll, now: Instant) -> Result<Self, UdpError> {
-        Self::with_capacity(config, epoll, now, MAX_FLOWS)
+        Self::with_limits(config, epoll, now, config.max_flows, IDLE_TIMEOUT)
     }
 
-    /// As [`UdpFlows::new`], with at most `capacity` flows.
-    pub(crate) fn with_capacity(
+    /// As [`UdpFlows::new`], with at most `capacity` flows expiring after
+    /// `idle_timeout`.
+    pub(crate) fn with_limits(
         config: &NetConfig,
         epoll: &Epoll,
         now: Instant,
         capacity: usize,
+        idle_timeout: Duration,
     ) -> Result<Self, UdpError> {
+        let alarm = AlarmClock::new().map_err(UdpError::Timer)?;
+        epoll
+            .add(
+                alarm.fd(),
+                EpollEvent::new(
+                    EpollFlags::EPOLLIN,
+                    (u64::from(EPOLL_OWNER_UDP) << EPOLL_OWNER_SHIFT) | ALARM_BIT,
+                ),
+            )
+            .map_err(|errno| UdpError::Timer(errno.into()))?;
         let mut flows = Self {
             enabled: config.handlers.udp,
-            capacity: capacity.max(1),
-            flows: HashMap::new(),
-            by_key: HashMap::new(),
+            idle_timeout,
+            flows: FlowTable::new(capacity),
+            timers: BinaryHeap::new(),
+            alarm,
             listeners: Vec::new(),
-            next_token: 0,
-            last_sweep: now,
-            log: LogBudget::new(now),
+            nofile_limit: nofile_soft_limit(),
+            log: LogLimiter::new(now),
             buffer: vec![0; RECV_BUFFER_LEN],
         };
         if flows.enabled {
             flows.bind_forwards(config, epoll)?;
+            if let Some(limit) = flows.nofile_limit {
+                let capacity = flows.flows.capacity() as u64;
+                if limit < capacity.saturating_add(FD_RESERVE) {
+                    tracing::info!(
+                        "UDP: RLIMIT_NOFILE is {limit}: fewer outbound UDP flows than the \
+                         table's {capacity} can have a host socket; beyond that new flows \
+                         are refused (raise the limit to allow more)"
+                    );
+                }
+            }
         }
         Ok(flows)
     }
@@ -305,6 +365,11 @@ impl UdpFlows {
 
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
+    }
+
+    /// Most flows the table holds.
+    pub fn capacity(&self) -> usize {
+        self.flows.capacity()
     }
 
     /// Number of forwarded-port sockets.
@@ -341,7 +406,7 @@ impl UdpFlows {
                     let local = SocketAddr::new(addr, host_port);
                     match bind_listener(local, device, config.freebind) {
                         Ok(socket) => {
-                            self.add_listener(epoll, socket, rule.guest_addr, guest_port)
+                            self.add_listener(epoll, socket, local, rule.guest_addr, guest_port)
                                 .map_err(|errno| UdpError::Epoll {
                                     port: host_port,
                                     errno,
@@ -374,6 +439,7 @@ impl UdpFlows {
         &mut self,
         epoll: &Epoll,
         socket: OwnedFd,
+        local: SocketAddr,
         guest_addr: Option<IpAddr>,
         guest_port: u16,
     ) -> Result<(), Errno> {
@@ -382,6 +448,7 @@ impl UdpFlows {
         epoll.add(&socket, EpollEvent::new(EpollFlags::EPOLLIN, token))?;
         self.listeners.push(Listener {
             socket,
+            local,
             guest_addr,
             guest_port,
         });
@@ -455,7 +522,7 @@ impl UdpFlows {
         payload: &[u8],
         now: Instant,
     ) -> Result<(), FrameError> {
-        self.expire_idle_throttled(epoll, now);
+        self.run_due_timers(epoll, now);
         if !self.enabled {
             limited!(
                 self.log,
@@ -473,21 +540,22 @@ impl UdpFlows {
                 reason: "port 0",
             });
         }
-        let token = match self.by_key.get(&key) {
-            Some(&token) => token,
+        let id = match self.flows.lookup(&key) {
+            Some(id) => id,
             None => {
                 let host_dst = host_destination(ctx.config, key.remote)
                     .ok_or(FrameError::UnroutableDestination(key.remote.ip()))?;
                 match self.open_flow(ctx.config, epoll, key, host_dst, ctx.requester_mac, now) {
-                    Some(token) => token,
+                    Some(id) => id,
                     None => return Ok(()),
                 }
             }
         };
-        let Some(flow) = self.flows.get_mut(&token) else {
+        let expires = now + self.idle_timeout;
+        let Some(flow) = self.flows.get_mut(id) else {
             return Ok(());
         };
-        flow.last_used = now;
+        flow.expires = expires;
         flow.guest_mac = ctx.requester_mac;
         flow.last_sent = Some(sent);
         let (result, to) = match &flow.host {
@@ -520,6 +588,22 @@ impl UdpFlows {
         Ok(())
     }
 
+    /// Whether a new flow fits; logs the refusal (a warning, rate-limited) if not.
+    fn has_room(&mut self, now: Instant, what: std::fmt::Arguments<'_>) -> bool {
+        if self.flows.len() < self.flows.capacity() {
+            return true;
+        }
+        limited!(
+            self.log,
+            LOG_FULL,
+            now,
+            WARN,
+            "UDP flow table full ({} flows): new flow {what} refused, datagram dropped",
+            self.flows.capacity()
+        );
+        false
+    }
+
     fn open_flow(
         &mut self,
         config: &NetConfig,
@@ -528,44 +612,25 @@ impl UdpFlows {
         host_dst: SocketAddr,
         guest_mac: MacAddr,
         now: Instant,
-    ) -> Option<u64> {
-        if self.flows.len() >= self.capacity {
-            limited!(
-                self.log,
-                LOG_GUEST,
-                now,
-                DEBUG,
-                "UDP flow table full ({} flows): datagram {} -> {} dropped",
-                self.capacity,
-                key.guest,
-                key.remote
-            );
+    ) -> Option<FlowId> {
+        if !self.has_room(now, format_args!("{} -> {}", key.guest, key.remote)) {
             return None;
         }
-        let socket = match connected_socket(config, host_dst) {
+        let socket = match connected_socket(config, host_dst, None) {
             Ok(socket) => socket,
             Err(errno) => {
-                limited!(
-                    self.log,
-                    LOG_SOCKET,
-                    now,
-                    DEBUG,
-                    "UDP socket to {host_dst} failed: {errno}"
-                );
+                self.log_socket_failure(errno, &key, host_dst, now);
                 return None;
             }
         };
-        let token = self.unused_token();
-        if let Err(errno) = epoll.add(&socket, EpollEvent::new(EpollFlags::EPOLLIN, token)) {
-            limited!(
-                self.log,
-                LOG_SOCKET,
-                now,
-                WARN,
-                "cannot watch a UDP socket: {errno}"
-            );
-            return None;
-        }
+        let flow = UdpFlow {
+            key,
+            host: HostSide::Connected { socket, host_dst },
+            guest_mac,
+            expires: now + self.idle_timeout,
+            last_sent: None,
+        };
+        let id = self.add_flow(epoll, flow, now)?;
         limited!(
             self.log,
             LOG_GUEST,
@@ -575,70 +640,165 @@ impl UdpFlows {
             key.guest,
             key.remote
         );
-        self.insert(
-            token,
-            UdpFlow {
-                key,
-                host: HostSide::Connected { socket, host_dst },
-                guest_mac,
-                last_used: now,
-                last_sent: None,
-            },
-        );
-        Some(token)
+        Some(id)
     }
 
-    fn insert(&mut self, token: u64, flow: UdpFlow) {
-        self.by_key.insert(flow.key, token);
-        self.flows.insert(token, flow);
+    fn log_socket_failure(
+        &mut self,
+        errno: Errno,
+        key: &FlowKey,
+        host_dst: SocketAddr,
+        now: Instant,
+    ) {
+        if matches!(errno, Errno::EMFILE | Errno::ENFILE) {
+            let limit = self
+                .nofile_limit
+                .map_or_else(|| "unknown".to_string(), |l| l.to_string());
+            limited!(
+                self.log,
+                LOG_FULL,
+                now,
+                WARN,
+                "out of file descriptors ({errno}; RLIMIT_NOFILE {limit}, {} UDP flows open): \
+                 new UDP flow {} -> {} refused, datagram dropped",
+                self.flows.len(),
+                key.guest,
+                key.remote
+            );
+        } else {
+            limited!(
+                self.log,
+                LOG_SOCKET,
+                now,
+                DEBUG,
+                "UDP socket to {host_dst} failed: {errno}"
+            );
+        }
     }
 
-    /// A flow token (owner tag included) that no open flow uses.
-    fn unused_token(&mut self) -> u64 {
-        loop {
-            let token = (u64::from(EPOLL_OWNER_UDP) << EPOLL_OWNER_SHIFT)
-                | (self.next_token & FLOW_TOKEN_MASK);
-            self.next_token = self.next_token.wrapping_add(1);
-            if !self.flows.contains_key(&token) {
-                return token;
+    /// Put `flow` in the table, watch its socket (if it has one) and start its timer.
+    /// `None` (logged) if the table is full or epoll refuses the socket.
+    fn add_flow(&mut self, epoll: &Epoll, flow: UdpFlow, now: Instant) -> Option<FlowId> {
+        let key = flow.key;
+        let expires = flow.expires;
+        let id = match self.flows.insert(key, flow) {
+            Ok(id) => id,
+            Err(full) => {
+                limited!(
+                    self.log,
+                    LOG_FULL,
+                    now,
+                    WARN,
+                    "UDP {full}: new flow {} -> {} refused",
+                    key.guest,
+                    key.remote
+                );
+                return None;
+            }
+        };
+        if let Some(HostSide::Connected { socket, .. }) = self.flows.get(id).map(|f| &f.host) {
+            if let Err(errno) =
+                epoll.add(socket, EpollEvent::new(EpollFlags::EPOLLIN, flow_data(id)))
+            {
+                limited!(
+                    self.log,
+                    LOG_SOCKET,
+                    now,
+                    WARN,
+                    "cannot watch a UDP socket: {errno}"
+                );
+                self.flows.remove(id);
+                return None;
             }
         }
+        self.schedule(id, expires);
+        Some(id)
     }
 
-    fn close_flow(&mut self, epoll: &Epoll, token: u64) {
-        let Some(flow) = self.flows.remove(&token) else {
+    /// Add the timer entry of flow `id` (each flow has exactly one).
+    fn schedule(&mut self, id: FlowId, deadline: Instant) {
+        // Entries of flows closed early (socket errors) stay until they come due; if
+        // there are many, rebuild the heap from the live flows (O(n), rarely).
+        if self.timers.len() >= 2 * self.flows.len() + 1024 {
+            let live: Vec<Reverse<(Instant, FlowId)>> = self
+                .flows
+                .ids()
+                .into_iter()
+                .filter(|&live| live != id)
+                .filter_map(|live| self.flows.get(live).map(|f| Reverse((f.expires, live))))
+                .collect();
+            self.timers = BinaryHeap::from(live);
+        }
+        self.timers.push(Reverse((deadline, id)));
+        self.alarm.arm(deadline + timer_slack(self.idle_timeout));
+    }
+
+    fn close_flow(&mut self, epoll: &Epoll, id: FlowId) {
+        let Some(flow) = self.flows.remove(id) else {
             return;
         };
-        if self.by_key.get(&flow.key) == Some(&token) {
-            self.by_key.remove(&flow.key);
-        }
         if let HostSide::Connected { socket, .. } = &flow.host {
             let _ = epoll.delete(socket);
         }
+        // The socket (if any) closes here.
     }
 
-    /// Close every flow idle for [`IDLE_TIMEOUT`] at `now`.
+    /// Close the flows idle for their timeout at `now` (at most
+    /// [`MAX_EXPIRIES_PER_ROUND`]; the alarm is re-armed at once for the rest). The
+    /// alarm calls this on its own; `GuestNet::expire_idle_flows` may too.
     pub(crate) fn expire_idle(&mut self, epoll: &Epoll, now: Instant) {
-        self.last_sweep = now;
-        let expired: Vec<u64> = self
-            .flows
-            .iter()
-            .filter(|(_, flow)| now.saturating_duration_since(flow.last_used) >= IDLE_TIMEOUT)
-            .map(|(&token, _)| token)
-            .collect();
-        for token in expired {
-            self.close_flow(epoll, token);
+        let mut closed = 0;
+        let mut checked = 0;
+        while let Some(&Reverse((when, id))) = self.timers.peek() {
+            if when > now
+                || checked >= 4 * MAX_EXPIRIES_PER_ROUND
+                || closed >= MAX_EXPIRIES_PER_ROUND
+            {
+                break;
+            }
+            self.timers.pop();
+            checked += 1;
+            let Some(flow) = self.flows.get(id) else {
+                continue; // closed earlier
+            };
+            if flow.expires <= now {
+                self.close_flow(epoll, id);
+                closed += 1;
+            } else {
+                // Refreshed since the entry was made.
+                let expires = flow.expires;
+                self.timers.push(Reverse((expires, id)));
+            }
+        }
+        if closed > 0 {
+            tracing::debug!(
+                "UDP: {closed} idle flow(s) closed, {} left",
+                self.flows.len()
+            );
+        }
+        self.alarm.expired(now);
+        match self.timers.peek() {
+            Some(&Reverse((when, _))) if when <= now => self.alarm.arm(now),
+            Some(&Reverse((when, _))) => self.alarm.arm(when + timer_slack(self.idle_timeout)),
+            None => {}
         }
     }
 
-    fn expire_idle_throttled(&mut self, epoll: &Epoll, now: Instant) {
-        if now.saturating_duration_since(self.last_sweep) >= SWEEP_INTERVAL {
+    /// [`UdpFlows::expire_idle`] if an entry is due (cheap otherwise): the entry points
+    /// call it so expiry does not depend on the alarm thread alone.
+    fn run_due_timers(&mut self, epoll: &Epoll, now: Instant) {
+        if self
+            .timers
+            .peek()
+            .is_some_and(|&Reverse((when, _))| when + timer_slack(self.idle_timeout) <= now)
+        {
             self.expire_idle(epoll, now);
         }
     }
 
-    /// A UDP socket is ready (`events` as epoll reported them, `data` its event data):
-    /// read its datagrams (and queued errors) and send them to the guest.
+    /// A UDP socket (or the idle timer) is ready (`events` as epoll reported them,
+    /// `data` its event data): read its datagrams (and queued errors) and send them to
+    /// the guest, or close the flows that expired.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn handle_socket_ready(
         &mut self,
@@ -651,29 +811,36 @@ impl UdpFlows {
         now: Instant,
     ) {
         let token = data & TOKEN_MASK;
-        if token & LISTENER_BIT != 0 {
-            let index = usize::try_from(token & FLOW_TOKEN_MASK).unwrap_or(usize::MAX);
-            self.read_listener(index, config, observed, sink, now);
-        } else {
-            self.read_flow(data, events, config, epoll, sink, now);
+        if token & ALARM_BIT != 0 {
+            self.alarm.acknowledge();
+            self.expire_idle(epoll, now);
+            return;
         }
-        self.expire_idle_throttled(epoll, now);
+        if token & LISTENER_BIT != 0 {
+            let index = usize::try_from(token & LISTENER_INDEX_MASK).unwrap_or(usize::MAX);
+            self.read_listener(index, config, observed, epoll, sink, now);
+        } else {
+            self.read_flow(FlowId::from_bits(token), events, config, epoll, sink, now);
+        }
+        self.run_due_timers(epoll, now);
     }
 
     fn read_flow(
         &mut self,
-        token: u64,
+        id: FlowId,
         events: EpollFlags,
         config: &NetConfig,
         epoll: &Epoll,
         sink: &mut dyn FrameSink,
         now: Instant,
     ) {
+        let expires = now + self.idle_timeout;
         let Self {
             flows, buffer, log, ..
         } = self;
-        // A stale event: the flow was closed earlier in this round.
-        let Some(flow) = flows.get_mut(&token) else {
+        // A stale event: the flow was closed earlier in this round (the id's
+        // generation no longer matches).
+        let Some(flow) = flows.get_mut(id) else {
             return;
         };
         let HostSide::Connected { socket, .. } = &flow.host else {
@@ -704,7 +871,7 @@ impl UdpFlows {
                     break;
                 }
             };
-            flow.last_used = now;
+            flow.expires = expires;
             let Some(payload) = buffer.get(..len) else {
                 continue;
             };
@@ -729,7 +896,7 @@ impl UdpFlows {
             }
         }
         if failed {
-            self.close_flow(epoll, token);
+            self.close_flow(epoll, id);
         }
     }
 
@@ -738,6 +905,7 @@ impl UdpFlows {
         index: usize,
         config: &NetConfig,
         observed: &ObservedGuest,
+        epoll: &Epoll,
         sink: &mut dyn FrameSink,
         now: Instant,
     ) {
@@ -764,7 +932,7 @@ impl UdpFlows {
             let Some(sender) = sender.as_ref().and_then(socket_addr) else {
                 continue;
             };
-            self.forward_inbound(index, sender, len, config, observed, sink, now);
+            self.forward_inbound(index, sender, len, config, observed, epoll, sink, now);
         }
     }
 
@@ -777,6 +945,7 @@ impl UdpFlows {
         len: usize,
         config: &NetConfig,
         observed: &ObservedGuest,
+        epoll: &Epoll,
         sink: &mut dyn FrameSink,
         now: Instant,
     ) {
@@ -786,6 +955,7 @@ impl UdpFlows {
         let guest_ip = listener
             .guest_addr
             .or_else(|| guest_address(config, observed, sender.is_ipv4()));
+        let guest_port = listener.guest_port;
         let remote_ip = guest_view_of_host(config, sender.ip());
         let (Some(guest_ip), Some(remote_ip), Some(guest_mac)) =
             (guest_ip, remote_ip, observed.mac)
@@ -804,46 +974,37 @@ impl UdpFlows {
             return;
         }
         let key = FlowKey {
-            guest: SocketAddr::new(guest_ip, listener.guest_port),
+            guest: SocketAddr::new(guest_ip, guest_port),
             remote: SocketAddr::new(remote_ip, sender.port()),
         };
-        let full = self.flows.len() >= self.capacity;
-        let existing = self.by_key.get(&key).copied();
-        let guest_mac = match existing.and_then(|t| self.flows.get_mut(&t)) {
+        let expires = now + self.idle_timeout;
+        let existing = self.flows.lookup(&key);
+        let guest_mac = match existing.and_then(|id| self.flows.get_mut(id)) {
             Some(flow) => {
-                flow.last_used = now;
+                flow.expires = expires;
                 if let HostSide::Forwarded { listener, peer } = &mut flow.host {
                     *listener = index;
                     *peer = sender;
                 }
                 flow.guest_mac
             }
-            None if full => {
-                limited!(
-                    self.log,
-                    LOG_GUEST,
-                    now,
-                    DEBUG,
-                    "UDP flow table full ({} flows): datagram from {sender} dropped",
-                    self.capacity
-                );
-                return;
-            }
             None => {
-                let token = self.unused_token();
-                self.insert(
-                    token,
-                    UdpFlow {
-                        key,
-                        host: HostSide::Forwarded {
-                            listener: index,
-                            peer: sender,
-                        },
-                        guest_mac,
-                        last_used: now,
-                        last_sent: None,
+                if !self.has_room(now, format_args!("from {sender}")) {
+                    return;
+                }
+                let flow = UdpFlow {
+                    key,
+                    host: HostSide::Forwarded {
+                        listener: index,
+                        peer: sender,
                     },
-                );
+                    guest_mac,
+                    expires,
+                    last_sent: None,
+                };
+                if self.add_flow(epoll, flow, now).is_none() {
+                    return;
+                }
                 guest_mac
             }
         };
@@ -863,6 +1024,251 @@ impl UdpFlows {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Migration
+// ---------------------------------------------------------------------------------------
+
+// Not called yet outside the tests: `migrate.rs` (save/load_engine_state) is to call them.
+impl UdpFlows {
+    /// Every flow as a migration record, with ids `first_id`, `first_id + 1`, … (flow
+    /// ids must be unique across the stream's flow types: pass one above the last TCP
+    /// id). `idle_left_ms` is counted from `now`. A flow whose socket address cannot be
+    /// read is left out (logged): the guest re-creates it with its next datagram.
+    pub(crate) fn save_records(&self, now: Instant, first_id: u32) -> Vec<UdpFlowRecord> {
+        let mut records = Vec::with_capacity(self.flows.len());
+        let mut next = Some(first_id);
+        for id in self.flows.ids() {
+            let Some(flow) = self.flows.get(id) else {
+                continue;
+            };
+            let Some(wire) = next else {
+                tracing::warn!("UDP: flow ids exhausted, {id} not saved");
+                break;
+            };
+            let (origin, host_local) = match &flow.host {
+                HostSide::Connected { socket, .. } => match local_addr(socket.as_fd()) {
+                    Ok(local) => (FlowOrigin::Guest, local),
+                    Err(errno) => {
+                        tracing::debug!("UDP {id}: not saved, no local address: {errno}");
+                        continue;
+                    }
+                },
+                HostSide::Forwarded { listener, .. } => match self.listeners.get(*listener) {
+                    Some(listener) => (FlowOrigin::Host, listener.local),
+                    None => continue,
+                },
+            };
+            let idle_left = flow.expires.saturating_duration_since(now).as_millis();
+            let record = UdpFlowRecord {
+                id: WireFlowId(wire),
+                origin,
+                guest: Endpoint::from_socket_addr(flow.key.guest),
+                remote: Endpoint::from_socket_addr(flow.key.remote),
+                host_local: Some(Endpoint::from_socket_addr(host_local)),
+                idle_left_ms: u32::try_from(idle_left).unwrap_or(u32::MAX),
+            };
+            if let Err(err) = record.validate() {
+                tracing::debug!("UDP {id}: not saved: {err}");
+                continue;
+            }
+            records.push(record);
+            next = wire.checked_add(1);
+        }
+        records
+    }
+
+    /// Rebuild the flows of a migration stream (see the module documentation), each
+    /// with the idle time it had left from `now`. `guest_mac` is the guest's MAC as
+    /// restored from the same stream (call after the guest record is applied). Records
+    /// that cannot be used are logged and counted, never fatal.
+    pub(crate) fn load_records(
+        &mut self,
+        records: &[UdpFlowRecord],
+        config: &NetConfig,
+        guest_mac: Option<MacAddr>,
+        epoll: &Epoll,
+        now: Instant,
+    ) -> RestoredFlows {
+        let mut result = RestoredFlows::default();
+        if records.is_empty() {
+            return result;
+        }
+        let guest_mac = match (self.enabled, guest_mac) {
+            (true, Some(mac)) => mac,
+            (enabled, _) => {
+                tracing::warn!(
+                    "UDP: {} migrated flow(s) dropped ({})",
+                    records.len(),
+                    if enabled {
+                        "the guest's MAC is unknown"
+                    } else {
+                        "UDP is disabled here"
+                    }
+                );
+                result.skipped = records.len();
+                return result;
+            }
+        };
+        for record in records {
+            match self.restore(record, config, guest_mac, epoll, now) {
+                Ok(port_kept) => {
+                    result.restored += 1;
+                    if !port_kept {
+                        result.new_port += 1;
+                    }
+                }
+                Err(reason) => {
+                    result.skipped += 1;
+                    tracing::debug!(
+                        "UDP flow {} -> {} (stream {:?}) not restored: {reason}",
+                        record.guest.to_socket_addr(),
+                        record.remote.to_socket_addr(),
+                        record.id
+                    );
+                }
+            }
+        }
+        if result.skipped > 0 || result.new_port > 0 {
+            tracing::info!(
+                "UDP: {} migrated flow(s) restored ({} on a new source port), {} not \
+                 restored (see debug log)",
+                result.restored,
+                result.new_port,
+                result.skipped
+            );
+        }
+        result
+    }
+
+    /// One record → one flow; `Ok(port_kept)`, or why not.
+    fn restore(
+        &mut self,
+        record: &UdpFlowRecord,
+        config: &NetConfig,
+        guest_mac: MacAddr,
+        epoll: &Epoll,
+        now: Instant,
+    ) -> Result<bool, RestoreError> {
+        record.validate().map_err(|_| RestoreError::Invalid)?;
+        // Keys carry neither scope nor flow label (as built from guest frames).
+        let plain = |e: &Endpoint| {
+            let sa = e.to_socket_addr();
+            SocketAddr::new(sa.ip(), sa.port())
+        };
+        let key = FlowKey {
+            guest: plain(&record.guest),
+            remote: plain(&record.remote),
+        };
+        if self.flows.lookup(&key).is_some() {
+            return Err(RestoreError::Duplicate);
+        }
+        if self.flows.len() >= self.flows.capacity() {
+            return Err(RestoreError::TableFull(self.flows.capacity()));
+        }
+        let host_local = record.host_local.as_ref().map(plain);
+        let host_dst =
+            host_destination(config, key.remote).ok_or(RestoreError::Unroutable(key.remote))?;
+        let (host, port_kept) = match record.origin {
+            FlowOrigin::Guest => {
+                let (socket, kept) =
+                    restored_socket(config, host_dst, host_local).map_err(RestoreError::Socket)?;
+                (HostSide::Connected { socket, host_dst }, kept)
+            }
+            FlowOrigin::Host => {
+                let local = host_local.ok_or(RestoreError::NoForward(None))?;
+                let listener = self
+                    .listeners
+                    .iter()
+                    .position(|l| l.local == local)
+                    .ok_or(RestoreError::NoForward(Some(local)))?;
+                (
+                    HostSide::Forwarded {
+                        listener,
+                        // The sender as the host sees it: the inverse of
+                        // `guest_view_of_host` (loopback shows as the gateway).
+                        peer: host_dst,
+                    },
+                    true,
+                )
+            }
+        };
+        let idle_left = Duration::from_millis(u64::from(record.idle_left_ms));
+        let flow = UdpFlow {
+            key,
+            host,
+            guest_mac,
+            expires: now + idle_left.min(self.idle_timeout),
+            last_sent: None,
+        };
+        self.add_flow(epoll, flow, now)
+            .ok_or(RestoreError::TableFull(self.flows.capacity()))?;
+        Ok(port_kept)
+    }
+}
+
+/// Why one migrated flow was not restored (logged at debug level).
+// Not called yet outside the tests: `migrate.rs` (save/load_engine_state) is to call them.
+#[derive(Debug, thiserror::Error)]
+enum RestoreError {
+    #[error("invalid record")]
+    Invalid,
+    #[error("a flow with the same addresses exists")]
+    Duplicate,
+    #[error("flow table full ({0} flows)")]
+    TableFull(usize),
+    #[error("{0} is not routable with this configuration")]
+    Unroutable(SocketAddr),
+    #[error("no forwarded UDP port {0:?} here")]
+    NoForward(Option<SocketAddr>),
+    #[error("no socket: {0}")]
+    Socket(Errno),
+}
+
+/// The soft `RLIMIT_NOFILE` (read at start: the sandbox later forbids it).
+fn nofile_soft_limit() -> Option<u64> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _hard)| soft)
+}
+
+/// The address a socket is bound to.
+// Not called yet outside the tests: `migrate.rs` (save/load_engine_state) is to call them.
+fn local_addr(fd: std::os::fd::BorrowedFd<'_>) -> Result<SocketAddr, Errno> {
+    let storage: SockaddrStorage = getsockname(fd.as_raw_fd())?;
+    socket_addr(&storage).ok_or(Errno::EAFNOSUPPORT)
+}
+
+/// A socket for a migrated outbound flow: bound to `local` (the source's address and
+/// port) if that is free here, else to the same port on any address (the source's
+/// address may not exist on this host), else to whatever port the kernel picks.
+/// Returns the socket and whether the port was kept.
+// Not called yet outside the tests: `migrate.rs` (save/load_engine_state) is to call them.
+fn restored_socket(
+    config: &NetConfig,
+    host_dst: SocketAddr,
+    local: Option<SocketAddr>,
+) -> Result<(OwnedFd, bool), Errno> {
+    if let Some(local) = local.filter(|l| l.is_ipv4() == host_dst.is_ipv4() && l.port() != 0) {
+        let any = match local.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        let mut candidates = vec![local];
+        if local.ip() != any {
+            candidates.push(SocketAddr::new(any, local.port()));
+        }
+        for candidate in candidates {
+            match connected_socket(config, host_dst, Some(candidate)) {
+                Ok(socket) => return Ok((socket, true)),
+                Err(errno) => {
+                    tracing::trace!("UDP: restoring a flow bound to {candidate}: {errno}")
+                }
+            }
+        }
+    }
+    connected_socket(config, host_dst, None).map(|socket| (socket, false))
 }
 
 /// The UDP header of a validated datagram (`l4` is the IP payload, at least 8 bytes).
@@ -1010,9 +1416,14 @@ fn guest_address(config: &NetConfig, observed: &ObservedGuest, ipv4: bool) -> Op
     }
 }
 
-/// A non-blocking UDP socket with error reporting, connected to `host_dst` (from the
-/// `-o` address / `--outbound-if` interface when configured, except towards loopback).
-fn connected_socket(config: &NetConfig, host_dst: SocketAddr) -> Result<OwnedFd, Errno> {
+/// A non-blocking UDP socket with error reporting, connected to `host_dst`: bound to
+/// `local` when given (a migrated flow keeping its source port), else from the `-o`
+/// address / `--outbound-if` interface when configured, except towards loopback.
+fn connected_socket(
+    config: &NetConfig,
+    host_dst: SocketAddr,
+    local: Option<SocketAddr>,
+) -> Result<OwnedFd, Errno> {
     let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
     let (socket, source, device) = match host_dst {
         SocketAddr::V4(_) => {
@@ -1044,12 +1455,14 @@ fn connected_socket(config: &NetConfig, host_dst: SocketAddr) -> Result<OwnedFd,
                 tracing::trace!("UDP socket not bound to {device}: {errno}");
             }
         }
-        if let Some(source) = source {
-            bind(
-                socket.as_raw_fd(),
-                &SockaddrStorage::from(SocketAddr::new(source, 0)),
-            )?;
-        }
+    }
+    let bind_to = match (local, source) {
+        (Some(local), _) => Some(local),
+        (None, Some(source)) if !host_dst.ip().is_loopback() => Some(SocketAddr::new(source, 0)),
+        (None, _) => None,
+    };
+    if let Some(bind_to) = bind_to {
+        bind(socket.as_raw_fd(), &SockaddrStorage::from(bind_to))?;
     }
     connect(socket.as_raw_fd(), &SockaddrStorage::from(host_dst))?;
     Ok(socket)
@@ -1150,7 +1563,7 @@ fn drain_error_queue(
     flow: &UdpFlow,
     config: &NetConfig,
     buffer: &mut [u8],
-    log: &mut LogBudget,
+    log: &mut LogLimiter<LOG_CLASSES>,
     sink: &mut dyn FrameSink,
     now: Instant,
 ) {
@@ -1360,7 +1773,11 @@ mod tests {
         fn new(config: NetConfig) -> Self {
             Harness {
                 config,
-                observed: ObservedGuest::default(),
+                // Known MAC: forwarded datagrams need it.
+                observed: ObservedGuest {
+                    mac: Some(GUEST_MAC),
+                    ..ObservedGuest::default()
+                },
                 event_log: RefCell::new(GuestEventLog::new(Instant::now())),
                 epoll: Epoll::new(nix::sys::epoll::EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll"),
             }
@@ -1477,7 +1894,8 @@ mod tests {
         netns();
         let h = Harness::new(config());
         let t0 = Instant::now();
-        let mut flows = UdpFlows::with_capacity(&h.config, &h.epoll, t0, 4).expect("flows");
+        let mut flows =
+            UdpFlows::with_limits(&h.config, &h.epoll, t0, 4, IDLE_TIMEOUT).expect("flows");
         for port in 0..10u16 {
             h.send_v4(&mut flows, gateway_v4(), (1000 + port, 9), b"x", t0)
                 .expect("dropped quietly when full");
@@ -1495,9 +1913,10 @@ mod tests {
         assert_eq!(flows.len(), 4);
         flows.expire_idle(&h.epoll, t0 + IDLE_TIMEOUT);
         assert_eq!(flows.len(), 1, "only the refreshed flow is left");
+        flows.expire_idle(&h.epoll, t1 + IDLE_TIMEOUT - Duration::from_millis(1));
+        assert_eq!(flows.len(), 1, "its timer was moved, not lost");
         flows.expire_idle(&h.epoll, t1 + IDLE_TIMEOUT);
         assert!(flows.is_empty());
-        assert!(flows.by_key.is_empty());
         // Room again.
         h.send_v4(&mut flows, gateway_v4(), (2000, 9), b"x", t1 + IDLE_TIMEOUT)
             .expect("new flow");
@@ -1570,12 +1989,7 @@ mod tests {
 
     #[test]
     fn forwarded_ports_are_bound_at_start_and_a_taken_port_is_an_error() {
-        use crate::ports::{parse_port_spec, PortForwards, RFC6335_EPHEMERAL_PORTS};
         netns();
-        let forwards = |spec: &str| {
-            let spec = parse_port_spec(spec).expect("spec");
-            PortForwards::from_specs(&[spec], RFC6335_EPHEMERAL_PORTS).expect("forwards")
-        };
         let mut config = config();
         config.udp_forwards = forwards("5353-5354:6363-6364");
         let h = Harness::new(config.clone());
@@ -1589,5 +2003,331 @@ mod tests {
             UdpFlows::new(&h.config, &h.epoll, Instant::now()),
             Err(UdpError::Bind { port: 7000, .. })
         ));
+    }
+
+    /// Dispatch epoll events (and nothing else) until `done` holds, for at most 10 s.
+    fn pump(h: &Harness, flows: &mut UdpFlows, done: impl Fn(&UdpFlows) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut sink = CapturedFrames::default();
+        while !done(flows) && Instant::now() < deadline {
+            let mut events = [EpollEvent::empty(); 16];
+            let ready = h.epoll.wait(&mut events, 100u16).expect("wait");
+            for event in events.iter().take(ready) {
+                flows.handle_socket_ready(
+                    event.events(),
+                    event.data(),
+                    &h.config,
+                    &h.observed,
+                    &h.epoll,
+                    &mut sink,
+                    Instant::now(),
+                );
+            }
+        }
+    }
+
+    fn forwards(spec: &str) -> crate::ports::PortForwards {
+        use crate::ports::{parse_port_spec, PortForwards, RFC6335_EPHEMERAL_PORTS};
+        let spec = parse_port_spec(spec).expect("spec");
+        PortForwards::from_specs(&[spec], RFC6335_EPHEMERAL_PORTS).expect("forwards")
+    }
+
+    fn echo_server() -> (UdpSocket, u16) {
+        let echo = UdpSocket::bind("127.0.0.1:0").expect("echo");
+        echo.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let port = echo.local_addr().expect("addr").port();
+        (echo, port)
+    }
+
+    fn endpoint(ip: impl Into<IpAddr>, port: u16) -> Endpoint {
+        Endpoint::from_socket_addr(SocketAddr::new(ip.into(), port))
+    }
+
+    #[test]
+    fn idle_flows_are_closed_by_the_timer_alone() {
+        netns();
+        let h = Harness::new(config());
+        let timeout = Duration::from_millis(300);
+        let mut flows =
+            UdpFlows::with_limits(&h.config, &h.epoll, Instant::now(), 16, timeout).expect("flows");
+        let (echo, echo_port) = echo_server();
+        h.send_v4(
+            &mut flows,
+            gateway_v4(),
+            (4000, echo_port),
+            b"ping",
+            Instant::now(),
+        )
+        .expect("send");
+        let mut buf = [0u8; 16];
+        let (_, source) = echo.recv_from(&mut buf).expect("datagram on the host");
+        assert!(
+            UdpSocket::bind(source).is_err(),
+            "the flow's socket holds {source}"
+        );
+        // No datagram, no lookup, no explicit sweep: only the alarm's epoll event.
+        pump(&h, &mut flows, UdpFlows::is_empty);
+        assert!(flows.is_empty(), "the idle flow was closed");
+        UdpSocket::bind(source).expect("the flow's host port is free again");
+    }
+
+    #[test]
+    fn one_round_closes_a_bounded_number_of_flows() {
+        netns();
+        let h = Harness::new(config());
+        let t0 = Instant::now();
+        let extra = 100;
+        let n = MAX_EXPIRIES_PER_ROUND + extra;
+        let mut flows =
+            UdpFlows::with_limits(&h.config, &h.epoll, t0, n, IDLE_TIMEOUT).expect("flows");
+        for k in 0..n {
+            let port = 10_000 + u16::try_from(k).expect("port");
+            h.send_v4(&mut flows, gateway_v4(), (port, 9), b"x", t0)
+                .expect("send");
+        }
+        assert_eq!(flows.len(), n);
+        flows.expire_idle(&h.epoll, t0 + IDLE_TIMEOUT);
+        assert_eq!(flows.len(), extra, "one round is bounded");
+        flows.expire_idle(&h.epoll, t0 + IDLE_TIMEOUT);
+        assert!(flows.is_empty(), "the next round closes the rest");
+    }
+
+    #[test]
+    fn forwarded_flows_count_against_the_bound() {
+        netns();
+        let mut config = config();
+        config.udp_forwards = forwards("127.0.0.1/5310:6310");
+        let h = Harness::new(config);
+        let mut flows = UdpFlows::with_limits(&h.config, &h.epoll, Instant::now(), 2, IDLE_TIMEOUT)
+            .expect("flows");
+        let senders: Vec<UdpSocket> = (0..3)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").expect("sender"))
+            .collect();
+        for (k, sender) in senders.iter().enumerate() {
+            sender.send_to(&[k as u8], "127.0.0.1:5310").expect("send");
+        }
+        // The first sender again, through the same socket: read after the third.
+        senders[0]
+            .send_to(b"again", "127.0.0.1:5310")
+            .expect("send");
+        let frames = h.collect(&mut flows, 3);
+        let payloads: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|frame| {
+                let (_, ip) = reply_ipv4(frame);
+                parse_udp_v4(&ip).expect("udp").payload.to_vec()
+            })
+            .collect();
+        assert_eq!(
+            payloads,
+            vec![vec![0], vec![1], b"again".to_vec()],
+            "the third sender needed a third flow: dropped"
+        );
+        assert_eq!(flows.len(), 2);
+    }
+
+    #[test]
+    fn flows_survive_save_and_load() {
+        netns();
+        let mut config = config();
+        config.udp_forwards = forwards("127.0.0.1/5300:6300");
+        let h = Harness::new(config);
+        let t0 = Instant::now();
+        let mut source_flows = UdpFlows::new(&h.config, &h.epoll, t0).expect("flows");
+        let (echo, echo_port) = echo_server();
+        h.send_v4(
+            &mut source_flows,
+            gateway_v4(),
+            (4000, echo_port),
+            b"out",
+            t0,
+        )
+        .expect("send");
+        let mut buf = [0u8; 64];
+        let (_, host_local) = echo.recv_from(&mut buf).expect("datagram at the echo");
+        let sender = UdpSocket::bind("127.0.0.1:0").expect("sender");
+        sender
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let sender_port = sender.local_addr().expect("addr").port();
+        sender.send_to(b"in", "127.0.0.1:5300").expect("send");
+        assert_eq!(h.collect(&mut source_flows, 1).len(), 1, "forwarded");
+        assert_eq!(source_flows.len(), 2);
+
+        let saved_at = t0 + Duration::from_secs(30);
+        let mut records = source_flows.save_records(saved_at, 7);
+        records.sort_by_key(|r| r.id.0);
+        assert_eq!(
+            records.iter().map(|r| r.id.0).collect::<Vec<_>>(),
+            vec![7, 8]
+        );
+        let out = *records
+            .iter()
+            .find(|r| r.origin == FlowOrigin::Guest)
+            .expect("outbound record");
+        assert_eq!(out.guest, endpoint(guest_v4(), 4000));
+        assert_eq!(out.remote, endpoint(gateway_v4(), echo_port));
+        assert_eq!(out.host_local, Some(Endpoint::from_socket_addr(host_local)));
+        assert_eq!(out.idle_left_ms, 150_000);
+        let fwd = *records
+            .iter()
+            .find(|r| r.origin == FlowOrigin::Host)
+            .expect("forwarded record");
+        assert_eq!(fwd.guest, endpoint(guest_v4(), 6300));
+        assert_eq!(fwd.remote, endpoint(gateway_v4(), sender_port));
+        assert_eq!(fwd.host_local, Some(endpoint(Ipv4Addr::LOCALHOST, 5300)));
+        assert!((150_000..=155_000).contains(&fwd.idle_left_ms));
+
+        // Another host: the source's sockets are gone, its ports free.
+        drop(source_flows);
+        let t1 = Instant::now();
+        let mut flows = UdpFlows::new(&h.config, &h.epoll, t1).expect("target");
+        let restored = flows.load_records(&records, &h.config, Some(GUEST_MAC), &h.epoll, t1);
+        assert_eq!(
+            restored,
+            RestoredFlows {
+                restored: 2,
+                new_port: 0,
+                skipped: 0
+            }
+        );
+        // Same addresses and the idle time they had left, counted from the load.
+        let mut again = flows.save_records(t1, 7);
+        again.sort_by_key(|r| r.origin == FlowOrigin::Host);
+        assert_eq!(again[0].host_local, out.host_local, "source port kept");
+        assert_eq!(again[0].idle_left_ms, out.idle_left_ms);
+        assert_eq!(again[1].host_local, fwd.host_local);
+        assert_eq!(again[1].idle_left_ms, fwd.idle_left_ms);
+        flows.expire_idle(&h.epoll, t1 + Duration::from_millis(149_999));
+        assert_eq!(flows.len(), 2, "not idle long enough yet");
+
+        // The echo server's next datagram to the old port reaches the guest.
+        echo.send_to(b"still there", host_local).expect("send");
+        let frames = h.collect(&mut flows, 1);
+        assert_eq!(frames.len(), 1);
+        let (_, ip) = reply_ipv4(&frames[0]);
+        assert_eq!((ip.src, ip.dst), (gateway_v4(), guest_v4()));
+        let udp = parse_udp_v4(&ip).expect("udp");
+        assert_eq!((udp.src_port, udp.dst_port), (echo_port, 4000));
+        assert_eq!(udp.payload, b"still there");
+        // And the guest's next datagram leaves from it.
+        h.send_v4(&mut flows, gateway_v4(), (4000, echo_port), b"more", t1)
+            .expect("send");
+        let (len, from) = echo.recv_from(&mut buf).expect("datagram at the echo");
+        assert_eq!((&buf[..len], from), (&b"more"[..], host_local));
+        // The guest's reply on the forwarded flow leaves from the forwarded port.
+        h.send_v4(&mut flows, gateway_v4(), (6300, sender_port), b"reply", t1)
+            .expect("send");
+        let (len, from) = sender.recv_from(&mut buf).expect("reply at the sender");
+        assert_eq!(&buf[..len], b"reply");
+        assert_eq!(from, SocketAddr::from((Ipv4Addr::LOCALHOST, 5300)));
+        assert_eq!(flows.len(), 2, "no new flow was needed");
+
+        // Loading the same records again: duplicates.
+        let twice = flows.load_records(&records, &h.config, Some(GUEST_MAC), &h.epoll, t1);
+        assert_eq!(twice.skipped, 2);
+        assert_eq!(flows.len(), 2);
+    }
+
+    #[test]
+    fn a_source_port_in_use_here_is_replaced() {
+        netns();
+        let h = Harness::new(config());
+        let now = Instant::now();
+        let mut source_flows = UdpFlows::new(&h.config, &h.epoll, now).expect("flows");
+        let (echo, echo_port) = echo_server();
+        h.send_v4(
+            &mut source_flows,
+            gateway_v4(),
+            (4000, echo_port),
+            b"out",
+            now,
+        )
+        .expect("send");
+        let mut buf = [0u8; 64];
+        let (_, host_local) = echo.recv_from(&mut buf).expect("datagram at the echo");
+        let records = source_flows.save_records(now, 1);
+        // The same host, the source still holding its socket.
+        let mut flows = UdpFlows::new(&h.config, &h.epoll, now).expect("target");
+        let restored = flows.load_records(&records, &h.config, Some(GUEST_MAC), &h.epoll, now);
+        assert_eq!(
+            restored,
+            RestoredFlows {
+                restored: 1,
+                new_port: 1,
+                skipped: 0
+            }
+        );
+        h.send_v4(&mut flows, gateway_v4(), (4000, echo_port), b"moved", now)
+            .expect("send");
+        let (len, from) = echo.recv_from(&mut buf).expect("datagram at the echo");
+        assert_eq!(&buf[..len], b"moved");
+        assert_ne!(from, host_local, "a new source port");
+        echo.send_to(b"back", from).expect("send");
+        assert_eq!(h.collect(&mut flows, 1).len(), 1, "replies reach the guest");
+    }
+
+    #[test]
+    fn restored_flows_expire_after_the_time_they_had_left() {
+        netns();
+        let h = Harness::new(config());
+        let now = Instant::now();
+        let mut flows = UdpFlows::new(&h.config, &h.epoll, now).expect("flows");
+        let record = |id, port, idle_left_ms| UdpFlowRecord {
+            id: WireFlowId(id),
+            origin: FlowOrigin::Guest,
+            guest: endpoint(guest_v4(), port),
+            remote: endpoint(gateway_v4(), 9),
+            host_local: None,
+            idle_left_ms,
+        };
+        let records = [record(1, 4001, 1_000), record(2, 4002, 60_000)];
+        let restored = flows.load_records(&records, &h.config, Some(GUEST_MAC), &h.epoll, now);
+        assert_eq!(restored.restored, 2);
+        assert_eq!(restored.new_port, 2, "no address recorded");
+        flows.expire_idle(&h.epoll, now + Duration::from_millis(999));
+        assert_eq!(flows.len(), 2);
+        flows.expire_idle(&h.epoll, now + Duration::from_millis(1_000));
+        assert_eq!(flows.len(), 1);
+        flows.expire_idle(&h.epoll, now + Duration::from_millis(60_000));
+        assert!(flows.is_empty());
+    }
+
+    #[test]
+    fn records_that_do_not_fit_here_are_skipped() {
+        netns();
+        let h = Harness::new(config());
+        let now = Instant::now();
+        let mut flows = UdpFlows::new(&h.config, &h.epoll, now).expect("flows");
+        let forwarded = UdpFlowRecord {
+            id: WireFlowId(1),
+            origin: FlowOrigin::Host,
+            guest: endpoint(guest_v4(), 6300),
+            remote: endpoint(gateway_v4(), 40000),
+            host_local: Some(endpoint(Ipv4Addr::LOCALHOST, 5300)),
+            idle_left_ms: 1000,
+        };
+        let unroutable = UdpFlowRecord {
+            id: WireFlowId(2),
+            origin: FlowOrigin::Guest,
+            remote: endpoint(Ipv4Addr::LOCALHOST, 9),
+            host_local: None,
+            ..forwarded
+        };
+        let records = [forwarded, unroutable];
+        let restored = flows.load_records(&records, &h.config, Some(GUEST_MAC), &h.epoll, now);
+        assert_eq!(
+            restored,
+            RestoredFlows {
+                restored: 0,
+                new_port: 0,
+                skipped: 2
+            },
+            "no -u 5300 here; loopback is not routable"
+        );
+        let no_mac = flows.load_records(&records, &h.config, None, &h.epoll, now);
+        assert_eq!(no_mac.skipped, 2);
+        assert!(flows.is_empty());
     }
 }

@@ -458,3 +458,174 @@ fn open_fds(baton: &Baton) -> usize {
         .map(|dir| dir.count())
         .unwrap_or(0)
 }
+
+/// A flow idle for the timeout is closed by baton's timer alone (no traffic, no other
+/// event): its host port becomes free, and the guest's next datagram opens a new flow.
+/// Takes the real timeout (180 s).
+#[test]
+fn an_idle_flow_closes_its_host_socket() {
+    const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+    let baton = Baton::start("idle", &[]);
+    let mut dev = baton.connect();
+    let echo = host_socket("127.0.0.1:7777");
+    let guest = sa(GUEST_V4, 40000);
+    let remote = sa(GW_V4, 7777);
+    dev.send_frame(&udp_frame(guest, remote, b"ping"))
+        .expect("send");
+    let mut buf = [0u8; 64];
+    let (_, flow_port) = echo.recv_from(&mut buf).expect("datagram at the echo");
+    let fds_with_flow = open_fds(&baton);
+    // The last datagram of the flow: the idle time counts from when baton reads it,
+    // which is after this instant.
+    let last_datagram = Instant::now();
+    echo.send_to(b"pong", flow_port).expect("reply");
+    let (src, dst, _) = expect_udp(&mut dev, "reply");
+    assert_eq!((src, dst), (remote, guest));
+    let err = UdpSocket::bind(flow_port).expect_err("the flow's socket holds its port");
+    assert_eq!(err.kind(), ErrorKind::AddrInUse);
+
+    let deadline = last_datagram + IDLE_TIMEOUT + Duration::from_secs(30);
+    let freed = loop {
+        match UdpSocket::bind(flow_port) {
+            Ok(socket) => break socket,
+            Err(err) if err.kind() == ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(err) => panic!("{flow_port} still held after the idle timeout: {err}"),
+        }
+    };
+    assert!(
+        last_datagram.elapsed() >= IDLE_TIMEOUT,
+        "closed before the idle timeout"
+    );
+    assert!(
+        open_fds(&baton) < fds_with_flow,
+        "the socket is closed, not only unbound"
+    );
+    drop(freed);
+    // A fresh flow for the same addresses.
+    echo_round_trip(
+        &mut dev,
+        &echo,
+        guest,
+        remote,
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+    );
+}
+
+/// The default table (131,072 flows) filled with forwarded flows (they need no host
+/// socket, so RLIMIT_NOFILE is not what stops them): the next new flow is refused,
+/// inbound and outbound, with a warning in the log; existing flows keep working.
+#[test]
+fn a_full_flow_table_refuses_new_flows_and_says_so() {
+    const TABLE: usize = 131_072;
+    const BATCH: usize = 64;
+    let baton = Baton::start("full", &["-u", "5000-5001"]);
+    let mut dev = baton.connect();
+    announce_guest(&mut dev);
+    let targets = |v6: bool| -> [SocketAddr; 2] {
+        let lo = if v6 {
+            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        } else {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        };
+        [sa(lo, 5000), sa(lo, 5001)]
+    };
+    // Each sender port on each loopback address gives two flows (one per forwarded
+    // port); senders are bound, used and closed in batches (the test's own descriptors
+    // are limited too).
+    let mut flows = 0;
+    let mut pending = 0;
+    let mut senders = Vec::new();
+    let mut last_sender = None;
+    'fill: for v6 in [false, true] {
+        for port in 1024..=u16::MAX {
+            if flows == TABLE {
+                break 'fill;
+            }
+            let local = if v6 {
+                sa(Ipv6Addr::LOCALHOST, port)
+            } else {
+                sa(Ipv4Addr::LOCALHOST, port)
+            };
+            let Ok(sender) = UdpSocket::bind(local) else {
+                continue; // a port baton uses
+            };
+            for target in targets(v6) {
+                sender.send_to(b"fill", target).expect("send");
+                flows += 1;
+                pending += 1;
+            }
+            last_sender = Some(local);
+            senders.push(sender);
+            if pending >= BATCH || flows == TABLE {
+                for _ in 0..pending {
+                    let (_, dst, payload) = expect_udp(&mut dev, "forwarded datagram");
+                    assert_eq!(payload, b"fill");
+                    assert!(matches!(dst.port(), 5000 | 5001));
+                }
+                pending = 0;
+                senders.clear();
+            }
+        }
+    }
+    assert_eq!(flows, TABLE);
+    assert!(
+        !baton.log().contains("flow table full"),
+        "not full before the last flow"
+    );
+
+    // One more sender: refused. Then an existing flow (same forwarded socket, so baton
+    // reads the refused datagram first) still gets through.
+    let existing = last_sender.expect("senders");
+    // Senders went up from port 1024: ports above the last one were never seen.
+    let refused = (existing.port() + 1..=u16::MAX)
+        .map(|port| sa(Ipv6Addr::LOCALHOST, port))
+        .find_map(|local| UdpSocket::bind(local).ok())
+        .expect("a free IPv6 port");
+    refused
+        .send_to(b"one too many", sa(Ipv6Addr::LOCALHOST, 5000))
+        .expect("send");
+    let old = UdpSocket::bind(existing).expect("rebind an existing sender");
+    old.send_to(b"existing", sa(Ipv6Addr::LOCALHOST, 5000))
+        .expect("send");
+    let (src, dst, payload) = expect_udp(&mut dev, "datagram of an existing flow");
+    assert_eq!(
+        payload, b"existing",
+        "the refused datagram was not delivered"
+    );
+    assert_eq!((src.port(), dst), (existing.port(), sa(GUEST_V6, 5000)));
+
+    // Outbound: refused too, and no socket is opened for it.
+    let fds = open_fds(&baton);
+    dev.send_frame(&udp_frame(
+        sa(GUEST_V4, 45000),
+        sa(GW_V4, 7777),
+        b"new outbound",
+    ))
+    .expect("send");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let wanted = "new flow 10.77.0.2:45000 -> 10.77.0.1:7777 refused";
+    while !baton.log().contains(wanted) {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged:\n{}",
+            tail(&baton.log())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(open_fds(&baton), fds, "no socket for a refused flow");
+    let log = baton.log();
+    assert!(
+        log.contains("UDP flow table full (131072 flows)"),
+        "log:\n{}",
+        tail(&log)
+    );
+    assert!(log.contains("WARN"), "a warning, not a debug line");
+}
+
+/// The last lines of a log, for assertion messages.
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
