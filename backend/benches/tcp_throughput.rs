@@ -8,8 +8,9 @@
 //!
 //! Run as root: `cargo bench -p baton --bench tcp_throughput`.
 //! Env: `BATON_BENCH_MIB` (default 256) MiB per stream, `BATON_BENCH_CONNS` (default
-//! 1000) short connections, `BATON_BENCH_DEBUG=1` runs baton with `--debug` (default
-//! `--quiet`), `BATON_BENCH_LOG=FILE` keeps baton's log.
+//! 1000) short connections, `BATON_BENCH_DEBUG=1` runs baton with `--debug` (`=trace`:
+//! `--trace`; default `--quiet`) and counts retransmission timeouts (each one a stall of
+//! a second or more), `BATON_BENCH_LOG=FILE` keeps baton's log.
 //!
 //! The data is a periodic pattern (period 65521 bytes, a prime, so a lost, duplicated or
 //! reordered segment shows) and every received byte is compared with it.
@@ -368,16 +369,29 @@ fn main() {
         f64::from(conns) / t.as_secs_f64(),
         t.as_secs_f64() * 1e6 / f64::from(conns)
     );
+    let log = baton.log();
+    if std::env::var_os("BATON_BENCH_DEBUG").is_some() {
+        // Each one is a stall of at least the retransmission timeout (1 s at first).
+        println!(
+            "tcp_throughput: {} retransmission timeout(s) towards the guest",
+            log.matches("retransmission timeout").count()
+        );
+    }
+    if let Some(path) = std::env::var_os("BATON_BENCH_LOG") {
+        if let Err(err) = std::fs::write(&path, log) {
+            eprintln!("tcp_throughput: writing the log: {err}");
+        }
+    }
 }
 
 /// Baton in a private network namespace (this thread), IPv4, quiet unless
 /// `BATON_BENCH_DEBUG` is set.
 fn start_baton(extra: &[&str]) -> Baton {
     baton_testkit::netns::enter_private_netns().expect("private network namespace (run as root)");
-    let level = if std::env::var_os("BATON_BENCH_DEBUG").is_some() {
-        "--debug"
-    } else {
-        "--quiet"
+    let level = match std::env::var("BATON_BENCH_DEBUG").as_deref() {
+        Ok("trace") => "--trace",
+        Ok(_) => "--debug",
+        Err(_) => "--quiet",
     };
     let args: Vec<&str> = V4_ONLY
         .iter()

@@ -595,6 +595,110 @@ fn guest_reply_frame(
     }
 }
 
+/// Why a guest's packet could not be delivered, as a destination unreachable code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unreachable {
+    /// No route to the destination's network (`ENETUNREACH`): ICMP code 0 "net
+    /// unreachable", ICMPv6 code 0 "no route to destination".
+    Net,
+    /// The destination did not answer neighbour resolution (`EHOSTUNREACH`): ICMP code 1
+    /// "host unreachable", ICMPv6 code 3 "address unreachable".
+    Host,
+}
+
+impl Unreachable {
+    /// The reason for a failed host-side `connect`, if the guest should learn it as an
+    /// ICMP error (anything else is answered as the protocol does, e.g. a TCP RST).
+    pub(crate) fn from_errno(errno: i32) -> Option<Self> {
+        match errno {
+            libc::ENETUNREACH => Some(Unreachable::Net),
+            libc::EHOSTUNREACH => Some(Unreachable::Host),
+            _ => None,
+        }
+    }
+}
+
+/// ICMP destination unreachable type (IPv4) and ICMPv6 destination unreachable type.
+const ICMPV4_DEST_UNREACHABLE: u8 = 3;
+const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+/// Bytes of the offending transport header an ICMP error quotes (RFC 792: 64 bits,
+/// which hold the ports and, for TCP, the sequence number).
+const QUOTED_L4_LEN: usize = 8;
+
+/// A destination unreachable error for the guest about a packet it sent from `guest` to
+/// `remote` (protocol `protocol`, transport message `l4`, of which the first 8 bytes are
+/// quoted), coming from `remote`. baton keeps no copy of the guest's IP header, so the
+/// quoted one is rebuilt (what the guest matches on is there: addresses, protocol,
+/// ports, sequence number). `None` for mixed address families or an `l4` shorter than
+/// the quote.
+pub(crate) fn unreachable_frame(
+    our_mac: MacAddr,
+    guest_mac: MacAddr,
+    guest: IpAddr,
+    remote: IpAddr,
+    protocol: IpNumber,
+    l4: &[u8],
+    reason: Unreachable,
+) -> Option<Vec<u8>> {
+    let head = l4.get(..QUOTED_L4_LEN)?;
+    let link = LinkEnds {
+        src: our_mac,
+        dst: guest_mac,
+    };
+    let l4_len = u16::try_from(l4.len()).ok()?;
+    match (guest, remote) {
+        (IpAddr::V4(guest), IpAddr::V4(remote)) => {
+            let code = match reason {
+                Unreachable::Net => 0,
+                Unreachable::Host => 1,
+            };
+            let mut inner = etherparse::Ipv4Header::new(
+                l4_len,
+                DEFAULT_HOP_LIMIT,
+                protocol,
+                guest.octets(),
+                remote.octets(),
+            )
+            .ok()?;
+            inner.header_checksum = inner.calc_header_checksum();
+            let mut message = vec![ICMPV4_DEST_UNREACHABLE, code, 0, 0, 0, 0, 0, 0];
+            message.extend_from_slice(&inner.to_bytes());
+            message.extend_from_slice(head);
+            set_icmpv4_checksum(&mut message);
+            ipv4_frame(link, remote, guest, IpNumber::ICMP, &message).ok()
+        }
+        (IpAddr::V6(guest), IpAddr::V6(remote)) => {
+            let code = match reason {
+                Unreachable::Net => 0,
+                Unreachable::Host => 3,
+            };
+            let inner = etherparse::Ipv6Header {
+                traffic_class: 0,
+                flow_label: etherparse::Ipv6FlowLabel::ZERO,
+                payload_length: l4_len,
+                next_header: protocol,
+                hop_limit: DEFAULT_HOP_LIMIT,
+                source: guest.octets(),
+                destination: remote.octets(),
+            };
+            let mut message = vec![ICMPV6_DEST_UNREACHABLE, code, 0, 0, 0, 0, 0, 0];
+            message.extend_from_slice(&inner.to_bytes());
+            message.extend_from_slice(head);
+            set_icmpv6_checksum(remote, guest, &mut message);
+            ipv6_frame(
+                link,
+                remote,
+                guest,
+                IpNumber::IPV6_ICMP,
+                DEFAULT_HOP_LIMIT,
+                &message,
+            )
+            .ok()
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::*;

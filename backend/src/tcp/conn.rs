@@ -247,10 +247,11 @@ impl TcpConn {
     /// `SO_PEEK_OFF` and queues intact, so the peek model's invariant still holds).
     ///
     /// Nothing is sent now (the rings may not run yet): the connection waits as if the
-    /// guest's receive queue had been full ([`TcpConn::rx_blocked`]), so the first round
-    /// of events after the rings start sends what is due. Unacknowledged data gets a
+    /// guest's receive queue had been full ([`TcpConn::rx_blocked`]), so the table
+    /// resumes it once it is safe to send (see `AdoptHold` in the parent module). Unacknowledged data gets a
     /// retransmission deadline: frames in flight at the switch may be lost.
     pub fn adopt(guest: GuestSide, socket: OwnedFd, now: Instant) -> Self {
+        tracing::trace!("adopting {guest:?}");
         let unacked = guest.seq_to_guest != guest.seq_ack_from_guest
             || guest.seq_max_to_guest != guest.seq_to_guest;
         TcpConn {
@@ -410,7 +411,13 @@ impl TcpConn {
     pub fn on_connected(&mut self, io: &mut Io<'_>) -> Outcome {
         match sock::take_error(self.socket.as_fd()) {
             Ok(0) => {}
-            _ => return self.reset_guest(io),
+            Ok(errno) => {
+                if let Some(reason) = crate::net::icmp::Unreachable::from_errno(errno) {
+                    return self.unreachable(io, reason);
+                }
+                return self.reset_guest(io);
+            }
+            Err(_) => return self.reset_guest(io),
         }
         if sock::enable_peek_offset(self.socket.as_fd()).is_err() {
             return self.reset_guest(io);
@@ -420,6 +427,35 @@ impl TcpConn {
         self.guest.seq_max_to_guest = self.guest.seq_to_guest;
         self.send_syn_ack(io);
         Outcome::Keep
+    }
+
+    /// The connect failed for lack of a route: answer the guest's SYN with the ICMP
+    /// destination unreachable a router would send, and drop the connection.
+    fn unreachable(&mut self, io: &mut Io<'_>, reason: crate::net::icmp::Unreachable) -> Outcome {
+        let g = &self.guest;
+        // The quote needs the SYN's ports and sequence number; baton kept those only.
+        let mut syn = [0u8; 20];
+        syn[0..2].copy_from_slice(&g.guest_port.to_be_bytes());
+        syn[2..4].copy_from_slice(&g.remote_port.to_be_bytes());
+        syn[4..8].copy_from_slice(&g.seq_from_guest.plus(u32::MAX).0.to_be_bytes());
+        syn[12] = 5 << 4;
+        syn[13] = SYN;
+        let frame = crate::net::icmp::unreachable_frame(
+            io.our_mac,
+            io.guest_mac,
+            g.guest_addr,
+            g.remote_addr,
+            etherparse::IpNumber::TCP,
+            &syn,
+            reason,
+        );
+        match frame {
+            Some(frame) => {
+                io.sink.send_frame(&frame);
+                Outcome::Reset
+            }
+            None => self.reset_guest(io),
+        }
     }
 
     /// Tell the guest the connection is gone, and drop it (the socket is reset).
@@ -530,6 +566,18 @@ impl TcpConn {
     }
 
     fn on_established(&mut self, seg: &Segment<'_>, io: &mut Io<'_>) -> Outcome {
+        tracing::trace!(
+            "guest segment seq {} ack {} flags {:#x} len {} window {}; SND.UNA {} SND.NXT {} SND.MAX {} RCV.NXT {}",
+            seg.seq.0,
+            seg.ack.0,
+            seg.flags,
+            seg.payload.len(),
+            seg.window,
+            self.guest.seq_ack_from_guest.0,
+            self.guest.seq_to_guest.0,
+            self.guest.seq_max_to_guest.0,
+            self.guest.seq_from_guest.0
+        );
         let rcv_nxt = self.guest.seq_from_guest;
         let rcv_wnd = self.guest.window_to_guest.max(1);
         if seg.has(RST) {
@@ -557,6 +605,13 @@ impl TcpConn {
         let acceptable = seg.seq.before_eq(rcv_nxt.plus(rcv_wnd))
             && seg_end.after(rcv_nxt.plus(0u32.wrapping_sub(rcv_wnd.min(1 << 30))));
         if !acceptable {
+            tracing::debug!(
+                "guest segment outside the window: seq {} len {} (RCV.NXT {}, window {})",
+                seg.seq.0,
+                seg.seq_len(),
+                rcv_nxt.0,
+                rcv_wnd
+            );
             self.ack(io);
             return Outcome::Keep;
         }
@@ -564,6 +619,11 @@ impl TcpConn {
             return outcome;
         }
         let mut need_ack = false;
+        if seg.payload.is_empty() && !seg.has(FIN) && seg.seq.before(rcv_nxt) {
+            // A keepalive or window probe (RFC 9293 3.8.4: SND.NXT − 1, no data, the
+            // one-byte form is covered below): it exists to get an ACK back.
+            need_ack = true;
+        }
         if !seg.payload.is_empty() && !self.guest.fin_from_guest {
             need_ack = true;
             if let Some(outcome) = self.write_guest_data(seg, io) {
@@ -577,6 +637,12 @@ impl TcpConn {
             let fin_seq = seg
                 .seq
                 .plus(u32::try_from(seg.payload.len()).unwrap_or(u32::MAX));
+            tracing::trace!(
+                "guest FIN at {} (RCV.NXT {}, already {})",
+                fin_seq.0,
+                self.guest.seq_from_guest.0,
+                self.guest.fin_from_guest
+            );
             if !self.guest.fin_from_guest && fin_seq == self.guest.seq_from_guest {
                 let _ = shutdown(
                     std::os::fd::AsRawFd::as_raw_fd(&self.socket),
@@ -621,6 +687,15 @@ impl TcpConn {
                 && new_window == g.guest_window
                 && in_flight > 0;
             self.guest.guest_window = new_window;
+            if g.guest_window == 0 && new_window > 0 && in_flight == 0 && g.fin_to_guest.is_none() {
+                // The window reopened with nothing in flight: the deadline was the
+                // zero-window probe's. Left armed it would fire shortly after the data
+                // sent now and be taken for a retransmission timeout (a spurious
+                // rewind that resends the whole window, and a doubled timeout).
+                self.deadline = None;
+                self.rto = INITIAL_RTO;
+                self.retries = 0;
+            }
             if duplicate {
                 self.dup_acks = self.dup_acks.saturating_add(1);
                 if self.dup_acks == DUP_ACK_THRESHOLD {
@@ -694,12 +769,12 @@ impl TcpConn {
                 let written = u32::try_from(written).unwrap_or(0);
                 self.guest.seq_from_guest = rcv_nxt.plus(written);
                 if (written as usize) < new.len() {
-                    self.send_blocked = true;
+                    self.refused(seg, new.len() - written as usize);
                 }
                 None
             }
             Err(Errno::EAGAIN) => {
-                self.send_blocked = true;
+                self.refused(seg, new.len());
                 None
             }
             Err(err) => {
@@ -709,19 +784,29 @@ impl TcpConn {
         }
     }
 
+    /// The socket did not take `left` bytes of the guest's segment: they are not
+    /// acknowledged, and the window is announced again once the socket is writable.
+    fn refused(&mut self, seg: &Segment<'_>, left: usize) {
+        tracing::trace!(
+            "socket refused {left} of {} bytes at {} (advertised window {})",
+            seg.payload.len(),
+            seg.seq.0,
+            self.guest.window_to_guest
+        );
+        self.send_blocked = true;
+    }
+
     /// Go back to the oldest unacknowledged byte (retransmission).
     fn rewind(&mut self) {
         let g = &mut self.guest;
         if g.state != TcpState::Established {
             return;
         }
+        // `fin_to_guest` stays: it records where our FIN sits in the sequence space,
+        // and [`Conn::push_data`] sends it again once the data before it went again.
+        // (Forgetting it made a late ACK of the first FIN count one byte of data too
+        // many, and the flow was reset.)
         g.seq_to_guest = g.seq_ack_from_guest;
-        if let Some(fin) = g.fin_to_guest {
-            if !g.seq_ack_from_guest.after(fin) {
-                // The FIN goes again after the data.
-                g.fin_to_guest = None;
-            }
-        }
         if let Err(err) = sock::set_peek_offset(self.socket.as_fd(), 0) {
             tracing::debug!("resetting SO_PEEK_OFF: {err}");
         }
@@ -736,8 +821,21 @@ impl TcpConn {
         self.rx_blocked = self.ack_pending;
         let mss = usize::from(self.guest.mss.min(io.link_mss)).max(1);
         for _round in 0..16 {
-            if self.guest.fin_to_guest.is_some() {
-                break;
+            if let Some(fin) = self.guest.fin_to_guest {
+                if self.guest.seq_to_guest == fin {
+                    // Rewound up to our FIN (a retransmission): send it again.
+                    if !self.send_flags(io, FIN | ACK) {
+                        self.rx_blocked = true;
+                        break;
+                    }
+                    self.guest.seq_to_guest = fin.plus(1);
+                    if self.deadline.is_none() {
+                        self.arm_rto(io.now);
+                    }
+                }
+                if !self.guest.seq_to_guest.before(fin) {
+                    break;
+                }
             }
             let in_flight = self.guest.seq_to_guest.since(self.guest.seq_ack_from_guest);
             let room = self.guest.guest_window.saturating_sub(in_flight) as usize;
@@ -748,7 +846,11 @@ impl TcpConn {
                 }
                 break;
             }
-            let limit = room.min(io.peek_buf.len());
+            let mut limit = room.min(io.peek_buf.len());
+            if let Some(fin) = self.guest.fin_to_guest {
+                // Resending the data before our FIN, not beyond it.
+                limit = limit.min(fin.since(self.guest.seq_to_guest) as usize);
+            }
             let fd = std::os::fd::AsRawFd::as_raw_fd(&self.socket);
             let peeked = match recv(
                 fd,
@@ -762,10 +864,18 @@ impl TcpConn {
                     return self.reset_guest(io);
                 }
             };
+            if peeked == 0 && self.guest.fin_to_guest.is_some() {
+                // Data acknowledged to the host before our FIN is gone from the
+                // socket: nothing consistent can be sent.
+                tracing::debug!("data before our FIN is missing from the socket");
+                return self.reset_guest(io);
+            }
             if peeked == 0 {
                 // End of stream, and everything before it was sent: FIN.
                 let fin = self.guest.seq_to_guest;
-                if !self.send_flags(io, FIN | ACK) {
+                let sent = self.send_flags(io, FIN | ACK);
+                tracing::trace!("FIN to the guest at {}: sent {sent}", fin.0);
+                if !sent {
                     self.rx_blocked = true;
                     break;
                 }
@@ -865,6 +975,21 @@ impl TcpConn {
                 );
                 return self.reset_guest(io);
             }
+            tracing::debug!(
+                "{}:{} -> {}:{}: retransmission timeout (try {}): resending from {} \
+                 (SND.NXT {}, SND.MAX {}, guest window {}, receive queue full {}, ACK pending {})",
+                g.remote_addr,
+                g.remote_port,
+                g.guest_addr,
+                g.guest_port,
+                self.retries,
+                g.seq_ack_from_guest.0,
+                g.seq_to_guest.0,
+                g.seq_max_to_guest.0,
+                g.guest_window,
+                self.rx_blocked,
+                self.ack_pending
+            );
             self.rto = (self.rto * 2).min(MAX_RTO);
             self.rewind();
             let outcome = self.push_data(io);

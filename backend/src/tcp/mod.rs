@@ -30,6 +30,10 @@
 //! `shutdown(SHUT_WR)`. When both FINs are through and ours is acknowledged the socket is
 //! closed; a RST from the guest (at exactly RCV.NXT, RFC 5961) closes the socket with
 //! `SO_LINGER` 0 so the host peer gets a RST too; a socket error sends the guest a RST.
+//! A connect that fails for lack of a route (`ENETUNREACH`, `EHOSTUNREACH`) answers the
+//! guest's SYN with an ICMP/ICMPv6 destination unreachable instead, as a router would;
+//! a refused one with a RST. A guest keepalive or window probe (an old sequence number,
+//! no new data) gets an ACK.
 //!
 //! State per connection: [`conn::GuestSide`] (plain data: addresses, sequence numbers,
 //! windows, scales, MSS, FIN flags — what the migration stream will carry besides the
@@ -59,7 +63,9 @@
 //! or the guest talks again on this side (the source VM resumed:
 //! [`TcpFlows::handle_guest_segment`] withdraws the offer, detaches the filters and
 //! carries on). A target rebuilds flows with [`TcpFlows::adopt`]; they wait silently
-//! for the first round of events after the rings start.
+//! until the guest sends a TCP segment, or [`ADOPT_QUIET`] after the rings first run
+//! (a frame sent while QEMU is still starting the rings can lose its interrupt, which
+//! with EVENT_IDX silences the guest's receive queue for good: see [`AdoptHold`]).
 //!
 //! Addresses: the guest's destination `map_host_loopback` (default: the gateway; for
 //! IPv6 also the router's link-local address) reaches the host's loopback, and
@@ -70,6 +76,7 @@ pub mod conn;
 pub mod segment;
 pub mod seq;
 mod sock;
+pub(crate) use sock::is_closed as socket_is_closed;
 
 use std::cmp::Reverse;
 use std::collections::hash_map::RandomState;
@@ -84,7 +91,7 @@ use baton_proto::migration::{FlowId as WireFlowId, TcpFlowRecord};
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
 use crate::config::{MacAddr, NetConfig};
-use crate::flow::{FlowId, FlowTable, DEFAULT_MAX_FLOWS};
+use crate::flow::{FlowId, FlowTable};
 use crate::handover::{HandoverOffer, OfferStatus, OfferedSocket};
 use crate::net::FrameSink;
 use conn::{Io, Outcome, TcpConn, TcpState};
@@ -153,6 +160,38 @@ pub(crate) struct TcpFlows {
     log: crate::net::ratelimit::LogLimiter<LOG_CLASSES>,
     /// Live, or frozen for a migration.
     freeze: Freeze,
+    /// Adopted flows keep quiet until the guest has surely resumed.
+    hold: AdoptHold,
+    /// A descriptor held in reserve: when the process runs out of descriptors, a
+    /// connection waiting on a `-t` listener can only be refused by accepting it, which
+    /// needs a free slot. Without one the level-triggered listener would wake the
+    /// worker forever while the host's connection hangs.
+    spare_fd: Option<OwnedFd>,
+}
+
+/// How long adopted connections wait, after the rings first run, for a segment from the
+/// guest before they send anyway (see [`AdoptHold`]).
+pub(crate) const ADOPT_QUIET: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Migration target: the first frames adopted connections send must not race QEMU's
+/// ring start. QEMU starts a ring with SET_VRING_KICK, then clears the ring's interrupt
+/// eventfd ("discard previous events") before it installs the guest's own; the backend
+/// may already run at the kick (vhost-user-backend reports a ring that becomes ready as
+/// an event). A frame put in the receive queue inside that window has its interrupt
+/// discarded, and with EVENT_IDX the guest is never interrupted for that queue again
+/// (it asked to be told once, when that very entry was used): its receive path is dead
+/// while its transmit path works — the data still reaches the host, but no ACK, FIN or
+/// data ever reaches the guest. So adopted connections send nothing until the guest
+/// speaks (its vCPUs run only after QEMU finished the rings) or, for a guest that has
+/// nothing to say, [`ADOPT_QUIET`] after the rings first ran.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum AdoptHold {
+    #[default]
+    Off,
+    /// Flows were adopted; no round of events has run yet.
+    Adopted,
+    /// The rings run: released by a guest segment or at this instant.
+    Until(Instant),
 }
 
 /// The migration state of the table.
@@ -212,16 +251,14 @@ impl TcpFlows {
             frame_buf: Vec::with_capacity(PEEK_BUFFER_LEN + 128),
             log: crate::net::ratelimit::LogLimiter::new(now),
             freeze: Freeze::Live,
+            hold: AdoptHold::Off,
+            spare_fd: None,
         };
+        flows.spare_fd = flows.alarm.fd().try_clone_to_owned().ok();
         if config.handlers.tcp {
             flows.bind_forwards(config, epoll)?;
         }
         Ok(flows)
-    }
-
-    /// Default table size.
-    pub(crate) fn default_max_flows() -> usize {
-        DEFAULT_MAX_FLOWS
     }
 
     fn bind_forwards(&mut self, config: &NetConfig, epoll: &Epoll) -> io::Result<()> {
@@ -289,6 +326,40 @@ impl TcpFlows {
         self.flows.len()
     }
 
+    /// Out of descriptors with a connection waiting on listener `index`: use the spare
+    /// descriptor's slot to accept it and reset it at once (the host sees a refusal, not
+    /// a hang), then take the spare back.
+    fn refuse_without_descriptors(&mut self, index: usize, err: &io::Error, now: Instant) {
+        let Some(listener) = self.listeners.get(index) else {
+            return;
+        };
+        let refused = self.spare_fd.take().and_then(|spare| {
+            drop(spare);
+            let accepted = sock::accept(listener.socket.as_fd()).ok();
+            if let Some((socket, _)) = &accepted {
+                let _ = sock::set_reset_on_close(socket.as_fd());
+            }
+            accepted.map(|(_, peer)| peer)
+        });
+        self.spare_fd = self.alarm.fd().try_clone_to_owned().ok();
+        if let Some(suppressed) = self.log_admit(LOG_FULL, now) {
+            match refused {
+                Some(peer) => tracing::warn!(
+                    suppressed,
+                    "TCP: out of file descriptors ({err}; {} connections open): \
+                     connection from {peer} refused",
+                    self.flows.len()
+                ),
+                None => tracing::warn!(
+                    suppressed,
+                    "TCP: out of file descriptors ({err}; {} connections open): a \
+                     connection waits on a forwarded port",
+                    self.flows.len()
+                ),
+            }
+        }
+    }
+
     fn isn(&self, key: &FlowKey, now: Instant) -> Seq {
         // RFC 6528: a keyed hash of the 4-tuple plus a 4-microsecond clock.
         let hash = self.isn_secret.hash_one(key) as u32;
@@ -315,11 +386,16 @@ impl TcpFlows {
             // A handover is under way: drop the segment, the guest sends it again.
             return Ok(());
         }
+        if self.hold != AdoptHold::Off {
+            // The guest runs, so QEMU has finished starting the rings.
+            tracing::debug!("TCP: the guest spoke; migrated connections resume");
+            self.hold = AdoptHold::Off;
+        }
         let key: FlowKey = (src, seg.src_port, dst, seg.dst_port);
         let guest_mac = env.guest_mac.unwrap_or([0xff; 6]);
         let link_mss = link_mss(env.config, dst.is_ipv4());
         let Some(id) = self.flows.lookup(&key) else {
-            return self.new_segment(env, key, &seg, sink, now);
+            return self.new_segment(env, key, &seg, l4, sink, now);
         };
         let mut peek_buf = std::mem::take(&mut self.peek_buf);
         let mut frame_buf = std::mem::take(&mut self.frame_buf);
@@ -351,6 +427,7 @@ impl TcpFlows {
         env: &Env<'_>,
         key: FlowKey,
         seg: &Segment<'_>,
+        l4: &[u8],
         sink: &mut dyn FrameSink,
         now: Instant,
     ) -> Result<(), TcpError> {
@@ -385,10 +462,42 @@ impl TcpFlows {
         {
             Ok(socket) => socket,
             Err(err) => {
-                if let Some(suppressed) = self.log_admit(LOG_SOCKET, now) {
+                if matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    // Not the destination's fault: say so where operators look.
+                    if let Some(suppressed) = self.log_admit(LOG_FULL, now) {
+                        tracing::warn!(
+                            suppressed,
+                            "TCP: out of file descriptors ({err}; {} connections open): \
+                             guest connection to {host_dst}:{} refused",
+                            self.flows.len(),
+                            key.3
+                        );
+                    }
+                } else if let Some(suppressed) = self.log_admit(LOG_SOCKET, now) {
                     tracing::debug!(suppressed, "TCP connect to {host_dst}:{}: {err}", key.3);
                 }
-                self.reset_unknown(env, key, seg, sink);
+                // No route: the guest learns it as a router would tell it, an ICMP
+                // destination unreachable; anything else (refused...) is a RST.
+                let unreachable = err
+                    .raw_os_error()
+                    .and_then(crate::net::icmp::Unreachable::from_errno);
+                let frame = unreachable.and_then(|reason| {
+                    crate::net::icmp::unreachable_frame(
+                        env.config.our_mac,
+                        env.guest_mac.unwrap_or([0xff; 6]),
+                        key.0,
+                        key.2,
+                        etherparse::IpNumber::TCP,
+                        l4,
+                        reason,
+                    )
+                });
+                match frame {
+                    Some(frame) => {
+                        sink.send_frame(&frame);
+                    }
+                    None => self.reset_unknown(env, key, seg, sink),
+                }
                 return Ok(());
             }
         };
@@ -471,6 +580,7 @@ impl TcpFlows {
                 } else {
                     env.epoll.add(conn.socket.as_fd(), event)
                 };
+                tracing::trace!("{id}: polling {wanted:?}");
                 match result {
                     Ok(()) => conn.registered = Some(wanted),
                     Err(err) => tracing::debug!("{id}: epoll registration: {err}"),
@@ -544,6 +654,7 @@ impl TcpFlows {
         sink: &mut dyn FrameSink,
         now: Instant,
     ) {
+        tracing::trace!("{id}: socket events {events:?}");
         let outcome = self.with_io(env, id, sink, now, |conn, io| {
             if conn.guest.state == TcpState::Connecting {
                 if events
@@ -600,6 +711,10 @@ impl TcpFlows {
             let (socket, peer) = match sock::accept(listener.socket.as_fd()) {
                 Ok(accepted) => accepted,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
+                Err(err) if matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    self.refuse_without_descriptors(index, &err, now);
+                    return;
+                }
                 Err(err) => {
                     if let Some(suppressed) = self.log_admit(LOG_SOCKET, now) {
                         tracing::debug!(suppressed, "TCP accept: {err}");
@@ -646,6 +761,22 @@ impl TcpFlows {
             self.collect_handover(env);
             return;
         }
+        match self.hold {
+            AdoptHold::Off => {}
+            AdoptHold::Adopted => {
+                self.hold = AdoptHold::Until(now + ADOPT_QUIET);
+                self.run_timers(env, sink, now);
+                return;
+            }
+            AdoptHold::Until(until) if now < until => {
+                self.run_timers(env, sink, now);
+                return;
+            }
+            AdoptHold::Until(_) => {
+                tracing::debug!("TCP: the guest is silent; migrated connections resume");
+                self.hold = AdoptHold::Off;
+            }
+        }
         let waiters = std::mem::take(&mut self.rx_waiters);
         let mut stalled = false;
         for id in waiters {
@@ -653,6 +784,7 @@ impl TcpFlows {
                 self.rx_waiters.push(id);
                 continue;
             }
+            tracing::trace!("{id}: retrying after a full receive queue");
             let outcome = self.with_io(env, id, sink, now, |conn, io| {
                 if conn.rx_blocked {
                     conn.resume_rx(io)
@@ -696,6 +828,9 @@ impl TcpFlows {
         self.alarm.expired(now);
         if let Some(Reverse((when, _))) = self.timers.peek() {
             self.alarm.arm(*when);
+        }
+        if let AdoptHold::Until(until) = self.hold {
+            self.alarm.arm(until);
         }
     }
 }
@@ -794,6 +929,15 @@ impl TcpFlows {
             offer: None,
         };
         frozen
+    }
+
+    /// The flows offered at the last freeze: stream flow id → table flow id (empty
+    /// when live). The migration code pairs them with the kernel states it dumped.
+    pub(crate) fn offered_flows(&self) -> &[(WireFlowId, FlowId)] {
+        match &self.freeze {
+            Freeze::Frozen { offered, .. } => offered,
+            Freeze::Live => &[],
+        }
     }
 
     /// Keep the offer made for the frozen flows (its status decides their fate).
@@ -913,9 +1057,62 @@ impl TcpFlows {
         }
     }
 
+    /// The end of a migration on the source (linger over, or baton exits): settle the
+    /// offer — flows a target took are dropped as in [`TcpFlows::collect_handover`],
+    /// their sockets untouched (the target uses them) — then let `silence` put the
+    /// sockets of every remaining flow in repair mode and close them all, so that no
+    /// FIN or RST leaves (a socket in repair mode closes silently). The table is live
+    /// and empty afterwards. Returns (taken by a target, closed here).
+    pub(crate) fn close_frozen(
+        &mut self,
+        env: &Env<'_>,
+        silence: impl FnOnce(&[std::os::fd::BorrowedFd<'_>]),
+    ) -> (usize, usize) {
+        let Freeze::Frozen { offer, offered } = &self.freeze else {
+            return (0, 0);
+        };
+        // A handover under way finishes within its step timeouts; wait it out rather
+        // than put the target's sockets in repair mode.
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let status = loop {
+            match offer.as_ref().map(HandoverOffer::withdraw) {
+                Some(OfferStatus::Busy) if Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                other => break other,
+            }
+        };
+        let taken: Vec<FlowId> = match &status {
+            Some(OfferStatus::Taken(flows)) => offered
+                .iter()
+                .filter(|(wire, _)| flows.contains(wire))
+                .map(|(_, id)| *id)
+                .collect(),
+            _ => Vec::new(),
+        };
+        self.release(&taken);
+        let rest = self.flows.ids();
+        if matches!(status, Some(OfferStatus::Busy)) {
+            tracing::warn!(
+                "TCP: a handover was still under way; {} socket(s) closed without repair mode",
+                rest.len()
+            );
+        } else {
+            let sockets: Vec<_> = rest
+                .iter()
+                .filter_map(|id| self.flows.get(*id).map(|conn| conn.socket.as_fd()))
+                .collect();
+            silence(&sockets);
+        }
+        self.release(&rest);
+        // Back to live with no flows: the forwarding listeners return to the epoll set.
+        self.thaw(env);
+        (taken.len(), rest.len())
+    }
+
     /// LOAD on a target: rebuild connections around sockets taken over from the
-    /// source (filters already detached). Nothing reaches the guest now; the first
-    /// round of events after the rings start drives them. Returns how many were
+    /// source (filters already detached). Nothing reaches the guest now, nor before
+    /// the guest speaks or [`ADOPT_QUIET`] passed (see [`AdoptHold`]). Returns how many were
     /// rebuilt; the others (table full, duplicate 4-tuple) are reset towards the host.
     pub(crate) fn adopt(&mut self, flows: Vec<(conn::GuestSide, OwnedFd)>, now: Instant) -> usize {
         let mut adopted = 0;
@@ -934,6 +1131,7 @@ impl TcpFlows {
             match self.flows.insert(key, TcpConn::adopt(guest, socket, now)) {
                 Ok(id) => {
                     self.rx_waiters.push(id);
+                    self.hold = AdoptHold::Adopted;
                     adopted += 1;
                 }
                 Err(_) => tracing::warn!("TCP: flow table full; migrated connection {key:?} reset"),

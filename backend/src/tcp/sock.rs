@@ -268,3 +268,31 @@ pub(crate) fn accept(fd: BorrowedFd<'_>) -> io::Result<(OwnedFd, SocketAddr)> {
         from_sockaddr(&storage).ok_or_else(|| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))?;
     Ok((conn, peer))
 }
+
+/// Linux's `TCP_CLOSE` state number (`include/net/tcp_states.h`).
+const TCP_STATE_CLOSE: u8 = 7;
+
+/// Whether the socket's connection is over in the kernel (state CLOSE: both FINs went
+/// through, or it was reset), though unread data may remain in its receive queue.
+/// Such a socket has nothing the repair interface can dump.
+pub(crate) fn is_closed(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // The first byte of `struct tcp_info` is `tcpi_state`; the kernel copies at most
+    // the length asked for.
+    let mut state: u8 = 0;
+    let mut len = std::mem::size_of::<u8>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` (1) byte into `state` and updates `len`;
+    // both live across the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut state as *mut u8).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(last_error());
+    }
+    Ok(state == TCP_STATE_CLOSE)
+}
