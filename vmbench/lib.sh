@@ -62,3 +62,53 @@ baton_host_netns() {
     ip -n "$ns" route add default via "$gw"
     ip netns exec "$ns" sh -c 'echo "0 2147483647" > /proc/sys/net/ipv4/ping_group_range'
 }
+
+# Two simulated hosts for migration tests: namespaces NS-src and NS-dst, each joined by
+# a veth to the peer namespace NS (the server's side, PEER/32 on its loopback). NS-src
+# owns MOVING/32, NS-dst its own TARGET/32; the peer routes MOVING to NS-src until
+# baton_move_address. Reverse-path filtering is off everywhere (the peer sees MOVING
+# arrive from the destination before the route changes). Nothing leaves the machine.
+# Usage: baton_two_hosts NS PEER MOVING TARGET
+baton_two_hosts() {
+    local ns="$1" peer="$2" moving="$3" target="$4" side
+    # shellcheck disable=SC2016 # the inner shell expands $f
+    for side in "$ns" "$ns-src" "$ns-dst"; do
+        ip netns add "$side"
+        ip -n "$side" link set lo up
+        ip netns exec "$side" sh -c 'for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > "$f"; done;
+            echo "0 2147483647" > /proc/sys/net/ipv4/ping_group_range'
+    done
+    ip -n "$ns" addr add "$peer/32" dev lo
+    ip -n "$ns" link add pS type veth peer name vS netns "$ns-src"
+    ip -n "$ns" link add pT type veth peer name vT netns "$ns-dst"
+    ip -n "$ns" link set pS up
+    ip -n "$ns" link set pT up
+    ip -n "$ns" route add "$moving/32" dev pS
+    ip -n "$ns" route add "$target/32" dev pT
+    ip -n "$ns-src" addr add "$moving/32" dev vS
+    ip -n "$ns-src" link set vS up
+    ip -n "$ns-src" route add "$peer/32" dev vS
+    ip -n "$ns-dst" addr add "$target/32" dev vT
+    ip -n "$ns-dst" link set vT up
+    ip -n "$ns-dst" route add "$peer/32" dev vT
+    # Per-device values for the veths created above (the effective one is the maximum).
+    # shellcheck disable=SC2016 # the inner shell expands $f
+    for side in "$ns" "$ns-src" "$ns-dst"; do
+        ip netns exec "$side" sh -c 'for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > "$f"; done'
+    done
+}
+
+# Move MOVING from NS-src to NS-dst and route it there from the peer NS.
+# Usage: baton_move_address NS MOVING
+baton_move_address() {
+    local ns="$1" moving="$2"
+    ip -n "$ns-src" addr del "$moving/32" dev vS
+    ip -n "$ns-dst" addr add "$moving/32" dev vT
+    ip -n "$ns" route replace "$moving/32" dev pT
+}
+
+# Tcp OutRsts of namespace NS (segments with RST sent).
+baton_out_rsts() {
+    # shellcheck disable=SC2016 # awk expands $i and $c
+    ip netns exec "$1" awk '/^Tcp:/ { if (!n) { for (i = 1; i <= NF; i++) if ($i == "OutRsts") c = i; n = 1 } else print $c }' /proc/net/snmp
+}

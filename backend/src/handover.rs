@@ -32,6 +32,10 @@
 //!   source detaches its filters and carries on). Both decisions go through one mutex,
 //!   so they exclude each other; while sockets are on their way
 //!   ([`OfferStatus::Busy`]) the source must wait for the outcome before thawing.
+//! * Sockets `baton-repair` dumped at SAVE are also in repair mode (see [`Repaired`] for
+//!   why the source keeps them so): the offer thread ends repair mode through the
+//!   helper (filter kept) right before sending them, and a cancel thaws them through
+//!   it; a target never needs privilege.
 //! * The target thaws (detaches the filters) only after `Released`: from then on the
 //!   source has recorded that it no longer owns the sockets. Without `Released` the
 //!   target closes its copies and fails: two owners would be worse than none.
@@ -58,8 +62,10 @@ use baton_proto::migration::{
     FlowId, HandoverEndpoint, HandoverMessage, HostSocketEnds, RecordError, MAX_HANDOVER_FLOWS,
     MAX_HANDOVER_REASON,
 };
+use baton_proto::repair::RepairMode;
 use baton_proto::DecodeError;
 use baton_repair_ipc::transport::{self, TransportError};
+use baton_repair_ipc::RepairClient;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     accept4, bind, connect, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag,
@@ -116,6 +122,8 @@ pub enum HandoverError {
     TooMany,
     #[error("the offer is no longer open (taken, cancelled or expired)")]
     NotOpen,
+    #[error("baton-repair: {0}")]
+    Helper(String),
 }
 
 fn sys(step: &'static str) -> impl FnOnce(nix::errno::Errno) -> HandoverError {
@@ -499,12 +507,34 @@ pub enum OfferStatus {
     Closed,
 }
 
+/// Offered sockets that `baton-repair` dumped, so they are in repair mode, which only
+/// a privileged process can end: the helper connection that does it, and duplicates of
+/// those sockets (kept here, not in the [`Phase`], so that an expired offer can still
+/// thaw them).
+///
+/// Why the source keeps them in repair mode after the dump, instead of leaving repair
+/// mode at once (filter still attached): a socket closed in repair mode goes silently.
+/// After a migration to another host the source closes its frozen copies sooner or
+/// later (linger, backend exit); outside repair mode that close sends a FIN, or a RST
+/// when data is queued, with sequence numbers the peer accepts — it would end the
+/// connection the target has just restored. So repair mode is left only where the
+/// source, or a same-host target, carries the connection on: right before the sockets
+/// go to the target ([`serve_target`]; the unprivileged target then only detaches the
+/// filter), and when the source VM resumes ([`HandoverOffer::cancel`] thaws them through
+/// the helper).
+#[derive(Debug)]
+struct Repaired {
+    helper: RepairClient,
+    sockets: Vec<OfferedSocket>,
+}
+
 /// The source's side: an abstract listener, a token, the sockets, and the thread that
 /// serves one target.
 #[derive(Debug)]
 pub struct HandoverOffer {
     endpoint: HandoverEndpoint,
     phase: Arc<Mutex<Phase>>,
+    repaired: Arc<Mutex<Option<Repaired>>>,
     _thread: JoinHandle<()>,
 }
 
@@ -512,9 +542,46 @@ impl HandoverOffer {
     /// Listen on a fresh abstract socket and serve the first target that presents the
     /// token, for at most `lifetime`.
     pub fn start(sockets: Vec<OfferedSocket>, lifetime: Duration) -> Result<Self, HandoverError> {
+        Self::start_with_helper(sockets, lifetime, None)
+    }
+
+    /// [`HandoverOffer::start`] for sockets of which those in `repaired.1` are in repair
+    /// mode (dumped through the helper `repaired.0`): they leave repair mode through the
+    /// helper right before they go to a target, or are thawed through it when the offer
+    /// is cancelled (see [`Repaired`]).
+    pub fn start_with_helper(
+        sockets: Vec<OfferedSocket>,
+        lifetime: Duration,
+        repaired: Option<(RepairClient, Vec<FlowId>)>,
+    ) -> Result<Self, HandoverError> {
         if sockets.len() > MAX_HANDOVER_FLOWS {
             return Err(HandoverError::TooMany);
         }
+        let repaired = match repaired {
+            Some((helper, flows)) if !flows.is_empty() => {
+                let mut dups = Vec::with_capacity(flows.len());
+                for offered in sockets.iter().filter(|s| flows.contains(&s.flow)) {
+                    let socket =
+                        offered
+                            .socket
+                            .try_clone()
+                            .map_err(|source| HandoverError::Sys {
+                                step: "handover: duplicate a dumped socket",
+                                source,
+                            })?;
+                    dups.push(OfferedSocket {
+                        flow: offered.flow,
+                        socket,
+                    });
+                }
+                Some(Repaired {
+                    helper,
+                    sockets: dups,
+                })
+            }
+            _ => None,
+        };
+        let repaired = Arc::new(Mutex::new(repaired));
         let token = random_bytes::<32>()?;
         let tag = random_bytes::<8>()?;
         // Random, not derived from the pid: getpid is not on the sandbox's allow-list.
@@ -536,9 +603,10 @@ impl HandoverOffer {
         listen(&listener, backlog).map_err(sys("handover listener: listen"))?;
         let phase = Arc::new(Mutex::new(Phase::Open(sockets)));
         let shared = Arc::clone(&phase);
+        let shared_repaired = Arc::clone(&repaired);
         let thread = std::thread::Builder::new()
             .name("baton-handover".into())
-            .spawn(move || serve(listener, token, shared, lifetime))
+            .spawn(move || serve(listener, token, shared, shared_repaired, lifetime))
             .map_err(|source| HandoverError::Sys {
                 step: "handover thread",
                 source,
@@ -549,6 +617,7 @@ impl HandoverOffer {
                 token,
             },
             phase,
+            repaired,
             _thread: thread,
         })
     }
@@ -583,7 +652,56 @@ impl HandoverOffer {
             *phase = Phase::Closed;
         }
         drop(phase);
+        let status = self.status();
+        if status == OfferStatus::Closed {
+            self.thaw_repaired();
+        }
+        status
+    }
+
+    /// Withdraw the offer without thawing anything: for the end of a migration (linger
+    /// over, exit), when the remaining sockets are about to be closed silently — dumped
+    /// ones stay in repair mode for that. Returns what [`HandoverOffer::cancel`] would.
+    pub fn withdraw(&self) -> OfferStatus {
+        let mut phase = lock(&self.phase);
+        if let Phase::Open(_) = &*phase {
+            *phase = Phase::Closed;
+        }
+        drop(phase);
         self.status()
+    }
+
+    /// The source keeps its sockets: end repair mode (and detach the filter) on those
+    /// the helper dumped. A socket that cannot be thawed is logged; its flow fails on
+    /// its next write (a socket in repair mode refuses data) and the guest gets a RST.
+    fn thaw_repaired(&self) {
+        let Some(mut repaired) = lock(&self.repaired).take() else {
+            return;
+        };
+        let fds: Vec<BorrowedFd<'_>> = repaired.sockets.iter().map(|s| s.socket.as_fd()).collect();
+        match repaired.helper.thaw(&fds) {
+            Ok(results) => {
+                let mut failed = 0usize;
+                for (offered, result) in repaired.sockets.iter().zip(results) {
+                    if let Err(err) = result {
+                        failed += 1;
+                        tracing::error!(
+                            "migration flow {}: thawing through baton-repair: {err}",
+                            offered.flow.0
+                        );
+                    }
+                }
+                tracing::info!(
+                    "TCP: {} dumped socket(s) thawed through baton-repair ({failed} failed)",
+                    fds.len()
+                );
+            }
+            Err(err) => tracing::error!(
+                "TCP: thawing {} dumped socket(s) through baton-repair: {err}; those \
+                 connections fail",
+                fds.len()
+            ),
+        }
     }
 }
 
@@ -599,7 +717,13 @@ impl Drop for HandoverOffer {
 
 /// The offer thread: accept targets until one presents the token, the offer is
 /// cancelled, or it expires.
-fn serve(listener: OwnedFd, token: [u8; 32], phase: Arc<Mutex<Phase>>, lifetime: Duration) {
+fn serve(
+    listener: OwnedFd,
+    token: [u8; 32],
+    phase: Arc<Mutex<Phase>>,
+    repaired: Arc<Mutex<Option<Repaired>>>,
+    lifetime: Duration,
+) {
     let expires = Instant::now() + lifetime;
     loop {
         if !matches!(&*lock(&phase), Phase::Open(_)) {
@@ -629,7 +753,7 @@ fn serve(listener: OwnedFd, token: [u8; 32], phase: Arc<Mutex<Phase>>, lifetime:
                 continue;
             }
         };
-        match serve_target(conn.as_fd(), &token, &phase) {
+        match serve_target(conn.as_fd(), &token, &phase, &repaired) {
             Ok(count) => {
                 tracing::info!("TCP handover: the target took {count} connection(s)");
                 return;
@@ -660,6 +784,7 @@ fn serve_target(
     conn: BorrowedFd<'_>,
     token: &[u8; 32],
     phase: &Mutex<Phase>,
+    repaired: &Mutex<Option<Repaired>>,
 ) -> Result<usize, Served> {
     check_uid(conn).map_err(Served::Rejected)?;
     let (hello, _fds) = recv(conn).map_err(Served::Rejected)?;
@@ -681,16 +806,18 @@ fn serve_target(
     };
     // From here on the token is used up; `sockets` (the duplicates) close on return.
     let offered: Vec<FlowId> = sockets.iter().map(|s| s.flow).collect();
-    let result = send_sockets(conn, &sockets).and_then(|()| {
-        let (taken, _fds) = recv(conn)?;
-        let HandoverMessage::Taken { flows } = taken else {
-            return Err(HandoverError::Unexpected("Taken"));
-        };
-        if let Some(stranger) = flows.iter().find(|f| !offered.contains(f)) {
-            return Err(HandoverError::UnknownFlow(stranger.0));
-        }
-        Ok(flows)
-    });
+    let result = leave_repair(repaired)
+        .and_then(|()| send_sockets(conn, &sockets))
+        .and_then(|()| {
+            let (taken, _fds) = recv(conn)?;
+            let HandoverMessage::Taken { flows } = taken else {
+                return Err(HandoverError::Unexpected("Taken"));
+            };
+            if let Some(stranger) = flows.iter().find(|f| !offered.contains(f)) {
+                return Err(HandoverError::UnknownFlow(stranger.0));
+            }
+            Ok(flows)
+        });
     let flows = match result {
         Ok(flows) => flows,
         Err(err) => {
@@ -707,6 +834,36 @@ fn serve_target(
         tracing::error!("TCP handover: confirming to the target: {err}");
     }
     Ok(count)
+}
+
+/// Right before the sockets go to a same-host target: end repair mode on those the helper
+/// dumped, keeping the drop-all filter (the target detaches it, which needs no
+/// privilege). Without a window probe: the socket is still deaf, the probe's answer
+/// would be dropped. If any socket fails, the helper stays responsible for all of them
+/// (a later cancel thaws them; leaving repair mode twice is harmless).
+fn leave_repair(repaired: &Mutex<Option<Repaired>>) -> Result<(), HandoverError> {
+    let mut guard = lock(repaired);
+    let Some(r) = guard.as_mut() else {
+        return Ok(());
+    };
+    let fds: Vec<BorrowedFd<'_>> = r.sockets.iter().map(|s| s.socket.as_fd()).collect();
+    let results = r
+        .helper
+        .set_repair(&fds, RepairMode::OffNoWindowProbe)
+        .map_err(|e| HandoverError::Helper(format!("leaving repair mode: {e}")))?;
+    if let Some((offered, Err(err))) = r
+        .sockets
+        .iter()
+        .zip(&results)
+        .find(|(_, result)| result.is_err())
+    {
+        return Err(HandoverError::Helper(format!(
+            "flow {}: leaving repair mode: {err}",
+            offered.flow.0
+        )));
+    }
+    *guard = None;
+    Ok(())
 }
 
 fn send_sockets(conn: BorrowedFd<'_>, sockets: &[OfferedSocket]) -> Result<(), HandoverError> {

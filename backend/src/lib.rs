@@ -16,6 +16,8 @@
 //! * [`net`]: everything done with guest frames: one module per protocol.
 //! * [`vu`]: the vhost-user device (virtqueues, features, dirty logging, lifecycle).
 //! * [`migrate`]: device-state migration (`SET_DEVICE_STATE_FD`/`CHECK_DEVICE_STATE`).
+//! * [`repair_link`]: the `baton-repair` helper: started, or attached at `--repair-path`.
+//! * [`restore`]: TCP connections to another host: dumped and restored through the helper.
 
 pub mod cli;
 pub mod config;
@@ -25,6 +27,8 @@ pub mod hostinfo;
 pub mod migrate;
 pub mod net;
 pub mod ports;
+pub mod repair_link;
+pub mod restore;
 pub mod runtime;
 pub mod sandbox;
 pub mod tcp;

@@ -21,8 +21,9 @@
 //!   when the crate learns a new phase.) One transfer at a time: a new request while the
 //!   previous thread still runs is refused; a finished but unchecked one is reaped and its
 //!   result logged.
-//! * SAVE: `LOG_ALL` acknowledged means a migration ([`SaveMode::Migration`]: TCP
-//!   connections are frozen and moved, once the TCP engine exists); without it, a snapshot
+//! * SAVE: `LOG_ALL` acknowledged means a migration ([`SaveMode::Migration`]: every TCP
+//!   connection is dumped through the helper *and* offered for a same-host handover,
+//!   [`save_tcp_flows`]); without it, a snapshot
 //!   (`savevm`, [`SaveMode::Snapshot`]): the source VM carries on, connections are neither
 //!   frozen nor moved, and the stream's header says so
 //!   ([`baton_proto::migration::HEADER_FLAG_SNAPSHOT`]). The engine lock is held only
@@ -32,6 +33,13 @@
 //!   bad stream fails CHECK and changes nothing. The engine applies the state when it gets
 //!   it — nothing here touches guest memory, which QEMU has not even sent yet: guest-facing
 //!   actions wait until the rings start.
+//!
+//! * LOAD, TCP ([`load_tcp_flows`]): the stream's [`SourceRecord`] (boot id, network
+//!   namespace cookie) says whether the source ran in this very namespace: then the live
+//!   sockets are taken over ([`crate::handover`]) and the dumped states ignored;
+//!   otherwise the states are restored through the helper ([`crate::restore`]). Without
+//!   a helper, or when nothing could be restored, LOAD fails (the source resumes with
+//!   everything) unless `--migrate-drop-tcp`.
 //!
 //! # The engine's part
 //!
@@ -45,6 +53,7 @@
 //! Wire and live types stay apart: [`GuestRecord`] ↔ [`ObservedGuest`] and the forwarding
 //! tables → [`ForwardsRecord`] convert explicitly here.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -61,6 +70,7 @@ use baton_proto::migration::{
 use tracing::{error, info, warn};
 use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
 
+use crate::flow::FlowId;
 use crate::handover::{take_over, ExpectedSocket, HandoverError, HandoverOffer, OFFER_LIFETIME};
 use crate::net::{GuestNet, ObservedGuest};
 use crate::ports::PortForwards;
@@ -117,10 +127,24 @@ pub enum EngineStateError {
     )]
     CannotFreeze(usize),
     #[error(
-        "the stream carries {0} TCP connection(s) but no handover socket; restoring \
-         dumped connections (different host) is not implemented yet"
+        "the stream carries {0} TCP connection(s) without kernel state (the source had no \
+         baton-repair) and the source's handover socket is not reachable from here \
+         (another host or network namespace); use --migrate-drop-tcp to migrate without them"
     )]
     NoHandover(usize),
+    #[error(
+        "{0} TCP connection(s) could not be dumped through baton-repair (the source keeps \
+         them all; use --migrate-drop-tcp to migrate without them)"
+    )]
+    CannotDump(usize),
+    #[error(
+        "the stream carries {0} TCP connection(s) from another host or network namespace, \
+         but no baton-repair helper is connected here to restore them (start baton with \
+         --helper, or use --migrate-drop-tcp to migrate without them)"
+    )]
+    NoHelper(usize),
+    #[error("{0} (use --migrate-drop-tcp to migrate without them)")]
+    Restore(#[source] crate::restore::RestoreFailed),
 }
 
 /// A device-state transfer failed (the message is what baton logs; QEMU only learns
@@ -358,22 +382,29 @@ fn load(file: File, device: &DeviceSide) -> Result<(), TransferError> {
 impl GuestNet {
     /// The engine's part of the device state. In a migration every TCP connection is
     /// frozen and offered for a same-host handover ([`freeze_and_offer_tcp_flows`]); a
-    /// snapshot leaves them alone. UDP flows are not carried (the guest re-creates them
-    /// with its next datagram).
+    /// snapshot leaves them alone. UDP flows are carried in both (they hold no kernel
+    /// state worth freezing: the record keeps the source port and the idle time left).
     pub fn save_engine_state(&mut self, mode: SaveMode) -> Result<EngineState, EngineStateError> {
         let mut source = local_source_record();
         let tcp_flows = match mode {
             SaveMode::Migration => {
                 let drop = self.drop_unmigratable_tcp();
                 let (tcp, env, repair) = self.tcp_and_repair();
-                let pre_frozen = match repair {
-                    Some(client) => freeze_through_helper(tcp, client),
-                    None => std::collections::HashSet::new(),
-                };
-                freeze_and_offer_tcp_flows(tcp, &env, &mut source, drop, &pre_frozen)?
+                save_tcp_flows(tcp, &env, repair, &mut source, drop)?
             }
             SaveMode::Snapshot => Vec::new(),
         };
+        // Flow ids are unique across TCP and UDP in one stream.
+        let first_udp_id = tcp_flows
+            .iter()
+            .map(|r| r.id.0)
+            .max()
+            .unwrap_or(0)
+            .saturating_add(1);
+        let udp_flows = self
+            .udp_parts()
+            .0
+            .save_records(std::time::Instant::now(), first_udp_id);
         let config = self.config().clone();
         let forwards = forwards_record(&config.tcp_forwards, &config.udp_forwards);
         if forwards.is_none() {
@@ -386,24 +417,22 @@ impl GuestNet {
             guest: GuestRecord::from(*self.observed()),
             forwards,
             tcp_flows,
-            udp_flows: Vec::new(),
+            udp_flows,
         })
     }
 
     /// Adopt a validated state. Differences in configuration are logged, not fatal: the
     /// target's own command line decides its MAC, MTU and forwards (as passt does).
     ///
-    /// TCP connections are taken over first ([`take_over_tcp_flows`]); if that fails
-    /// (and `--migrate-drop-tcp` was not given) nothing has changed: the migration fails
-    /// and the source keeps its connections.
+    /// TCP connections come first ([`load_tcp_flows`]: taken over from a source in this
+    /// namespace, or restored through the helper from a source elsewhere); if that fails
+    /// as a whole (and `--migrate-drop-tcp` was not given) nothing has changed: the
+    /// migration fails and the source keeps its connections.
     pub fn load_engine_state(&mut self, state: EngineState) -> Result<(), EngineStateError> {
         let drop = self.drop_unmigratable_tcp();
         {
-            let (tcp, _env) = self.tcp_parts();
-            let taken = take_over_tcp_flows(tcp, &state.source, &state.tcp_flows, drop)?;
-            if taken > 0 {
-                info!("device state LOAD: {taken} TCP connection(s) taken over from the source");
-            }
+            let (tcp, _env, repair) = self.tcp_and_repair();
+            load_tcp_flows(tcp, repair, &state.source, &state.tcp_flows, drop)?;
         }
         let config = self.config().clone();
         if state.our_mac != config.our_mac {
@@ -427,6 +456,22 @@ impl GuestNet {
             }
         }
         self.restore_observed(ObservedGuest::from(state.guest));
+        if !state.udp_flows.is_empty() {
+            // After the guest's MAC is known: restored flows address frames to it.
+            let (udp, config, epoll, mac) = self.udp_parts();
+            let udp_result = udp.load_records(
+                &state.udp_flows,
+                config,
+                mac,
+                epoll,
+                std::time::Instant::now(),
+            );
+            info!(
+                "device state LOAD: {} UDP flow(s) restored ({} with a new source port), \
+                 {} skipped",
+                udp_result.restored, udp_result.new_port, udp_result.skipped
+            );
+        }
         let observed = self.observed();
         info!(
             "guest state restored: MAC {}, IPv4 {:?}, IPv6 {:?}, link-local {:?}",
@@ -445,23 +490,97 @@ impl GuestNet {
 // TCP connections: same-host handover
 // ---------------------------------------------------------------------------------------
 
-/// SAVE of a migration, TCP part: freeze every connection, offer the sockets on a fresh
-/// abstract socket and name it in `source` (see [`crate::handover`]). The frozen flows'
-/// fate is decided later by the table itself: taken by a target, or thawed when the
-/// guest talks here again. If no offer can be made the flows are thawed at once and
-/// SAVE fails, so that the source keeps everything (the design's default policy).
+/// SAVE of a migration, TCP part. The source cannot know where the target is, so with
+/// a helper every socket is dumped through it (frozen: deaf and in repair mode, its
+/// kernel state goes into the record) *and* offered for a same-host handover; the
+/// target picks one. Without a helper the sockets are only frozen and offered: a target
+/// on this host and in this namespace takes them, any other target fails LOAD (so the
+/// source resumes with everything) unless it runs with `--migrate-drop-tcp`.
+pub(crate) fn save_tcp_flows(
+    tcp: &mut TcpFlows,
+    env: &TcpEnv<'_>,
+    repair: Option<&mut baton_repair_ipc::RepairClient>,
+    source: &mut SourceRecord,
+    drop_unmigratable: bool,
+) -> Result<Vec<TcpFlowRecord>, EngineStateError> {
+    let Some(helper) = repair else {
+        if tcp.len() > 0 {
+            warn!(
+                "device state SAVE: no baton-repair helper: the {} TCP connection(s) can only \
+                 move to a target on this host, in this network namespace",
+                tcp.len()
+            );
+        }
+        return freeze_and_offer_tcp_flows(tcp, env, source, drop_unmigratable, None);
+    };
+    let dump = crate::restore::dump_all(tcp, helper);
+    let failed = dump.failed + dump.unknown;
+    if failed > 0 && !drop_unmigratable {
+        let dumped: Vec<FlowId> = dump.states.keys().copied().collect();
+        crate::restore::thaw_flows(tcp, helper, &dumped, "after a failed SAVE");
+        return Err(EngineStateError::CannotDump(failed));
+    }
+    if failed > 0 {
+        warn!(
+            "device state SAVE: {failed} TCP connection(s) could not be dumped; \
+             --migrate-drop-tcp: they move only to a target on this host (elsewhere the \
+             guest sees them reset)"
+        );
+    }
+    freeze_and_offer_tcp_flows(
+        tcp,
+        env,
+        source,
+        drop_unmigratable,
+        Some(Dumped {
+            helper,
+            states: dump.states,
+            closed: dump.closed,
+        }),
+    )
+}
+
+/// Sockets the helper dumped at SAVE: in repair mode, with their kernel state.
+pub(crate) struct Dumped<'a> {
+    pub helper: &'a mut baton_repair_ipc::RepairClient,
+    pub states: HashMap<FlowId, baton_proto::tcp::TcpConnState>,
+    /// Flows already closed in the kernel: nothing to freeze (see
+    /// [`crate::restore::DumpOutcome::closed`]).
+    pub closed: Vec<FlowId>,
+}
+
+/// Freeze every connection (those in `dumped` already are), offer the sockets on a
+/// fresh abstract socket and name it in `source` (see [`crate::handover`]); each record
+/// carries its kernel state from `dumped`. The frozen flows' fate is decided later by
+/// the table itself: taken by a same-host target, or thawed when the guest talks here
+/// again. If no offer can be made the flows are thawed at once and SAVE fails, so that
+/// the source keeps everything (the design's default policy).
 pub(crate) fn freeze_and_offer_tcp_flows(
     tcp: &mut TcpFlows,
     env: &TcpEnv<'_>,
     source: &mut SourceRecord,
     drop_unmigratable: bool,
-    pre_frozen: &std::collections::HashSet<crate::flow::FlowId>,
+    dumped: Option<Dumped<'_>>,
 ) -> Result<Vec<TcpFlowRecord>, EngineStateError> {
-    let frozen = tcp.freeze_for_handover(env, pre_frozen);
+    let (mut helper, mut states, closed) = match dumped {
+        Some(d) => (Some(d.helper), d.states, d.closed),
+        None => (None, HashMap::new(), Vec::new()),
+    };
+    let pre_frozen: HashSet<FlowId> = states.keys().copied().collect();
+    let no_freeze_needed: HashSet<FlowId> = pre_frozen.iter().chain(&closed).copied().collect();
+    let mut frozen = tcp.freeze_for_handover(env, &no_freeze_needed);
+    // Fail SAVE: thaw what the helper dumped (repair mode needs it), then the rest.
+    let give_up = |tcp: &mut TcpFlows, helper: Option<&mut baton_repair_ipc::RepairClient>| {
+        if let Some(helper) = helper {
+            let ids: Vec<FlowId> = pre_frozen.iter().copied().collect();
+            crate::restore::thaw_flows(tcp, helper, &ids, "after a failed SAVE");
+        }
+        tcp.source_resumed(env);
+    };
     if frozen.left_behind > 0 && !drop_unmigratable {
         // The design's default: a connection that cannot move fails the migration, so
         // that the source continues with everything intact.
-        tcp.source_resumed(env);
+        give_up(tcp, helper.as_deref_mut());
         return Err(EngineStateError::CannotFreeze(frozen.left_behind));
     }
     if frozen.left_behind > 0 {
@@ -471,57 +590,140 @@ pub(crate) fn freeze_and_offer_tcp_flows(
             frozen.left_behind
         );
     }
+    // Pair the records with the dumped states; dumped sockets that are not offered stay
+    // here and must leave repair mode now.
+    let table_ids: HashMap<baton_proto::migration::FlowId, FlowId> =
+        tcp.offered_flows().iter().copied().collect();
+    let mut in_repair = Vec::new();
+    for record in &mut frozen.records {
+        let Some(id) = table_ids.get(&record.id) else {
+            continue;
+        };
+        if let Some(state) = states.remove(id) {
+            record.kernel = Some(state);
+            if let Err(err) = record.validate(false) {
+                warn!("{id}: dumped state not usable ({err}); it moves only within this host");
+                record.kernel = None;
+            }
+            in_repair.push(record.id);
+        }
+    }
+    if let Some(helper) = helper.as_deref_mut() {
+        let left: Vec<FlowId> = states.keys().copied().collect();
+        crate::restore::thaw_flows(tcp, helper, &left, "of a connection that stays here");
+    }
     if frozen.records.is_empty() {
         return Ok(Vec::new());
     }
-    match HandoverOffer::start(frozen.sockets, OFFER_LIFETIME) {
+    let sockets = std::mem::take(&mut frozen.sockets);
+    let repaired = helper.as_deref().map(|h| (h.share(), in_repair));
+    match HandoverOffer::start_with_helper(sockets, OFFER_LIFETIME, repaired) {
         Ok(offer) => {
             source.handover = Some(offer.endpoint().clone());
             tcp.set_offer(offer);
+            let dumped = frozen.records.iter().filter(|r| r.kernel.is_some()).count();
             info!(
-                "device state SAVE: {} TCP connection(s) frozen and offered for a handover",
+                "device state SAVE: {} TCP connection(s) frozen ({dumped} with kernel state) \
+                 and offered for a handover",
                 frozen.records.len()
             );
             Ok(frozen.records)
         }
         Err(err) => {
-            tcp.source_resumed(env);
+            give_up(tcp, helper);
             Err(EngineStateError::Offer(err))
         }
     }
 }
 
-/// Freeze every TCP socket through `baton-repair` (one request per 253 sockets); the
-/// flows it could not freeze are tried again without it (and fail SAVE if that fails
-/// too). Returns the flows the helper froze.
-fn freeze_through_helper(
-    tcp: &TcpFlows,
-    client: &mut baton_repair_ipc::RepairClient,
-) -> std::collections::HashSet<crate::flow::FlowId> {
-    let flows = tcp.flow_sockets();
-    if flows.is_empty() {
-        return std::collections::HashSet::new();
+/// Where the source ran, seen from here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// Same boot of the same host, same network namespace: take the live sockets.
+    SameNamespace,
+    /// Another host, or another namespace: restore the dumped states.
+    Elsewhere,
+    /// The record does not say (no boot id or cookie): try the handover socket, which is
+    /// reachable only from the same namespace.
+    Unknown,
+}
+
+fn placement(source: &SourceRecord, here: &SourceRecord) -> Placement {
+    match (source.boot_id, here.boot_id) {
+        (Some(a), Some(b)) if a != b => return Placement::Elsewhere,
+        (Some(_), Some(_)) => {}
+        _ => return Placement::Unknown,
     }
-    let fds: Vec<_> = flows.iter().map(|(_, fd)| *fd).collect();
-    match client.freeze(&fds) {
-        Ok(results) => flows
-            .iter()
-            .zip(results)
-            .filter_map(|((id, _), result)| match result {
-                Ok(()) => Some(*id),
-                Err(err) => {
-                    warn!("{id}: baton-repair could not freeze the socket: {err}");
-                    None
-                }
-            })
-            .collect(),
-        Err(err) => {
-            warn!(
-                "baton-repair: freezing {} socket(s) failed: {err}",
-                fds.len()
-            );
-            std::collections::HashSet::new()
+    // Network namespace cookies are unique within one boot.
+    match (source.netns.cookie, here.netns.cookie) {
+        (Some(a), Some(b)) if a == b => Placement::SameNamespace,
+        (Some(_), Some(_)) => Placement::Elsewhere,
+        _ => Placement::Unknown,
+    }
+}
+
+/// LOAD, TCP part: same host and namespace as the source → take the live sockets over
+/// ([`take_over_tcp_flows`]); otherwise → restore the dumped states through the helper
+/// ([`crate::restore::restore_all`]). Returns how many connections were rebuilt.
+pub(crate) fn load_tcp_flows(
+    tcp: &mut TcpFlows,
+    repair: Option<&mut baton_repair_ipc::RepairClient>,
+    source: &SourceRecord,
+    flows: &[TcpFlowRecord],
+    drop_unmigratable: bool,
+) -> Result<usize, EngineStateError> {
+    if flows.is_empty() {
+        return Ok(0);
+    }
+    let place = placement(source, &local_source_record());
+    let handover_failed = match place {
+        Placement::SameNamespace => {
+            return take_over_tcp_flows(tcp, source, flows, drop_unmigratable)
         }
+        Placement::Unknown if source.handover.is_some() => {
+            match take_over_tcp_flows(tcp, source, flows, false) {
+                Ok(taken) => return Ok(taken),
+                // Not reachable: not this namespace; restore instead.
+                Err(EngineStateError::Handover {
+                    source: crate::handover::HandoverError::Sys { .. },
+                    ..
+                }) => None,
+                Err(err) => Some(err),
+            }
+        }
+        Placement::Unknown | Placement::Elsewhere => None,
+    };
+    let failure = |err: EngineStateError| {
+        if drop_unmigratable {
+            warn!("device state LOAD: {err}; --migrate-drop-tcp: those connections are reset");
+            Ok(0)
+        } else {
+            Err(err)
+        }
+    };
+    if let Some(err) = handover_failed {
+        return failure(err);
+    }
+    let dumped: Vec<&TcpFlowRecord> = flows.iter().filter(|f| f.kernel.is_some()).collect();
+    if dumped.is_empty() {
+        return failure(EngineStateError::NoHandover(flows.len()));
+    }
+    let Some(helper) = repair else {
+        return failure(EngineStateError::NoHelper(dumped.len()));
+    };
+    let all: Vec<&TcpFlowRecord> = flows.iter().collect();
+    match crate::restore::restore_all(tcp, helper, &all) {
+        Ok(outcome) => {
+            if outcome.failed > 0 {
+                warn!(
+                    "device state LOAD: {} TCP connection(s) could not be restored; the guest \
+                     sees them reset",
+                    outcome.failed
+                );
+            }
+            Ok(outcome.restored)
+        }
+        Err(err) => failure(EngineStateError::Restore(err)),
     }
 }
 
@@ -539,7 +741,6 @@ pub(crate) fn take_over_tcp_flows(
     if flows.is_empty() {
         return Ok(0);
     }
-    let dumped = flows.iter().filter(|f| f.kernel.is_some()).count();
     let failure = |err: EngineStateError| {
         if drop_unmigratable {
             warn!("device state LOAD: {err}; --migrate-drop-tcp: those connections are reset");
@@ -548,10 +749,6 @@ pub(crate) fn take_over_tcp_flows(
             Err(err)
         }
     };
-    if dumped > 0 {
-        // Dumped connections come from another host: helper-based restore comes later.
-        return failure(EngineStateError::NoHandover(dumped));
-    }
     let Some(endpoint) = &source.handover else {
         return failure(EngineStateError::NoHandover(flows.len()));
     };
@@ -851,9 +1048,7 @@ mod tests {
             let (mut source, mut server) = source_with_flow();
             let mut record = SourceRecord::default();
             let (tcp, env) = source.parts();
-            let flows =
-                freeze_and_offer_tcp_flows(tcp, &env, &mut record, false, &Default::default())
-                    .unwrap();
+            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record, false, None).unwrap();
             assert_eq!(flows.len(), 1);
             assert!(record.handover.is_some());
             assert!(tcp.is_frozen());
@@ -890,9 +1085,7 @@ mod tests {
             let (mut source, _server) = source_with_flow();
             let mut record = SourceRecord::default();
             let (tcp, env) = source.parts();
-            let flows =
-                freeze_and_offer_tcp_flows(tcp, &env, &mut record, false, &Default::default())
-                    .unwrap();
+            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record, false, None).unwrap();
             assert!(tcp.source_resumed(&env));
             assert!(!tcp.is_frozen());
             assert_eq!(tcp.len(), 1);
@@ -915,14 +1108,36 @@ mod tests {
             let (mut source, _server) = source_with_flow();
             let mut record = SourceRecord::default();
             let (tcp, env) = source.parts();
-            let flows =
-                freeze_and_offer_tcp_flows(tcp, &env, &mut record, false, &Default::default())
-                    .unwrap();
+            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record, false, None).unwrap();
             record.handover = None;
             let mut target = Side::new();
             let err = take_over_tcp_flows(&mut target.tcp, &record, &flows, false).unwrap_err();
             assert!(matches!(err, EngineStateError::NoHandover(1)), "{err}");
         }
+    }
+
+    #[test]
+    fn placement_follows_boot_id_and_netns_cookie() {
+        let here = SourceRecord {
+            boot_id: Some([1; 16]),
+            netns: NetnsIdentity {
+                cookie: Some(7),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut source = here.clone();
+        assert_eq!(placement(&source, &here), Placement::SameNamespace);
+        source.netns.cookie = Some(8);
+        assert_eq!(placement(&source, &here), Placement::Elsewhere);
+        source.boot_id = Some([2; 16]);
+        source.netns.cookie = Some(7);
+        assert_eq!(placement(&source, &here), Placement::Elsewhere);
+        source.boot_id = None;
+        assert_eq!(placement(&source, &here), Placement::Unknown);
+        source.boot_id = here.boot_id;
+        source.netns.cookie = None;
+        assert_eq!(placement(&source, &here), Placement::Unknown);
     }
 
     #[test]

@@ -30,6 +30,8 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use baton_proto::frame::MAX_FDS;
@@ -111,16 +113,29 @@ pub enum ClientError {
 }
 
 /// A connection to a `baton-repair` helper after a successful hello.
+///
+/// [`RepairClient::share`] gives more handles onto the same connection (for another
+/// thread, or for a part of the program that must act later, such as thawing sockets
+/// when a migrated VM resumes): exchanges are serialised by a lock, so that one request
+/// and its reply are never interleaved with another handle's.
 #[derive(Debug)]
 pub struct RepairClient {
-    stream: UnixStream,
+    shared: Arc<Shared>,
     timeout: Duration,
     /// The protocol version the helper chose.
     version: u16,
     /// The helper's hello (its capabilities and software string).
     helper_hello: Hello,
+}
+
+/// What every handle of one helper connection shares.
+#[derive(Debug)]
+struct Shared {
+    stream: UnixStream,
+    /// Held for one request and its reply.
+    exchange: Mutex<()>,
     /// Set once a transport error left the stream at an unknown position.
-    broken: bool,
+    broken: AtomicBool,
 }
 
 /// A request as it goes on the wire, borrowing the states instead of copying their
@@ -166,11 +181,14 @@ impl RepairClient {
     /// `timeout`, which also becomes the per-exchange timeout of later operations.
     pub fn from_stream(stream: UnixStream, timeout: Duration) -> Result<Self, ClientError> {
         let mut client = RepairClient {
-            stream,
+            shared: Arc::new(Shared {
+                stream,
+                exchange: Mutex::new(()),
+                broken: AtomicBool::new(false),
+            }),
             timeout,
             version: 0,
             helper_hello: Hello::ours(0),
-            broken: false,
         };
         let ours = Hello::ours(caps::ALL_V1);
         let reply = client.exchange(&RequestOnWire::Hello(&ours), &[])?;
@@ -285,9 +303,20 @@ impl RepairClient {
         &self.helper_hello.software
     }
 
-    /// Change the per-exchange timeout.
+    /// Change the per-exchange timeout (of this handle).
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
+    }
+
+    /// Another handle onto the same helper connection. Requests through either are
+    /// serialised; a connection that broke is broken for every handle.
+    pub fn share(&self) -> RepairClient {
+        RepairClient {
+            shared: Arc::clone(&self.shared),
+            timeout: self.timeout,
+            version: self.version,
+            helper_hello: self.helper_hello.clone(),
+        }
     }
 
     /// Freeze each socket and return its complete state (one result per socket, in order).
@@ -420,7 +449,14 @@ impl RepairClient {
         request: &RequestOnWire<'_>,
         fds: &[BorrowedFd<'_>],
     ) -> Result<Reply, ClientError> {
-        if self.broken {
+        // A poisoned lock only means another handle panicked between two frames; the
+        // `broken` flag says whether the stream is still in sync.
+        let shared = Arc::clone(&self.shared);
+        let _turn = shared
+            .exchange
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.shared.broken.load(Ordering::SeqCst) {
             return Err(ClientError::Broken);
         }
         let result = self.exchange_once(request, fds);
@@ -432,7 +468,7 @@ impl RepairClient {
                     | ClientError::Decode { .. }
                     | ClientError::UnexpectedFds { .. }
             ) {
-                self.broken = true;
+                self.shared.broken.store(true, Ordering::SeqCst);
             }
         }
         result
@@ -445,7 +481,7 @@ impl RepairClient {
     ) -> Result<Reply, ClientError> {
         let name = request.name();
         let deadline = deadline_after(self.timeout);
-        let sock = self.stream.as_fd();
+        let sock = self.shared.stream.as_fd();
         let transport_error = |source: TransportError| {
             if source.is_peer_gone() {
                 ClientError::HelperClosed { request: name }
@@ -477,7 +513,7 @@ impl RepairClient {
 
 impl AsFd for RepairClient {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.stream.as_fd()
+        self.shared.stream.as_fd()
     }
 }
 
@@ -877,6 +913,48 @@ mod tests {
         );
         drop(client);
         assert_eq!(helper.join().expect("join"), 4);
+    }
+
+    #[test]
+    fn shared_handles_never_interleave_and_share_a_broken_connection() {
+        // The fake helper answers a Thaw with as many results as descriptors arrived: a
+        // request of one handle interleaved with another's would get the wrong count.
+        let (stream, helper) = fake_helper(|request, fds| match request {
+            Request::Hello(_) => hello_reply(),
+            Request::Thaw => Reply::Thawed(vec![Ok(()); fds]),
+            _ => Reply::Error(ProtocolError::new(ProtocolErrorKind::Unsupported, "test")),
+        });
+        let client = RepairClient::from_stream(stream, Duration::from_secs(5)).expect("hello");
+        let workers: Vec<_> = (1..=4usize)
+            .map(|n| {
+                let mut handle = client.share();
+                std::thread::spawn(move || {
+                    let sockets: Vec<UnixStream> = (0..n)
+                        .map(|_| UnixStream::pair().expect("pair").0)
+                        .collect();
+                    let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|s| s.as_fd()).collect();
+                    for _ in 0..50 {
+                        let results = handle.thaw(&fds).expect("thaw");
+                        assert_eq!(results.len(), n);
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().expect("worker");
+        }
+        let mut other = client.share();
+        drop(client);
+        // The helper is still there for the remaining handle; then it goes away and
+        // the connection is broken for every handle.
+        let (s, _t) = UnixStream::pair().expect("pair");
+        assert_eq!(other.thaw(&[s.as_fd()]).expect("thaw").len(), 1);
+        let mut last = other.share();
+        drop(other);
+        drop(last.shared.stream.shutdown(std::net::Shutdown::Both));
+        assert!(last.thaw(&[s.as_fd()]).is_err());
+        assert!(matches!(last.thaw(&[s.as_fd()]), Err(ClientError::Broken)));
+        assert_eq!(helper.join().expect("join"), 1 + 4 * 50 + 1);
     }
 
     #[test]

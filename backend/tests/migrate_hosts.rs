@@ -1,0 +1,927 @@
+//! TCP connections migrated to a *different* host (issue 5): two real `baton` processes
+//! with `--helper`, each in its own network namespace ("host"), both joined by a veth
+//! to a peer namespace where the test's server runs. The source dumps every socket
+//! through `baton-repair` at SAVE; the target restores them into fresh sockets at LOAD.
+//!
+//! ```text
+//!   source ns S            peer ns P                        target ns T
+//!   10.88.0.2 (moves) vS ── pS   10.88.0.1 (lo), server   pT ── vT 10.88.0.3 (own)
+//!   baton A + helper        route 10.88.0.2 → pS, later pT      baton B + helper
+//! ```
+//!
+//! The guest (smoltcp, driven by the test frontend) streams a verifiable pattern both
+//! ways on every connection; some connections are half-closed (one side finished and
+//! sent its FIN) before the migration. The guest stops mid-stream (data in flight both
+//! ways), SAVE on A, LOAD on B, B's rings start and the guest runs there; only then does
+//! the address move from S to T, as real networks do. Until then the peer's segments
+//! still reach S, whose frozen sockets must neither acknowledge nor reset them (S's
+//! `OutRsts` counter is checked, and every byte at both ends). A is stopped before the
+//! transfers finish: its frozen sockets must close silently. Every byte is checked.
+//!
+//! And the failure path: a target without a helper fails LOAD, the source VM resumes
+//! (a new frontend connection to A), A thaws its sockets and every connection carries on.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use baton_proto::migration::decode_stream;
+use baton_testkit::pattern::Pattern;
+use baton_vu_harness::smol::GuestNic;
+use baton_vu_harness::{FrontendOptions, HarnessError, NetFrontend};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+
+mod common;
+use common::{Baton, V4_ONLY};
+
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const GW_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const PEER: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
+/// The source host's address: the connections' local address, moved to T late.
+const MOVING: &str = "10.88.0.2";
+/// The target host's own address.
+const TARGET_OWN: &str = "10.88.0.3";
+const SERVER_PORT: u16 = 5000;
+const GUEST_MTU: usize = 9014;
+const TEST_TIMEOUT: Duration = Duration::from_secs(180);
+
+// ---------------------------------------------------------------------------------------
+// Namespaces ("hosts") and the network between them
+// ---------------------------------------------------------------------------------------
+
+/// A network namespace, held open by a descriptor; commands run in it through
+/// `nsenter --net=/proc/<pid>/fd/<fd>`.
+struct Netns {
+    handle: File,
+}
+
+impl Netns {
+    /// The calling thread's namespace.
+    fn current() -> Self {
+        Netns {
+            handle: File::open("/proc/thread-self/ns/net").expect("open own netns"),
+        }
+    }
+
+    fn path(&self) -> String {
+        format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.handle.as_raw_fd()
+        )
+    }
+
+    /// Run `cmd` (a program and its arguments) in this namespace; panics on failure.
+    fn run(&self, cmd: &[&str]) -> String {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.path()))
+            .args(cmd)
+            .output()
+            .expect("run nsenter");
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn ip(&self, args: &str) {
+        let mut cmd = vec!["ip"];
+        cmd.extend(args.split_whitespace());
+        self.run(&cmd);
+    }
+
+    /// Reverse-path filtering off: the peer sees the moving address on either link.
+    fn no_rp_filter(&self, devices: &[&str]) {
+        let mut script = String::from(
+            "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter; \
+             echo 0 > /proc/sys/net/ipv4/conf/default/rp_filter;",
+        );
+        for dev in devices {
+            script.push_str(&format!(
+                " echo 0 > /proc/sys/net/ipv4/conf/{dev}/rp_filter;"
+            ));
+        }
+        self.run(&["sh", "-c", &script]);
+    }
+
+    /// `Tcp: OutRsts` of this namespace.
+    fn out_rsts(&self) -> u64 {
+        let snmp = self.run(&["cat", "/proc/net/snmp"]);
+        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+        let names: Vec<&str> = tcp.next().expect("Tcp names").split_whitespace().collect();
+        let values: Vec<&str> = tcp.next().expect("Tcp values").split_whitespace().collect();
+        let at = names.iter().position(|n| *n == "OutRsts").expect("OutRsts");
+        values[at].parse().expect("OutRsts value")
+    }
+}
+
+/// A fresh namespace with baton started in it (by a thread that entered it).
+fn host_with_baton(name: &str, helper: bool) -> (Netns, Baton) {
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        baton_testkit::netns::enter_private_netns().expect("netns (run as root)");
+        let ns = Netns::current();
+        let helper_path = helper_binary();
+        let mut args: Vec<&str> = V4_ONLY.iter().copied().chain(["-d"]).collect();
+        let helper_arg = helper_path.to_string_lossy().into_owned();
+        if helper {
+            args.extend(["--helper", helper_arg.as_str()]);
+        }
+        let baton = Baton::spawn(&format!("hosts-{name}"), &args);
+        (ns, baton)
+    })
+    .join()
+    .expect("host thread")
+}
+
+fn helper_binary() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_baton")).with_file_name("baton-repair");
+    assert!(
+        path.exists(),
+        "{} missing: cargo build -p baton-repair",
+        path.display()
+    );
+    path
+}
+
+/// Two hosts and the peer (the calling thread's new namespace), wired as in the module
+/// comment.
+struct Hosts {
+    peer: Netns,
+    source: Netns,
+    target: Netns,
+    a: Option<Baton>,
+    b: Baton,
+}
+
+/// Where the target backend runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// In T, with a helper.
+    OtherHost,
+    /// In T, without a helper.
+    OtherHostNoHelper,
+    /// In S, next to the source, with a helper (a same-host migration).
+    SameNamespace,
+}
+
+/// Start baton in `ns` (from a thread that joins it).
+fn baton_in(ns: &Netns, name: &str) -> Baton {
+    let handle = ns.handle.try_clone().expect("dup netns");
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let helper = helper_binary().to_string_lossy().into_owned();
+        let args: Vec<&str> = V4_ONLY
+            .iter()
+            .copied()
+            .chain(["-d", "--helper", helper.as_str()])
+            .collect();
+        Baton::spawn(&format!("hosts-{name}"), &args)
+    })
+    .join()
+    .expect("baton thread")
+}
+
+fn build_hosts(name: &str, target_kind: Target) -> Hosts {
+    baton_testkit::netns::enter_private_netns().expect("peer netns (run as root)");
+    let peer = Netns::current();
+    let (source, a) = host_with_baton(&format!("{name}-a"), true);
+    let (target, b) = host_with_baton(&format!("{name}-b"), target_kind == Target::OtherHost);
+    let b = if target_kind == Target::SameNamespace {
+        drop(b);
+        baton_in(&source, &format!("{name}-b-same"))
+    } else {
+        b
+    };
+    peer.ip("link add pS type veth peer name vS");
+    peer.ip(&format!("link set vS netns {}", source.path()));
+    peer.ip("link add pT type veth peer name vT");
+    peer.ip(&format!("link set vT netns {}", target.path()));
+    peer.ip(&format!("addr add {PEER}/32 dev lo"));
+    peer.ip("link set pS up");
+    peer.ip("link set pT up");
+    peer.ip(&format!("route add {MOVING}/32 dev pS"));
+    peer.ip(&format!("route add {TARGET_OWN}/32 dev pT"));
+    peer.no_rp_filter(&["pS", "pT", "lo"]);
+    source.ip(&format!("addr add {MOVING}/32 dev vS"));
+    source.ip("link set vS up");
+    source.ip(&format!("route add {PEER}/32 dev vS"));
+    source.no_rp_filter(&["vS"]);
+    target.ip(&format!("addr add {TARGET_OWN}/32 dev vT"));
+    target.ip("link set vT up");
+    target.ip(&format!("route add {PEER}/32 dev vT"));
+    target.no_rp_filter(&["vT"]);
+    Hosts {
+        peer,
+        source,
+        target,
+        a: Some(a),
+        b,
+    }
+}
+
+impl Hosts {
+    /// The address moves from S to T; the peer routes it to T from now on.
+    fn move_address(&self) {
+        self.source.ip(&format!("addr del {MOVING}/32 dev vS"));
+        self.target.ip(&format!("addr add {MOVING}/32 dev vT"));
+        self.peer.ip(&format!("route replace {MOVING}/32 dev pT"));
+    }
+
+    fn a(&self) -> &Baton {
+        self.a.as_ref().expect("source baton")
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The server at the peer
+// ---------------------------------------------------------------------------------------
+
+/// What each connection carries: the guest first sends its index (4 bytes), then
+/// `up` pattern bytes; the peer sends `down` pattern bytes, then its FIN.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    up: u64,
+    down: u64,
+    /// How far the guest sends beyond what the peer reads before the migration (the
+    /// peer stops at 40 %): data in flight at SAVE. Up to 32 KiB it fits the peer's
+    /// advertised window; far more closes the window
+    /// (`a_connection_with_the_peers_window_closed_moves_to_another_host`).
+    beyond_hold: u64,
+}
+
+/// Data in flight towards the peer at SAVE that fits its receive window.
+const IN_FLIGHT: u64 = 32 << 10;
+
+fn up_pattern(index: u32) -> Pattern {
+    Pattern::new(0x1000 + u64::from(index))
+}
+
+fn down_pattern(index: u32) -> Pattern {
+    Pattern::new(0x2000 + u64::from(index))
+}
+
+/// What the peer saw on one connection.
+#[derive(Debug)]
+struct PeerReport {
+    index: u32,
+    /// Longest time between two successive reads (the peer-visible gap).
+    longest_gap: Duration,
+}
+
+/// Accept `plans.len()` connections; serve each on its own threads. Every failure
+/// (RST, wrong byte, short stream) comes back as an error string. While `hold` is set,
+/// the peer stops reading after 40 % of a long stream, so that the guest's later bytes
+/// pile up in the host sockets' send queues (data in flight at SAVE).
+fn serve(plans: Vec<Plan>, hold: Arc<AtomicBool>) -> JoinHandle<Vec<Result<PeerReport, String>>> {
+    let listener = TcpListener::bind(SocketAddr::from((PEER, SERVER_PORT))).expect("server bind");
+    std::thread::spawn(move || {
+        let mut workers = Vec::new();
+        for _ in 0..plans.len() {
+            let (stream, _) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) => return vec![Err(format!("accept: {e}"))],
+            };
+            let plans = plans.clone();
+            let hold = Arc::clone(&hold);
+            workers.push(std::thread::spawn(move || serve_one(stream, &plans, &hold)));
+        }
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err("server thread panicked".into()))
+            })
+            .collect()
+    })
+}
+
+fn serve_one(
+    mut stream: TcpStream,
+    plans: &[Plan],
+    hold: &AtomicBool,
+) -> Result<PeerReport, String> {
+    stream
+        .set_read_timeout(Some(TEST_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut index = [0u8; 4];
+    stream
+        .read_exact(&mut index)
+        .map_err(|e| format!("reading the index: {e}"))?;
+    let index = u32::from_be_bytes(index);
+    let plan = *plans
+        .get(index as usize)
+        .ok_or_else(|| format!("unknown index {index}"))?;
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let sender = std::thread::spawn(move || -> Result<(), String> {
+        let pattern = down_pattern(index);
+        let mut sent = 0u64;
+        while sent < plan.down {
+            let n = (plan.down - sent).min(32768) as usize;
+            writer
+                .write_all(&pattern.bytes(sent, n))
+                .map_err(|e| format!("connection {index}: peer write at {sent}: {e}"))?;
+            sent += n as u64;
+        }
+        writer
+            .shutdown(Shutdown::Write)
+            .map_err(|e| format!("connection {index}: peer shutdown: {e}"))
+    });
+    let pattern = up_pattern(index);
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 65536];
+    let mut last = Instant::now();
+    let mut longest_gap = Duration::ZERO;
+    loop {
+        while hold.load(Ordering::SeqCst) && plan.up > 1000 && received >= plan.up * 4 / 10 {
+            std::thread::sleep(Duration::from_millis(5));
+            last = Instant::now();
+        }
+        let n = stream
+            .read(&mut buf)
+            .map_err(|e| format!("connection {index}: peer read at {received}: {e}"))?;
+        let now = Instant::now();
+        longest_gap = longest_gap.max(now - last);
+        last = now;
+        if n == 0 {
+            break;
+        }
+        pattern
+            .verify(received, &buf[..n])
+            .map_err(|m| format!("connection {index}: peer received corrupt data: {m}"))?;
+        received += n as u64;
+    }
+    if received != plan.up {
+        return Err(format!(
+            "connection {index}: peer received {received} of {} bytes",
+            plan.up
+        ));
+    }
+    sender.join().map_err(|_| "sender panicked".to_string())??;
+    Ok(PeerReport { index, longest_gap })
+}
+
+// ---------------------------------------------------------------------------------------
+// The guest (smoltcp)
+// ---------------------------------------------------------------------------------------
+
+struct Guest {
+    /// `None` while the VM is stopped between two backends.
+    nic: Option<GuestNic>,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+}
+
+impl Guest {
+    fn new(dev: NetFrontend) -> Self {
+        let mut nic = GuestNic::new(dev, GUEST_MTU);
+        let mut iface = Interface::new(
+            Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
+            &mut nic,
+            smoltcp::time::Instant::now(),
+        );
+        iface.update_ip_addrs(|a| {
+            a.push(IpCidr::new(IpAddress::Ipv4(GUEST_V4), 24))
+                .expect("v4");
+        });
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(GW_V4)
+            .expect("v4 route");
+        Guest {
+            nic: Some(nic),
+            iface,
+            sockets: SocketSet::new(vec![]),
+        }
+    }
+
+    fn dev(&mut self) -> &mut NetFrontend {
+        &mut self.nic.as_mut().expect("the VM runs").dev
+    }
+
+    /// The VM stops: its device goes away, the stack and its sockets stay.
+    fn stop(&mut self) -> NetFrontend {
+        self.nic.take().expect("the VM runs").dev
+    }
+
+    /// The VM runs (again) on `dev`.
+    fn start(&mut self, dev: NetFrontend) {
+        self.nic = Some(GuestNic::new(dev, GUEST_MTU));
+    }
+
+    fn poll(&mut self) {
+        let nic = self.nic.as_mut().expect("the VM runs");
+        self.iface
+            .poll(smoltcp::time::Instant::now(), nic, &mut self.sockets);
+    }
+
+    fn wait(&mut self) {
+        let delay = self
+            .iface
+            .poll_delay(smoltcp::time::Instant::now(), &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+            .unwrap_or(Duration::from_millis(5))
+            .min(Duration::from_millis(5));
+        self.nic.as_mut().expect("the VM runs").wait(delay);
+    }
+}
+
+/// The guest's end of one connection.
+struct GuestConn {
+    index: u32,
+    handle: SocketHandle,
+    plan: Plan,
+    /// Index header and pattern bytes sent so far (header included).
+    sent: u64,
+    received: u64,
+    closed: bool,
+    /// Before the migration the guest application stops at a gate in each long
+    /// direction, so that no connection finishes before SAVE and data waits in the
+    /// queues; after it, everything runs to the end.
+    gated: bool,
+}
+
+impl GuestConn {
+    fn open(guest: &mut Guest, index: u32, plan: Plan) -> Self {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 65536]),
+            tcp::SocketBuffer::new(vec![0; 65536]),
+        );
+        socket.set_nagle_enabled(false);
+        let handle = guest.sockets.add(socket);
+        let cx = guest.iface.context();
+        guest
+            .sockets
+            .get_mut::<tcp::Socket>(handle)
+            .connect(
+                cx,
+                (IpAddress::Ipv4(PEER), SERVER_PORT),
+                40000 + index as u16,
+            )
+            .expect("connect");
+        GuestConn {
+            index,
+            handle,
+            plan,
+            sent: 0,
+            received: 0,
+            closed: false,
+            gated: true,
+        }
+    }
+
+    /// How far the guest sends before the migration (header included).
+    fn up_gate(&self) -> u64 {
+        if self.gated && self.plan.up > 1000 {
+            4 + (self.plan.up * 6 / 10).min(self.plan.up * 4 / 10 + self.plan.beyond_hold)
+        } else {
+            4 + self.plan.up
+        }
+    }
+
+    /// How far the guest reads before the migration.
+    fn down_gate(&self) -> u64 {
+        if self.gated && self.plan.down > 1000 {
+            (self.plan.down / 2).min(1 << 20)
+        } else {
+            self.plan.down
+        }
+    }
+
+    fn up_done(&self) -> u64 {
+        self.sent.saturating_sub(4)
+    }
+
+    /// Move data both ways; panics on a wrong byte or a reset.
+    fn step(&mut self, guest: &mut Guest) {
+        let socket = guest.sockets.get_mut::<tcp::Socket>(self.handle);
+        assert!(
+            socket.state() != tcp::State::Closed || self.done_with(socket),
+            "connection {}: reset or closed early (sent {}, received {})",
+            self.index,
+            self.sent,
+            self.received
+        );
+        let total = self.plan.up + 4;
+        let gate = self.up_gate();
+        let down_gate = self.down_gate();
+        while socket.can_send() && self.sent < gate {
+            let chunk = if self.sent < 4 {
+                self.index.to_be_bytes()[self.sent as usize..].to_vec()
+            } else {
+                let want = (gate - self.sent).min(16384) as usize;
+                up_pattern(self.index).bytes(self.sent - 4, want)
+            };
+            match socket.send_slice(&chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => self.sent += n as u64,
+            }
+        }
+        if self.sent == total && !self.closed {
+            socket.close();
+            self.closed = true;
+        }
+        let mut buf = [0u8; 16384];
+        while socket.can_recv() && self.received < down_gate {
+            let room = (down_gate - self.received).min(buf.len() as u64) as usize;
+            match socket.recv_slice(&mut buf[..room]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if let Err(m) = down_pattern(self.index).verify(self.received, &buf[..n]) {
+                        panic!(
+                            "connection {}: guest received corrupt data: {m}",
+                            self.index
+                        );
+                    }
+                    self.received += n as u64;
+                }
+            }
+        }
+        assert!(self.received <= self.plan.down, "guest received too much");
+    }
+
+    fn done_with(&self, socket: &tcp::Socket<'_>) -> bool {
+        self.closed && self.received == self.plan.down && !socket.may_recv()
+    }
+
+    fn done(&self, guest: &mut Guest) -> bool {
+        let socket = guest.sockets.get_mut::<tcp::Socket>(self.handle);
+        self.done_with(socket)
+    }
+}
+
+/// Run the guest until `until` says stop (or the deadline passes: panic).
+fn run_guest(
+    guest: &mut Guest,
+    conns: &mut [GuestConn],
+    what: &str,
+    mut until: impl FnMut(&mut Guest, &[GuestConn]) -> bool,
+    log: &dyn Fn() -> String,
+) {
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    loop {
+        guest.poll();
+        for conn in conns.iter_mut() {
+            conn.step(guest);
+        }
+        guest.poll();
+        if until(guest, conns) {
+            return;
+        }
+        if Instant::now() > deadline {
+            let progress: Vec<(u32, u64, u64)> = conns
+                .iter()
+                .map(|c| (c.index, c.up_done(), c.received))
+                .collect();
+            panic!("{what}: timed out; progress {progress:?}; log:\n{}", log());
+        }
+        guest.wait();
+    }
+}
+
+fn all_done(guest: &mut Guest, conns: &[GuestConn]) -> bool {
+    conns.iter().all(|c| c.done(guest))
+}
+
+/// Connect as a migration target: LOAD before the rings, as QEMU does.
+fn connect_loading(baton: &Baton, state: &[u8]) -> (NetFrontend, Result<(), HarnessError>) {
+    let mut loaded = None;
+    let dev = NetFrontend::connect_with(&baton.socket(), FrontendOptions::default(), |dev| {
+        loaded = Some(dev.load_state(state));
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("frontend: {e}; log:\n{}", baton.log()));
+    (dev, loaded.expect("the hook ran"))
+}
+
+/// Connection plans: `n` streams of `len` bytes each way, of which (when there are at
+/// least three) one has the guest's side finished early and one the peer's side, so
+/// that both kinds of half-closed connection are migrated. The first one's other
+/// direction is long (32 MiB, far more than the socket buffers hold beyond the gate) so that the peer's FIN
+/// cannot have arrived at SAVE: with both FINs through, the host connection is over
+/// (TIME_WAIT, the socket reads CLOSE) and cannot be dumped — see the report.
+fn plans(n: usize, len: u64) -> Vec<Plan> {
+    (0..n)
+        .map(|i| match i {
+            0 if n >= 3 => Plan {
+                up: 1000,
+                down: 32 << 20,
+                beyond_hold: IN_FLIGHT,
+            },
+            1 if n >= 3 => Plan {
+                up: len,
+                down: 1000,
+                beyond_hold: IN_FLIGHT,
+            },
+            _ => Plan {
+                up: len,
+                down: len,
+                beyond_hold: IN_FLIGHT,
+            },
+        })
+        .collect()
+}
+
+/// Every connection is at its gates, and the short directions are closed (FIN sent and
+/// acknowledged, FIN received).
+fn at_gates(guest: &mut Guest, conns: &[GuestConn]) -> bool {
+    conns.iter().all(|c| {
+        let socket = guest.sockets.get_mut::<tcp::Socket>(c.handle);
+        let up = if c.plan.up > 1000 {
+            c.sent >= c.up_gate()
+        } else {
+            socket.state() == tcp::State::FinWait2
+        };
+        let down = if c.plan.down > 1000 {
+            c.received >= c.down_gate()
+        } else {
+            c.received == c.plan.down && !socket.may_recv()
+        };
+        up && down
+    })
+}
+
+fn lift_gates(conns: &mut [GuestConn]) {
+    for conn in conns {
+        conn.gated = false;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The tests
+// ---------------------------------------------------------------------------------------
+
+fn migrate_to_another_host(name: &str, n: usize, len: u64) {
+    migrate(name, plans(n, len), Target::OtherHost);
+}
+
+fn migrate(name: &str, plans: Vec<Plan>, target_kind: Target) {
+    let n = plans.len();
+    let len = plans.iter().map(|p| p.up.max(p.down)).max().unwrap_or(0);
+    let mut hosts = build_hosts(name, target_kind);
+    let hold = Arc::new(AtomicBool::new(true));
+    let server = serve(plans.clone(), Arc::clone(&hold));
+
+    let mut dev = hosts.a().connect();
+    dev.start_dirty_log().expect("LOG_ALL");
+    let mut guest = Guest::new(dev);
+    let mut conns: Vec<GuestConn> = plans
+        .iter()
+        .enumerate()
+        .map(|(i, plan)| GuestConn::open(&mut guest, i as u32, *plan))
+        .collect();
+    let a_log = || hosts.a().log();
+    run_guest(
+        &mut guest,
+        &mut conns,
+        "before the migration",
+        at_gates,
+        &a_log,
+    );
+
+    // The VM stops mid-stream: SAVE on A.
+    let dev = guest.dev();
+    dev.stop_rings().expect("GET_VRING_BASE");
+    let saved_at = Instant::now();
+    let stream = dev
+        .save_state()
+        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", hosts.a().log()));
+    let save_time = saved_at.elapsed();
+    let rsts_before = hosts.source.out_rsts();
+    let state = decode_stream(&stream).expect("valid stream");
+    assert_eq!(state.tcp_flows.len(), n, "log:\n{}", hosts.a().log());
+    assert!(
+        state.tcp_flows.iter().all(|f| f.kernel.is_some()),
+        "every connection carries its dumped kernel state"
+    );
+    assert!(
+        state.source.handover.is_some(),
+        "the handover is still offered"
+    );
+
+    // LOAD on B, B's rings start, the guest runs there.
+    let loaded_at = Instant::now();
+    let (dev_b, loaded) = connect_loading(&hosts.b, &stream);
+    let load_time = loaded_at.elapsed();
+    loaded.unwrap_or_else(|e| panic!("LOAD: {e}; log:\n{}", hosts.b.log()));
+    let expected = if target_kind == Target::SameNamespace {
+        format!("{n} TCP connection(s) taken over from the source")
+    } else {
+        format!("{n} TCP connection(s) restored through baton-repair")
+    };
+    assert!(hosts.b.log().contains(&expected), "{}", hosts.b.log());
+    // QEMU on the source goes away; the VM runs on B.
+    drop(guest.stop());
+    guest.start(dev_b);
+    lift_gates(&mut conns);
+    // On a timeout: the target's log, and the kernel's view of the connections in the
+    // target and at the peer.
+    let b_log = || {
+        format!(
+            "{}\n--- ss in the target namespace:\n{}--- ss at the peer:\n{}--- counters at the peer:\n{}",
+            hosts.b.log(),
+            hosts.target.run(&["ss", "-tinoe"]),
+            hosts.peer.run(&["ss", "-tinoe"]),
+            hosts.peer.run(&["sh", "-c", "nstat -az | awk '$2 != 0'"])
+        )
+    };
+    let ran_at = Instant::now();
+    run_guest(
+        &mut guest,
+        &mut conns,
+        "on the target, before the address moves",
+        |_, _| ran_at.elapsed() > Duration::from_millis(300),
+        &b_log,
+    );
+
+    // Only now does the address move. Until now the peer's segments reached S.
+    if target_kind != Target::SameNamespace {
+        hosts.move_address();
+    }
+    assert_eq!(
+        hosts.source.out_rsts(),
+        rsts_before,
+        "the source answered the peer with RST while frozen"
+    );
+    // The source backend goes away before the streams end: its frozen sockets must
+    // close without a sound (repair mode), or the peer would see a FIN or RST.
+    drop(hosts.a.take());
+    hold.store(false, Ordering::SeqCst);
+
+    run_guest(
+        &mut guest,
+        &mut conns,
+        "after the migration",
+        all_done,
+        &b_log,
+    );
+    let reports = server.join().expect("server");
+    let mut longest = Duration::ZERO;
+    for report in reports {
+        let report = report.unwrap_or_else(|e| panic!("{e}; target log:\n{}", hosts.b.log()));
+        longest = longest.max(report.longest_gap);
+        let _ = report.index;
+    }
+    println!(
+        "{name}: {n} connection(s), {len} bytes each way: SAVE {:.1} ms, LOAD {:.1} ms, \
+         longest peer-visible gap {:.0} ms",
+        save_time.as_secs_f64() * 1e3,
+        load_time.as_secs_f64() * 1e3,
+        longest.as_secs_f64() * 1e3
+    );
+    for line in hosts
+        .b
+        .log()
+        .lines()
+        .filter(|l| l.contains("baton-repair in"))
+    {
+        println!("target: {line}");
+    }
+}
+
+#[test]
+fn one_connection_moves_to_another_host() {
+    migrate_to_another_host("one", 1, 4 << 20);
+}
+
+#[test]
+fn a_hundred_connections_move_to_another_host() {
+    migrate_to_another_host("hundred", 100, 256 << 10);
+}
+
+#[test]
+fn a_target_without_helper_fails_load_and_the_source_carries_on() {
+    let hosts = build_hosts("nohelper", Target::OtherHostNoHelper);
+    let plans = plans(4, 1 << 20);
+    let hold = Arc::new(AtomicBool::new(true));
+    let server = serve(plans.clone(), Arc::clone(&hold));
+    let mut dev = hosts.a().connect();
+    dev.start_dirty_log().expect("LOG_ALL");
+    let mut guest = Guest::new(dev);
+    let mut conns: Vec<GuestConn> = plans
+        .iter()
+        .enumerate()
+        .map(|(i, plan)| GuestConn::open(&mut guest, i as u32, *plan))
+        .collect();
+    let a_log = || hosts.a().log();
+    run_guest(
+        &mut guest,
+        &mut conns,
+        "before the migration",
+        at_gates,
+        &a_log,
+    );
+
+    let dev = guest.dev();
+    dev.stop_rings().expect("GET_VRING_BASE");
+    let stream = dev
+        .save_state()
+        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", hosts.a().log()));
+    let rsts_before = hosts.source.out_rsts();
+    let (dev_b, loaded) = connect_loading(&hosts.b, &stream);
+    assert!(loaded.is_err(), "B has no helper: LOAD must fail");
+    assert!(
+        hosts
+            .b
+            .log()
+            .contains("no baton-repair helper is connected here"),
+        "{}",
+        hosts.b.log()
+    );
+    drop(dev_b);
+
+    // The migration failed: the source VM resumes (here: the frontend reconnects, the
+    // network engine and its frozen flows are still there).
+    drop(guest.stop());
+    guest.start(hosts.a().connect());
+    lift_gates(&mut conns);
+    hold.store(false, Ordering::SeqCst);
+    // The TCP table learns that the VM resumed from the guest's next TCP segment (there
+    // is no "rings started" signal for the engine yet): a receive-only connection would
+    // wait for it. A connection attempt to a closed port is such a segment (the peer
+    // refuses it; nothing else changes).
+    let mut probe = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; 1024]),
+        tcp::SocketBuffer::new(vec![0; 1024]),
+    );
+    probe
+        .connect(
+            guest.iface.context(),
+            (IpAddress::Ipv4(PEER), SERVER_PORT + 1),
+            39999,
+        )
+        .expect("probe connect");
+    let probe = guest.sockets.add(probe);
+    guest.poll();
+    run_guest(
+        &mut guest,
+        &mut conns,
+        "after the source resumed",
+        all_done,
+        &a_log,
+    );
+    for report in server.join().expect("server") {
+        report.unwrap_or_else(|e| panic!("{e}; source log:\n{}", hosts.a().log()));
+    }
+    guest.sockets.remove(probe);
+    assert_eq!(
+        hosts.source.out_rsts(),
+        rsts_before,
+        "no RST from the source"
+    );
+    assert!(
+        hosts
+            .a()
+            .log()
+            .contains("dumped socket(s) thawed through baton-repair (0 failed)"),
+        "{}",
+        hosts.a().log()
+    );
+}
+
+/// The same-host path with a helper: the source dumped its sockets (repair mode), the
+/// target in the same namespace takes the live sockets without privilege — the source
+/// ends repair mode through its helper right before handing them over.
+#[test]
+fn a_target_in_the_same_namespace_takes_the_dumped_sockets_live() {
+    migrate("same", plans(8, 1 << 20), Target::SameNamespace);
+}
+
+/// Much data in flight towards the peer at SAVE (the peer stopped reading with ~500 KiB
+/// more on the way, so its window is closed). The peer received and acknowledged bytes
+/// whose ACKs the frozen source never saw, so they are in the dumped send queue. This
+/// used to stall (one run in two): the restore wrote that queue as fresh data after
+/// repair off (reference E25), the target's SND.NXT started at SND.UNA, and Linux
+/// discarded every answer of the peer as an ACK of unsent data. `baton-tcp-repair` now
+/// restores the sent part as sent (kernel-facts suite `kernel_facts_inflight`), and the
+/// source's frozen socket can no longer send new data on a loss probe.
+/// Still ignored, for another reason: about one run in ten the guest never reaches its
+/// gate *before* the migration ("before the migration: timed out", e.g. progress
+/// 2002605 of the 2202009 bytes up) — 512 KiB beyond the peer's hold do not always fit
+/// into the buffers on the way.
+#[test]
+#[ignore = "flaky before the migration: 512 KiB beyond the peer's hold do not always fit the buffers"]
+fn a_connection_with_the_peers_window_closed_moves_to_another_host() {
+    migrate(
+        "zerowin",
+        vec![Plan {
+            up: 4 << 20,
+            down: 4 << 20,
+            beyond_hold: 512 << 10,
+        }],
+        Target::OtherHost,
+    );
+}
