@@ -388,13 +388,19 @@ pub struct Cli {
     #[arg(long, help_heading = "Port forwarding")]
     pub freebind: bool,
 
-    /// UNIX socket a baton-repair helper connects to; 'none' disables it. Default:
-    /// the vhost-user socket path followed by .repair.
+    /// Most TCP connections, and separately most UDP flows, tracked at once (each
+    /// holds a host socket, so RLIMIT_NOFILE bounds them too). Default: 131072.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=(1 << 24)),
+          help_heading = "Port forwarding")]
+    pub max_flows: Option<u32>,
+
+    /// UNIX socket a baton-repair helper (ours or root's uid) connects to; 'none'
+    /// disables it. Default: the vhost-user socket path followed by .repair.
     #[arg(long, value_name = "PATH|none", help_heading = "Migration")]
     pub repair_path: Option<RepairPathArg>,
 
-    /// baton-repair binary to start when a migration begins. Default: wait for a
-    /// helper to connect to the repair socket.
+    /// baton-repair binary to start at start-up. Default: wait for a helper to
+    /// connect to the repair socket.
     #[arg(long, value_name = "PATH", help_heading = "Migration")]
     pub helper: Option<PathBuf>,
 
@@ -403,8 +409,9 @@ pub struct Cli {
     #[arg(long, help_heading = "Migration")]
     pub migrate_drop_tcp: bool,
 
-    /// Seconds a migration source keeps its frozen sockets after a completed
-    /// migration, so that late packets get no RST. Default: 30.
+    /// Seconds a migration source keeps its frozen sockets once QEMU left after a
+    /// completed migration, so that late packets get no RST; then they close
+    /// silently. Default: 30.
     #[arg(long, value_name = "SECS", help_heading = "Migration")]
     pub linger: Option<u64>,
 
@@ -412,8 +419,8 @@ pub struct Cli {
     #[arg(long, help_heading = "Migration")]
     pub migrate_no_linger: bool,
 
-    /// Deprecated passt option: exit after a completed migration as source, once the
-    /// linger time is over.
+    /// Deprecated passt option: exit after a completed migration as source, once
+    /// QEMU left and the linger time is over.
     #[arg(long, help_heading = "Migration")]
     pub migrate_exit: bool,
 }

@@ -259,6 +259,9 @@ pub struct NetConfig {
     pub udp_forwards: PortForwards,
     /// Listen on forwarding addresses not configured on the host (`IP_FREEBIND`).
     pub freebind: bool,
+    /// Bound of the TCP flow table and, separately, of the UDP flow table
+    /// (`--max-flows`).
+    pub max_flows: usize,
     /// DHCP option 12 (`-H`).
     pub hostname: Option<String>,
     /// DHCP option 81 / DHCPv6 option 39 (`--fqdn`).
@@ -283,6 +286,7 @@ impl Default for NetConfig {
             tcp_forwards: PortForwards::none(),
             udp_forwards: PortForwards::none(),
             freebind: false,
+            max_flows: crate::flow::DEFAULT_MAX_FLOWS,
             hostname: None,
             fqdn: None,
         }
@@ -671,6 +675,9 @@ impl NetConfig {
             tcp_forwards,
             udp_forwards,
             freebind: cli.freebind,
+            max_flows: cli
+                .max_flows
+                .map_or(crate::flow::DEFAULT_MAX_FLOWS, |n| n as usize),
             hostname: cli.hostname.clone(),
             fqdn: cli.fqdn.clone(),
         })
@@ -735,8 +742,8 @@ pub struct LogConfig {
 /// What happens around a migration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationPolicy {
-    /// `--helper`: baton-repair binary spawned when a migration starts; `None`: wait
-    /// for one to connect to the repair socket.
+    /// `--helper`: baton-repair binary spawned at start-up (the sandbox forbids it
+    /// later); `None`: wait for one to connect to the repair socket.
     pub helper: Option<PathBuf>,
     /// `--migrate-drop-tcp`: if TCP connections cannot be dumped, reset them and
     /// migrate the rest instead of failing the migration (the default).

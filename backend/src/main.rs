@@ -6,10 +6,12 @@ use std::sync::{Arc, Mutex};
 use baton::config::{NetConfig, RuntimeConfig};
 use baton::hostinfo::HostInfo;
 use baton::net::GuestNet;
+use baton::repair_link::RepairLink;
 use baton::runtime;
-use baton::vu::serve::{serve, Stopper};
+use baton::vu::serve::{serve_with, ServeOptions, Stopper};
 use baton::vu::NetworkEngine;
-use tracing::{error, info, warn};
+use baton_repair_ipc::RepairListener;
+use tracing::{error, info};
 
 fn main() -> ExitCode {
     let cli = baton::cli::parse_args();
@@ -41,6 +43,19 @@ fn run(cli: &baton::cli::Cli, rt: &RuntimeConfig) -> Result<(), Box<dyn std::err
     if let Some(path) = &path {
         info!("vhost-user socket: {}", path.display());
     }
+    // The repair socket exists before the sandbox (which allows no new files) and before
+    // the parent returns (daemon mode) or the pid file appears, so that a management
+    // layer that starts `baton-repair PATH` once baton is up finds it.
+    let repair_path = rt.repair_socket.path_for(path.as_deref());
+    let repair_listener = match &repair_path {
+        Some(repair_path) => {
+            let listener =
+                RepairListener::bind(repair_path).map_err(|e| format!("repair socket: {e}"))?;
+            info!("repair socket: {}", repair_path.display());
+            Some(listener)
+        }
+        None => None,
+    };
     if !rt.foreground {
         runtime::daemonize()?;
     }
@@ -49,34 +64,60 @@ fn run(cli: &baton::cli::Cli, rt: &RuntimeConfig) -> Result<(), Box<dyn std::err
     }
     let stopper = Stopper::new()?;
     runtime::handle_signals(stopper.clone())?;
-    warn_unimplemented_migration_options(rt);
+    runtime::raise_nofile(config.max_flows);
     let mut net = GuestNet::new(config)?;
     net.set_drop_unmigratable_tcp(rt.migration.drop_unmigratable_tcp);
-    if let Some(helper) = &rt.migration.helper {
-        // Started now: once sandboxed, baton can no longer fork or exec. The helper
-        // serves us until our end of its socketpair closes.
-        let (client, child) = baton_repair_ipc::RepairClient::spawn(helper, Vec::<String>::new())
-            .map_err(|e| format!("starting {}: {e}", helper.display()))?;
-        info!("{} started (pid {})", client.helper_software(), child.id());
-        net.set_repair_client(client);
-    }
-    let engine: Arc<Mutex<dyn NetworkEngine>> = Arc::new(Mutex::new(net));
+    let spawned = match &rt.migration.helper {
+        Some(helper) => {
+            // Started now: once sandboxed, baton can no longer fork or exec. The helper
+            // serves us until our end of its socketpair closes.
+            let (client, child) =
+                baton_repair_ipc::RepairClient::spawn(helper, Vec::<String>::new())
+                    .map_err(|e| format!("starting {}: {e}", helper.display()))?;
+            info!("{} started (pid {})", client.helper_software(), child.id());
+            Some(client)
+        }
+        None => None,
+    };
+    let link = RepairLink::start(repair_listener, spawned)?;
+    net.set_repair_link(link.clone());
+    let net = Arc::new(Mutex::new(net));
+    let engine: Arc<Mutex<dyn NetworkEngine>> = net.clone();
     // Hostname, boot id and namespace identity for the migration stream's Source record:
     // reading them opens files, which the sandbox forbids.
     baton::migrate::remember_host_identity();
     baton::sandbox::enter(rt, path.as_deref())?;
-    serve(&mut listener, engine, rt.one_off, &stopper)?;
+    let options = ServeOptions {
+        one_off: rt.one_off,
+        linger: rt.migration.linger,
+        exit_after_migration: rt.migration.exit_after_source_migration,
+        repair: link,
+    };
+    let served = serve_with(&mut listener, engine, &options, &stopper);
+    // Whatever ended serving: frozen sockets must not send FIN or RST when the process
+    // exit closes them (their connections may live on at a migration target).
+    let closed = net
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .close_frozen_silently();
+    if closed > 0 {
+        info!("{closed} frozen TCP connection(s) closed silently at exit");
+    }
+    if let Some(repair_path) = &repair_path {
+        match std::fs::remove_file(repair_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Started as root, baton now runs as nobody and may not remove the file it
+            // created; the next start replaces a stale socket file.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                tracing::debug!("repair socket {} left behind: {e}", repair_path.display())
+            }
+            Err(e) => tracing::warn!("removing the repair socket {}: {e}", repair_path.display()),
+        }
+    }
+    served?;
     info!("exiting");
     Ok(())
-}
-
-/// Options accepted for compatibility whose behaviour is not built yet: say so at start
-/// rather than ignore them silently.
-fn warn_unimplemented_migration_options(rt: &RuntimeConfig) {
-    let m = &rt.migration;
-    if m.exit_after_source_migration {
-        warn!("--migrate-exit: exiting after a completed migration is not implemented yet");
-    }
 }
 
 fn log_config(config: &NetConfig) {

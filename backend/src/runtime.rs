@@ -180,6 +180,42 @@ fn socket_int(fd: RawFd, level: i32, name: i32) -> std::io::Result<i32> {
     Ok(value)
 }
 
+/// Raise the soft `RLIMIT_NOFILE` to the hard limit, as passt does: every guest flow
+/// holds a host socket, and the common soft default (1,024) would cap the guest far
+/// below the flow tables. Returns the limit now in force. Must run before the sandbox
+/// (its seccomp filter does not allow `setrlimit`). A limit still below the flow
+/// tables is logged, so that refused connections later have an explanation.
+pub fn raise_nofile(max_flows: usize) -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!("reading RLIMIT_NOFILE: {e}");
+            return 0;
+        }
+    };
+    let limit = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!("raising RLIMIT_NOFILE from {soft} to {hard}: {e}");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    // TCP and UDP tables each hold up to `max_flows` sockets.
+    let wanted = (max_flows as u64).saturating_mul(2);
+    if limit < wanted {
+        tracing::info!(
+            "RLIMIT_NOFILE is {limit}: fewer than {wanted} flows (--max-flows {max_flows} \
+             TCP + UDP) fit; connections beyond it are refused and logged"
+        );
+    }
+    limit
+}
+
 /// Fork to the background like passt: the parent exits at once (the socket already
 /// exists), the child starts a new session and drops its terminal. Must run before any
 /// thread is started.

@@ -80,7 +80,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use etherparse::{EtherType, Ethernet2Slice, IpNumber, Ipv4Slice, Ipv6Slice, UdpSlice};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollTimeout};
@@ -369,9 +369,13 @@ pub struct GuestNet {
     /// `--migrate-drop-tcp`: a LOAD whose TCP connections cannot be taken over goes on
     /// without them (they are reset towards the guest) instead of failing.
     drop_unmigratable_tcp: bool,
-    /// `baton-repair`, when one was started for us (`--helper`): it freezes sockets on
-    /// SAVE where the kernel wants `CAP_NET_ADMIN` for it.
+    /// `baton-repair`, when one is connected: it freezes and dumps sockets on SAVE
+    /// and puts them in repair mode for a silent close at the end.
     repair: Option<baton_repair_ipc::RepairClient>,
+    /// Where helpers come from ([`crate::repair_link`]), and the attachment number of
+    /// the one in `repair` (`None`: set directly with [`GuestNet::set_repair_client`]).
+    repair_link: Option<Arc<crate::repair_link::RepairLink>>,
+    repair_attachment: Option<u64>,
     /// Host sockets of all protocol handlers; event data = [`icmp::EPOLL_OWNER_PING`]
     /// (and later other owners) in the top byte, a per-owner token below.
     epoll: Epoll,
@@ -394,18 +398,15 @@ impl GuestNet {
     pub fn new(config: Arc<NetConfig>) -> io::Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
         let now = Instant::now();
-        let tcp = crate::tcp::TcpFlows::new(
-            &config,
-            &epoll,
-            crate::tcp::TcpFlows::default_max_flows(),
-            now,
-        )?;
+        let tcp = crate::tcp::TcpFlows::new(&config, &epoll, config.max_flows, now)?;
         let udp = crate::udp::UdpFlows::new(&config, &epoll, now)?;
         Ok(Self {
             tcp,
             udp,
             drop_unmigratable_tcp: false,
             repair: None,
+            repair_link: None,
+            repair_attachment: None,
             dhcpv4: dhcp::DhcpServer::new(&config),
             dhcpv6: dhcpv6::Dhcpv6Server::new(&config),
             router_advert: ndp::RouterAdvertiser::new(&config),
@@ -429,9 +430,124 @@ impl GuestNet {
     /// Use `client` (a connected `baton-repair`) for the privileged steps of a migration.
     pub fn set_repair_client(&mut self, client: baton_repair_ipc::RepairClient) {
         self.repair = Some(client);
+        self.repair_attachment = None;
     }
 
-    /// The TCP table, its environment and the helper, for the migration code.
+    /// Take helpers from `link` (started or attached at `--repair-path`) from now on.
+    pub fn set_repair_link(&mut self, link: Arc<crate::repair_link::RepairLink>) {
+        self.repair_link = Some(link);
+    }
+
+    /// Whether a helper is ready for the next migration step.
+    pub fn has_repair_client(&self) -> bool {
+        self.repair.is_some()
+    }
+
+    /// Pick up a helper that attached, or drop one that went away; with none, wait up
+    /// to `wait` for one to attach (the link never takes our lock, so waiting here is
+    /// safe).
+    fn refresh_repair_client(&mut self, wait: Duration) {
+        use crate::repair_link::Update;
+        let Some(link) = &self.repair_link else {
+            return;
+        };
+        let held = match (&self.repair, self.repair_attachment) {
+            (Some(_), Some(number)) => Some(number),
+            // Set directly: the link knows nothing of it, keep it unless one attaches.
+            (Some(_), None) => {
+                if let Update::Attached(client, number) = link.update(None, Duration::ZERO) {
+                    self.repair = Some(client);
+                    self.repair_attachment = Some(number);
+                }
+                return;
+            }
+            (None, _) => None,
+        };
+        match link.update(held, wait) {
+            Update::Unchanged => {}
+            Update::Attached(client, number) => {
+                self.repair = Some(client);
+                self.repair_attachment = Some(number);
+            }
+            Update::Gone => {
+                self.repair = None;
+                self.repair_attachment = None;
+            }
+        }
+    }
+
+    /// SAVE of a migration is about to dump the TCP connections: make sure the helper is
+    /// the current one, waiting a little for a late one; say loudly if there is none.
+    fn prepare_repair_for_save(&mut self) {
+        let flows = self.tcp.len();
+        let wait = if flows > 0 {
+            crate::repair_link::SAVE_WAIT
+        } else {
+            Duration::ZERO
+        };
+        self.refresh_repair_client(wait);
+        if flows > 0 && self.repair.is_none() {
+            let path = self
+                .repair_link
+                .as_ref()
+                .and_then(|link| link.path())
+                .map_or_else(
+                    || "(no --repair-path)".to_string(),
+                    |p| p.display().to_string(),
+                );
+            tracing::error!(
+                "TCP connections will not survive this migration: no baton-repair helper is \
+                 attached at {path} (waited {wait:?}); {flows} connection(s) cannot be \
+                 dumped, and freezing them may need CAP_NET_ADMIN"
+            );
+        }
+    }
+
+    /// TCP connections frozen by a migration SAVE and still ours: those a same-host
+    /// target took over are let go first (the target holds the very same sockets, so
+    /// lingering on them would protect nothing).
+    pub fn frozen_tcp_flows(&mut self) -> usize {
+        if !self.tcp.is_frozen() {
+            return 0;
+        }
+        let env = crate::tcp::Env {
+            config: &self.config,
+            epoll: &self.epoll,
+            guest_mac: self.observed.mac,
+        };
+        self.tcp.collect_handover(&env);
+        self.tcp.len()
+    }
+
+    /// The end of a migration on the source (linger over, or exit): connections a
+    /// same-host target took are left to it; every other frozen socket is put in repair
+    /// mode through the helper and closed, so that the peer sees neither FIN nor RST
+    /// (the target, on another host, carries on with it). Without a helper they close
+    /// normally, with a warning. Returns how many were closed here.
+    pub fn close_frozen_silently(&mut self) -> usize {
+        if !self.tcp.is_frozen() {
+            return 0;
+        }
+        self.refresh_repair_client(Duration::ZERO);
+        let env = crate::tcp::Env {
+            config: &self.config,
+            epoll: &self.epoll,
+            guest_mac: self.observed.mac,
+        };
+        let repair = &mut self.repair;
+        let (taken, closed) = self
+            .tcp
+            .close_frozen(&env, |sockets| silence_sockets(repair.as_mut(), sockets));
+        tracing::info!(
+            "migration over: {taken} TCP connection(s) belong to the target, {closed} \
+             closed here"
+        );
+        closed
+    }
+
+    /// The TCP table, its environment and the helper (the current one: a helper that
+    /// attached since is picked up, one that went away is dropped), for the migration
+    /// code.
     pub(crate) fn tcp_and_repair(
         &mut self,
     ) -> (
@@ -439,6 +555,7 @@ impl GuestNet {
         crate::tcp::Env<'_>,
         Option<&mut baton_repair_ipc::RepairClient>,
     ) {
+        self.refresh_repair_client(Duration::ZERO);
         let env = crate::tcp::Env {
             config: &self.config,
             epoll: &self.epoll,
@@ -447,19 +564,22 @@ impl GuestNet {
         (&mut self.tcp, env, self.repair.as_mut())
     }
 
+    /// The UDP flows with what loading them needs (configuration, epoll set, the
+    /// guest's MAC), for the migration code.
+    pub(crate) fn udp_parts(
+        &mut self,
+    ) -> (
+        &mut crate::udp::UdpFlows,
+        &NetConfig,
+        &Epoll,
+        Option<MacAddr>,
+    ) {
+        (&mut self.udp, &self.config, &self.epoll, self.observed.mac)
+    }
+
     /// Whether a LOAD may go on without TCP connections it cannot take over.
     pub(crate) fn drop_unmigratable_tcp(&self) -> bool {
         self.drop_unmigratable_tcp
-    }
-
-    /// The TCP table with what its operations need, for the migration code.
-    pub(crate) fn tcp_parts(&mut self) -> (&mut crate::tcp::TcpFlows, crate::tcp::Env<'_>) {
-        let env = crate::tcp::Env {
-            config: &self.config,
-            epoll: &self.epoll,
-            guest_mac: self.observed.mac,
-        };
-        (&mut self.tcp, env)
     }
 
     /// The configuration these services answer with.
@@ -817,14 +937,65 @@ impl crate::vu::NetworkEngine for GuestNet {
         &mut self,
         mode: crate::migrate::SaveMode,
     ) -> Result<crate::migrate::EngineState, crate::migrate::EngineStateError> {
+        if mode == crate::migrate::SaveMode::Migration {
+            self.prepare_repair_for_save();
+        }
         self.save_engine_state(mode)
+    }
+
+    fn frozen_tcp_flows(&mut self) -> usize {
+        GuestNet::frozen_tcp_flows(self)
+    }
+
+    fn close_frozen_silently(&mut self) -> usize {
+        GuestNet::close_frozen_silently(self)
     }
 
     fn load_state(
         &mut self,
         state: crate::migrate::EngineState,
     ) -> Result<(), crate::migrate::EngineStateError> {
+        if state.tcp_flows.iter().any(|f| f.kernel.is_some()) {
+            // Restoring dumped connections needs the helper: pick up one that attached.
+            self.refresh_repair_client(Duration::ZERO);
+        }
         self.load_engine_state(state)
+    }
+}
+
+/// Put `sockets` in repair mode through `repair` so that closing them sends nothing.
+/// What cannot be silenced is logged: those sockets close normally (FIN, or RST with
+/// unread data), which the peer of a migrated connection may take as its end.
+fn silence_sockets(
+    repair: Option<&mut baton_repair_ipc::RepairClient>,
+    sockets: &[BorrowedFd<'_>],
+) {
+    if sockets.is_empty() {
+        return;
+    }
+    let Some(client) = repair else {
+        tracing::warn!(
+            "no baton-repair helper to close {} frozen TCP socket(s) silently: their peers \
+             see them closed",
+            sockets.len()
+        );
+        return;
+    };
+    match client.set_repair(sockets, baton_proto::repair::RepairMode::On) {
+        Ok(results) => {
+            let failed = results.iter().filter(|r| r.is_err()).count();
+            if let Some(Err(err)) = results.iter().find(|r| r.is_err()) {
+                tracing::warn!(
+                    "{failed} of {} frozen TCP socket(s) could not enter repair mode and \
+                     close normally (first: {err})",
+                    sockets.len()
+                );
+            }
+        }
+        Err(err) => tracing::warn!(
+            "baton-repair: repair mode for {} frozen TCP socket(s): {err}; they close normally",
+            sockets.len()
+        ),
     }
 }
 
@@ -1060,6 +1231,7 @@ pub(crate) mod testing {
             tcp_forwards: PortForwards::none(),
             udp_forwards: PortForwards::none(),
             freebind: false,
+            max_flows: crate::flow::DEFAULT_MAX_FLOWS,
             hostname: None,
             fqdn: None,
         }

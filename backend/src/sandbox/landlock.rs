@@ -8,9 +8,11 @@
 //! as descriptors, guest flows are sockets. One path-based need remains:
 //!
 //! * **The repair socket's directory** — `--repair-path`, by default the vhost-user
-//!   socket path plus `.repair`, unless `--repair-path none` or `--fd`. The migration
-//!   code binds that listener (`baton_repair_ipc::RepairListener`) when it needs it, after
-//!   start-up. Rights on that directory, and nothing else ([`repair_dir_access`]):
+//!   socket path plus `.repair`, unless `--repair-path none` or `--fd`. baton binds that
+//!   listener (`baton_repair_ipc::RepairListener`, see [`crate::repair_link`]) at
+//!   start-up, before the sandbox, so that a helper can attach before any migration; the
+//!   rule lets it remove the socket file at exit and keeps a later re-bind possible.
+//!   Rights on that directory, and nothing else ([`repair_dir_access`]):
 //!   `MakeSock` (bind), `RemoveFile` (remove a stale socket file first, and the socket
 //!   file when the listener goes away), `ResolveUnix` (ABI 9: the liveness probe connects
 //!   to an existing socket file before calling it stale). No reading, writing or creating

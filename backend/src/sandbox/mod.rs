@@ -14,7 +14,8 @@
 //! 3. `PR_SET_NO_NEW_PRIVS` (no privilege gained through exec) and `PR_SET_DUMPABLE` 0 (no
 //!    ptrace by same-uid processes, no core dump, /proc files owned by root).
 //! 4. [`landlock`]: a ruleset that handles every filesystem access right; the only rule is
-//!    for the repair socket's directory, which the migration code binds later.
+//!    for the repair socket's directory (bound before the sandbox; its file is removed
+//!    at exit).
 //! 5. [`threads::enter_others`]: steps 2–4 are per thread in the kernel; the threads of
 //!    step 1 run them on themselves from a signal handler.
 //! 6. [`seccomp`]: an allow-list of the system calls of the serve loop and the network

@@ -29,6 +29,7 @@ use vmm_sys_util::event::{
 use super::rx::RxQueueSink;
 use super::{tx, NetworkEngine, ENGINE_EVENT, MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
 use crate::migrate::{DeviceSide, DeviceStateTransfer};
+use crate::repair_link::RepairLink;
 
 /// Guest memory with QEMU's dirty log attached.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
@@ -55,6 +56,10 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
+/// How often one event retries the receive path at once when the guest posted buffers
+/// while it was full (beyond that, the guest's next kick or a socket event retries).
+const RX_STARVED_RETRIES: usize = 4;
+
 /// The device for one connection.
 pub struct NetBackend {
     engine: Arc<Mutex<dyn NetworkEngine>>,
@@ -65,10 +70,25 @@ pub struct NetBackend {
     logging: AtomicBool,
     /// The device-state transfer (`SET_DEVICE_STATE_FD` … `CHECK_DEVICE_STATE`).
     device_state: DeviceStateTransfer,
+    /// Where the repair helper comes from; asked when `LOG_ALL` arrives.
+    repair: Arc<RepairLink>,
+    /// The transfer started last is a migration SAVE (not a snapshot, not a LOAD).
+    saving_for_migration: AtomicBool,
+    /// A migration SAVE was checked successfully and the guest has not run here since:
+    /// this connection's VM has moved away (see [`NetBackend::migrated_away`]).
+    migrated: AtomicBool,
 }
 
 impl NetBackend {
     pub fn new(engine: Arc<Mutex<dyn NetworkEngine>>) -> Self {
+        Self::with_repair_link(engine, RepairLink::none())
+    }
+
+    /// A device whose migrations get their helper from `repair`.
+    pub fn with_repair_link(
+        engine: Arc<Mutex<dyn NetworkEngine>>,
+        repair: Arc<RepairLink>,
+    ) -> Self {
         NetBackend {
             engine,
             mem: RwLock::new(None),
@@ -76,7 +96,18 @@ impl NetBackend {
             acked_features: AtomicU64::new(0),
             logging: AtomicBool::new(false),
             device_state: DeviceStateTransfer::default(),
+            repair,
+            saving_for_migration: AtomicBool::new(false),
+            migrated: AtomicBool::new(false),
         }
+    }
+
+    /// Whether this connection's VM migrated away: a migration SAVE passed
+    /// `CHECK_DEVICE_STATE` and the rings have not been kicked since (a source VM that
+    /// resumes after a failed switch-over kicks them again). Decides the linger when
+    /// the frontend goes away ([`super::serve`]).
+    pub fn migrated_away(&self) -> bool {
+        self.migrated.load(Ordering::SeqCst)
     }
 
     /// Features the frontend acknowledged last.
@@ -120,7 +151,15 @@ impl NetBackend {
         let mrg_rxbuf = self.acked() & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         let mut sink = RxQueueSink::new(rx, &mem, mrg_rxbuf);
         self.with_engine(|engine| f(engine, &mut sink));
-        sink.finish();
+        // Buffers the guest posted while the queue was full, just before notifications
+        // were re-enabled, bring no kick: use them now (bounded, the guest may keep
+        // posting a few at a time).
+        let mut retries = 0;
+        while sink.finish() && retries < RX_STARVED_RETRIES {
+            retries += 1;
+            sink = RxQueueSink::new(rx, &mem, mrg_rxbuf);
+            self.with_engine(|engine| engine.handle_host_events(&mut sink));
+        }
     }
 }
 
@@ -146,6 +185,7 @@ impl VhostUserBackend for NetBackend {
         if self.logging.swap(log_all, Ordering::Relaxed) != log_all {
             if log_all {
                 info!("dirty logging on: a migration is starting");
+                self.repair.migration_starting();
             } else {
                 info!("dirty logging off");
             }
@@ -181,12 +221,23 @@ impl VhostUserBackend for NetBackend {
             acked_features: self.acked(),
             logging: self.logging(),
         };
-        self.device_state.start(direction, phase, file, device)?;
+        let migration_save =
+            matches!(direction, VhostTransferStateDirection::SAVE) && self.logging();
+        let started = self.device_state.start(direction, phase, file, device);
+        self.saving_for_migration
+            .store(migration_save && started.is_ok(), Ordering::SeqCst);
+        started?;
         Ok(None)
     }
 
     fn check_device_state(&self) -> io::Result<()> {
-        self.device_state.check()
+        let result = self.device_state.check();
+        let was_migration_save = self.saving_for_migration.swap(false, Ordering::SeqCst);
+        if result.is_ok() && was_migration_save {
+            info!("migration complete as source: the VM's state went to the target");
+            self.migrated.store(true, Ordering::SeqCst);
+        }
+        result
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -209,6 +260,13 @@ impl VhostUserBackend for NetBackend {
         if evset != EventSet::IN {
             debug!("event {device_event}: unexpected event set {evset:?}");
         }
+        if device_event as usize == TX_QUEUE || device_event as usize == RX_QUEUE {
+            // A kick: the guest runs here. After a completed migration this means QEMU
+            // resumed the source VM (the switch-over failed later on).
+            if self.migrated.swap(false, Ordering::SeqCst) {
+                info!("the VM runs here again after its migration completed");
+            }
+        }
         match device_event {
             e if e as usize == TX_QUEUE => {
                 let event_idx = self.event_idx.load(Ordering::Relaxed);
@@ -227,7 +285,10 @@ impl VhostUserBackend for NetBackend {
                     self.with_rx_sink(vrings, |engine, sink| {
                         tx::drain(tx_ring, &mem, |frame| engine.handle_frame(frame, sink));
                     });
-                    if !event_idx || !tx_ring.enable_notification().unwrap_or(false) {
+                    // A ring stopped by GET_VRING_BASE is not drained, so its pending
+                    // buffers would make this loop spin forever.
+                    let stopped = !virtio_queue::QueueT::ready(tx_ring.get_ref().get_queue());
+                    if !event_idx || stopped || !tx_ring.enable_notification().unwrap_or(false) {
                         break;
                     }
                 }

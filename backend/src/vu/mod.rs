@@ -57,6 +57,18 @@ pub trait NetworkEngine: Send {
         let _ = state;
         Err(EngineStateError::Unsupported)
     }
+
+    /// TCP connections frozen by a migration SAVE and still held here, not taken by a
+    /// target (the source's linger decides their end, see [`serve`]).
+    fn frozen_tcp_flows(&mut self) -> usize {
+        0
+    }
+
+    /// End of a migration on the source: close every frozen connection without a FIN
+    /// or RST (those a same-host target took are left to it). Returns how many.
+    fn close_frozen_silently(&mut self) -> usize {
+        0
+    }
 }
 
 /// Check a descriptor chain the guest offered before using it: it must end (a loop or a

@@ -33,6 +33,8 @@ pub struct RxQueueSink<'a> {
     used_any: bool,
     /// Frames dropped for lack of buffers during this sink's life.
     pub dropped: u64,
+    /// The guest's avail index when the last frame was dropped.
+    avail_at_drop: Option<u16>,
 }
 
 impl<'a> RxQueueSink<'a> {
@@ -43,26 +45,46 @@ impl<'a> RxQueueSink<'a> {
             mrg_rxbuf,
             used_any: false,
             dropped: 0,
+            avail_at_drop: None,
         }
     }
 
     /// Notify the guest if anything was delivered (respecting EVENT_IDX suppression).
-    pub fn finish(self) {
-        if self.dropped > 0 {
-            debug!(
-                "receive queue: {} frame(s) dropped for lack of buffers",
-                self.dropped
-            );
-        }
-        if !self.used_any {
-            return;
-        }
-        let needs = self.vring.needs_notification().unwrap_or(true);
-        if needs {
-            if let Err(e) = self.vring.signal_used_queue() {
-                debug!("receive queue: notifying the guest failed: {e}");
+    ///
+    /// If a frame was dropped for lack of buffers, ask the guest to kick the receive
+    /// queue as soon as it posts more. baton never does so otherwise: with EVENT_IDX
+    /// the guest kicks only when its avail index passes the `avail_event` the device
+    /// published, and a device that never publishes one gets (almost) no RX kicks — the
+    /// engine would only retry on its next socket event or timer, which is what made
+    /// transfers stall for a retransmission timeout. Returns `true` when buffers
+    /// arrived while notifications were being re-enabled: the caller retries at once,
+    /// since that guest will not kick for them.
+    pub fn finish(self) -> bool {
+        if self.used_any {
+            let needs = self.vring.needs_notification().unwrap_or(true);
+            if needs {
+                if let Err(e) = self.vring.signal_used_queue() {
+                    debug!("receive queue: notifying the guest failed: {e}");
+                }
             }
         }
+        if self.dropped == 0 {
+            return false;
+        }
+        debug!(
+            "receive queue: {} frame(s) dropped for lack of buffers",
+            self.dropped
+        );
+        let before = self.avail_at_drop;
+        if let Err(e) = self.vring.enable_notification() {
+            debug!("receive queue: enabling notifications failed: {e}");
+            return false;
+        }
+        // `enable_notification`'s own answer compares with the next-avail index, which
+        // the dropped frame rewound; what matters is whether the guest added buffers
+        // since the drop.
+        let now = avail_idx(self.vring, self.mem);
+        matches!((before, now), (Some(b), Some(n)) if b != n)
     }
 }
 
@@ -73,9 +95,21 @@ impl FrameSink for RxQueueSink<'_> {
             self.used_any = true;
         } else {
             self.dropped += 1;
+            self.avail_at_drop = avail_idx(self.vring, self.mem);
         }
         delivered
     }
+}
+
+/// The guest's current avail index of `vring`, if the ring is set up.
+fn avail_idx(vring: &Vring, mem: &GuestMem) -> Option<u16> {
+    let mem = mem.memory();
+    let state = vring.get_ref();
+    state
+        .get_queue()
+        .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+        .ok()
+        .map(|idx| idx.0)
 }
 
 fn write_frame(vring: &Vring, mem: &GuestMem, mrg_rxbuf: bool, frame: &[u8]) -> bool {
