@@ -9,6 +9,8 @@
 # Usage: build-guest.sh OUTDIR
 # Env:   BATON_KVER           kernel version (default: installed cloud-amd64 kernel)
 #        BATON_EXTRA_MODULES  extra kernel modules to include and load, space separated
+#        BATON_GUEST_BINS     extra host programs to include with their shared libraries,
+#                             space separated names or paths (e.g. "iperf3" for perf.sh)
 #        SOURCE_DATE_EPOCH    timestamp for the archive entries (default 0)
 set -euo pipefail
 
@@ -142,6 +144,28 @@ for f in modules.builtin modules.order; do
     [[ ! -r "$moddir/$f" ]] || install -m 0644 "$moddir/$f" "$root/lib/modules/$kver/$f"
 done
 
+# Extra programs: each binary at its host path plus every shared library ldd lists
+# for it (and the dynamic loader), at their host paths, so the guest's loader finds
+# them without configuration.
+# shellcheck disable=SC2206
+GUEST_BINS=(${BATON_GUEST_BINS:-})
+copy_host_file() { # copy_host_file PATH: the file (symlinks resolved) at the same path
+    local src="$1" dst="$root$1"
+    [[ -r "$src" ]] || die "$src missing"
+    mkdir -p "$(dirname "$dst")"
+    [[ -e "$dst" ]] || install -m 0755 "$(readlink -f "$src")" "$dst"
+}
+for bin in "${GUEST_BINS[@]}"; do
+    path="$(command -v "$bin")" || die "guest program $bin not found on the host"
+    [[ "$path" == /* ]] || die "guest program $bin is not a file ($path)"
+    copy_host_file "$path"
+    ldd_out="$(ldd "$path" 2>&1)" || die "ldd $path: $ldd_out"
+    # Lines: "libx.so => /path (addr)", "/lib64/ld-linux-x86-64.so.2 (addr)", vdso.
+    while IFS= read -r lib; do
+        copy_host_file "$lib"
+    done < <(printf '%s\n' "$ldd_out" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+done
+
 # --- archive -----------------------------------------------------------------
 find "$root" -exec touch -h -d "@$epoch" {} +
 (
@@ -156,6 +180,10 @@ chmod 0644 "$work/vmlinuz" "$work/initrd.gz"
     echo "kernel_version: $kver"
     echo "kernel_package: $(dpkg-query -W -f='${Package} ${Version}' "linux-image-$kver" 2>/dev/null || echo unknown)"
     echo "busybox_package: $(dpkg-query -W -f='${Package} ${Version}' busybox-static 2>/dev/null || echo unknown)"
+    for bin in "${GUEST_BINS[@]}"; do
+        pkg="$(dpkg-query -S "$(command -v "$bin")" 2>/dev/null | sed -n '1s/:.*//p')"
+        echo "guest_program: $bin ${pkg:+$(dpkg-query -W -f='${Package} ${Version}' "$pkg" 2>/dev/null)}"
+    done
     echo "modules_load_order:"
     sed 's/^/  /' "$root/etc/baton/modules"
     echo "sha256:"

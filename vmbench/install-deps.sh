@@ -28,6 +28,7 @@ STABLE_PKGS=(
     zstd
     socat
     iperf3
+    passt
     procps
     coreutils
     shellcheck
@@ -154,5 +155,11 @@ done
 if [[ "$(/bin/busybox --list | awk '$0 == "udhcpc" { n++ } END { print n + 0 }')" -eq 0 ]]; then
     die "/bin/busybox has no udhcpc applet"
 fi
+
+# perf.sh compares baton with passt (no vhost-user in bookworm's build: QEMU's
+# -netdev stream talks to it) and runs iperf3 on both sides.
+for tool in passt iperf3; do
+    command -v "$tool" >/dev/null || die "$tool missing after install"
+done
 
 log "ok: $qemu_version; guest kernel $kver; $(/bin/busybox 2>&1 | sed -n 1p)"

@@ -55,16 +55,52 @@ impl Baton {
     /// Start baton in the calling thread's namespace with exactly `args` (besides
     /// `-f --stderr --socket`); wait until its socket exists.
     pub fn spawn(name: &str, args: &[&str]) -> Self {
+        Self::spawn_limited(name, args, None)
+    }
+
+    /// As [`Baton::start`], with baton's `RLIMIT_NOFILE` (soft and hard: baton raises
+    /// its soft limit to the hard one) set to `nofile` in the child only.
+    pub fn start_with_nofile(name: &str, extra: &[&str], nofile: u64) -> Self {
+        baton_testkit::netns::enter_private_netns()
+            .expect("private network namespace (run as root)");
+        let args: Vec<&str> = DUAL_STACK
+            .iter()
+            .copied()
+            .chain(["-d"])
+            .chain(extra.iter().copied())
+            .collect();
+        Self::spawn_limited(name, &args, Some(nofile))
+    }
+
+    fn spawn_limited(name: &str, args: &[&str], nofile: Option<u64>) -> Self {
+        use std::os::unix::process::CommandExt;
         let dir = std::env::temp_dir().join(format!("baton-it-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_baton"));
+        command
             .args(["-f", "--stderr", "--socket"])
             .arg(dir.join("vu.sock"))
             .args(args)
-            .stderr(std::fs::File::create(dir.join("baton.log")).expect("log"))
-            .spawn()
-            .expect("start baton");
+            .stderr(std::fs::File::create(dir.join("baton.log")).expect("log"));
+        if let Some(limit) = nofile {
+            let lim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: between fork and exec only setrlimit runs (async-signal-safe),
+            // on a struct copied into the closure.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = command.spawn().expect("start baton");
         let b = Baton { child, dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !b.socket().exists() {

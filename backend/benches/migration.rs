@@ -1,0 +1,340 @@
+//! Device-state SAVE and LOAD time of a same-host live migration with many TCP
+//! connections: two real `baton` processes with `--helper` in a private network
+//! namespace, the vhost-user test frontend and smoltcp as the guest (as in
+//! `tests/migrate_faults.rs`). For each connection count N:
+//!
+//! 1. the guest opens N connections to a host peer on the loopback (through the
+//!    gateway address); the peer writes `BATON_BENCH_INFLIGHT` bytes (default 4 KiB) into
+//!    each, and the guest stops reading — so every socket holds that much data that the
+//!    guest has not acknowledged (it is in the socket's receive queue, and in the dump);
+//! 2. SAVE on the source (after `GET_VRING_BASE` on both rings): time from
+//!    `SET_DEVICE_STATE_FD` to a successful `CHECK_DEVICE_STATE`, the stream read to EOF
+//!    in between (freeze + dump through `baton-repair`, offer, stream);
+//! 3. LOAD on the target, before its rings exist, as QEMU does: time from
+//!    `SET_DEVICE_STATE_FD` to `CHECK_DEVICE_STATE` (validation + taking the live sockets
+//!    over from the source through its handover socket).
+//!
+//! Printed as a table, with the backends' own breakdown lines (dump time, queued
+//! bytes). Run as root: `cargo bench -p baton --bench migration`.
+//! Env: `BATON_BENCH_CONNS` (default `1,100,1000,10000`), `BATON_BENCH_INFLIGHT`
+//! (bytes per connection, default 4096), `BATON_BENCH_LOG=DIR` keeps both backends'
+//! logs there.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use baton_proto::migration::decode_stream;
+use baton_vu_harness::smol::GuestNic;
+use baton_vu_harness::{FrontendOptions, NetFrontend};
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{Baton, V4_ONLY};
+
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const GW_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const GUEST_MTU: usize = 9014;
+const TIMEOUT: Duration = Duration::from_secs(120);
+/// Guest-side ports: connection `i` uses `FIRST_PORT + i`.
+const FIRST_PORT: u16 = 10000;
+/// Connections opened at a time.
+const WAVE: usize = 250;
+/// How long the backends get to move the peer's data towards the (silent) guest.
+const SETTLE: Duration = Duration::from_millis(500);
+
+struct Guest {
+    nic: GuestNic,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+}
+
+impl Guest {
+    fn new(dev: NetFrontend) -> Self {
+        let mut nic = GuestNic::new(dev, GUEST_MTU);
+        let mut iface = Interface::new(
+            Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
+            &mut nic,
+            smoltcp::time::Instant::now(),
+        );
+        iface.update_ip_addrs(|a| {
+            a.push(IpCidr::new(IpAddress::Ipv4(GUEST_V4), 24))
+                .expect("v4");
+        });
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(GW_V4)
+            .expect("v4 route");
+        Guest {
+            nic,
+            iface,
+            sockets: SocketSet::new(vec![]),
+        }
+    }
+
+    fn poll(&mut self) {
+        self.iface.poll(
+            smoltcp::time::Instant::now(),
+            &mut self.nic,
+            &mut self.sockets,
+        );
+    }
+
+    fn wait(&mut self) {
+        let delay = self
+            .iface
+            .poll_delay(smoltcp::time::Instant::now(), &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+            .unwrap_or(Duration::from_millis(5))
+            .min(Duration::from_millis(5));
+        self.nic.wait(delay);
+    }
+}
+
+fn helper_binary() -> String {
+    let path = std::path::PathBuf::from(env!("CARGO_BIN_EXE_baton")).with_file_name("baton-repair");
+    assert!(
+        path.exists(),
+        "{} missing: cargo build --release -p baton-repair",
+        path.display()
+    );
+    path.display().to_string()
+}
+
+/// Accept `n` connections; keep them open.
+fn accept_all(listener: TcpListener, n: usize) -> JoinHandle<Vec<TcpStream>> {
+    std::thread::spawn(move || {
+        (0..n)
+            .map(|_| listener.accept().expect("accept").0)
+            .collect()
+    })
+}
+
+/// One row of the table.
+struct Row {
+    conns: usize,
+    save: Duration,
+    load: Duration,
+    stream_bytes: usize,
+    queued: usize,
+    source_lines: Vec<String>,
+    target_lines: Vec<String>,
+}
+
+/// One migration of `conns` connections; `Err` with the source's reason if SAVE fails
+/// (the table says so instead of stopping the run).
+fn measure(conns: usize, inflight: usize, keep_logs: Option<&str>) -> Result<Row, String> {
+    baton_testkit::netns::enter_private_netns().expect("private network namespace (run as root)");
+    let helper = helper_binary();
+    let args: Vec<&str> = V4_ONLY
+        .iter()
+        .copied()
+        .chain(["--helper", helper.as_str()])
+        .collect();
+    let a = Baton::spawn(&format!("bench-migration-{conns}-a"), &args);
+    let b = Baton::spawn(&format!("bench-migration-{conns}-b"), &args);
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = accept_all(listener, conns);
+
+    let mut dev = a.connect();
+    dev.start_dirty_log().expect("LOG_ALL");
+    let mut guest = Guest::new(dev);
+    // Open the connections in waves: thousands of SYNs at once overflow the guest's
+    // receive ring and the peer's accept queue, and the retries take minutes.
+    let mut handles: Vec<SocketHandle> = Vec::with_capacity(conns);
+    let deadline = Instant::now() + TIMEOUT;
+    while handles.len() < conns {
+        let wave = (conns - handles.len()).min(WAVE);
+        for _ in 0..wave {
+            let i = handles.len();
+            let socket = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; inflight.max(1024) * 2]),
+                tcp::SocketBuffer::new(vec![0; 1024]),
+            );
+            let handle = guest.sockets.add(socket);
+            let cx = guest.iface.context();
+            guest
+                .sockets
+                .get_mut::<tcp::Socket>(handle)
+                .connect(cx, (IpAddress::Ipv4(GW_V4), port), FIRST_PORT + i as u16)
+                .expect("connect");
+            handles.push(handle);
+        }
+        loop {
+            guest.poll();
+            let established = handles
+                .iter()
+                .filter(|h| {
+                    guest.sockets.get::<tcp::Socket>(**h).state() == tcp::State::Established
+                })
+                .count();
+            if established == handles.len() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{established} of {} connections established; log:\n{}",
+                handles.len(),
+                a.log()
+            );
+            guest.wait();
+        }
+    }
+    let mut peers = accepted.join().expect("accept thread");
+    assert_eq!(peers.len(), conns);
+
+    // The peer writes; the guest stays silent, so nothing is acknowledged.
+    let data = vec![0x5au8; inflight];
+    for peer in &mut peers {
+        peer.write_all(&data).expect("peer write");
+    }
+    std::thread::sleep(SETTLE);
+
+    let dev = &mut guest.nic.dev;
+    dev.stop_rings().expect("GET_VRING_BASE");
+    let started = Instant::now();
+    let stream = match dev.save_state() {
+        Ok(stream) => stream,
+        Err(e) => {
+            let log = a.log();
+            let reason = log
+                .lines()
+                .find(|l| l.contains("device state SAVE failed"))
+                .map_or_else(|| e.to_string(), |l| l.to_string());
+            let first_warning = log
+                .lines()
+                .find(|l| l.contains("WARN"))
+                .unwrap_or_default()
+                .to_string();
+            return Err(format!(
+                "{reason}\n          first warning: {first_warning}"
+            ));
+        }
+    };
+    let save = started.elapsed();
+    let state = decode_stream(&stream).expect("valid stream");
+    assert_eq!(state.tcp_flows.len(), conns, "log:\n{}", a.log());
+    let queued: usize = state
+        .tcp_flows
+        .iter()
+        .filter_map(|f| f.kernel.as_ref())
+        .map(|k| k.recv_queue.len() + k.send_queue.len())
+        .sum();
+
+    let mut load = None;
+    let target = NetFrontend::connect_with(&b.socket(), FrontendOptions::default(), |dev| {
+        let started = Instant::now();
+        dev.load_state(&stream)?;
+        load = Some(started.elapsed());
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("LOAD: {e}; log:\n{}", b.log()));
+    let load = load.expect("the hook ran");
+    let taken = format!("{conns} TCP connection(s) taken over from the source");
+    assert!(b.log().contains(&taken), "{}", b.log());
+
+    let pick = |log: String, words: &[&str]| -> Vec<String> {
+        log.lines()
+            .filter(|l| words.iter().any(|w| l.contains(w)))
+            .map(|l| {
+                l.split_once("Z ")
+                    .map_or(l, |(_, rest)| rest)
+                    .trim()
+                    .to_string()
+            })
+            .collect()
+    };
+    let source_lines = pick(a.log(), &["dumped through", "frozen ("]);
+    let target_lines = pick(b.log(), &["taken over", "handover"]);
+    if let Some(dir) = keep_logs {
+        let _ = std::fs::write(format!("{dir}/migration-{conns}-source.log"), a.log());
+        let _ = std::fs::write(format!("{dir}/migration-{conns}-target.log"), b.log());
+    }
+    drop(target);
+    drop(guest);
+    drop(peers);
+    drop(a);
+    drop(b);
+    Ok(Row {
+        conns,
+        save,
+        load,
+        stream_bytes: stream.len(),
+        queued,
+        source_lines,
+        target_lines,
+    })
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing to parse.
+    let counts: Vec<usize> = std::env::var("BATON_BENCH_CONNS")
+        .unwrap_or_else(|_| "1,100,1000,10000".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("BATON_BENCH_CONNS: numbers"))
+        .collect();
+    let inflight: usize = std::env::var("BATON_BENCH_INFLIGHT")
+        .ok()
+        .map(|s| s.parse().expect("BATON_BENCH_INFLIGHT: a number"))
+        .unwrap_or(4096);
+    let keep_logs = std::env::var("BATON_BENCH_LOG").ok();
+    let largest = counts.iter().copied().max().unwrap_or(0) as u64;
+    // The source holds every socket twice while it offers them (its flow's and the
+    // offer's duplicate), the target once, and this process the peer ends.
+    let nofile = baton_testkit::netns::raise_nofile(4 * largest + 1024).expect("RLIMIT_NOFILE");
+    if nofile < 2 * largest + 256 {
+        eprintln!(
+            "warning: RLIMIT_NOFILE is {nofile} (hard limit; raising it needs \
+             CAP_SYS_RESOURCE): the source needs about {} descriptors for {largest} \
+             connections, SAVE may fail",
+            2 * largest + 256
+        );
+    }
+
+    let rows: Vec<(usize, Result<Row, String>)> = counts
+        .iter()
+        .map(|&n| (n, measure(n, inflight, keep_logs.as_deref())))
+        .collect();
+
+    println!();
+    println!("same-host migration, {inflight} bytes unacknowledged per connection");
+    println!(
+        "{:>7} {:>10} {:>10} {:>10} {:>12} {:>12} {:>13}",
+        "conns", "SAVE ms", "LOAD ms", "total ms", "µs/conn", "stream B", "queued B"
+    );
+    for (n, row) in &rows {
+        match row {
+            Ok(r) => {
+                let total = r.save + r.load;
+                println!(
+                    "{:>7} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>12} {:>13}",
+                    r.conns,
+                    r.save.as_secs_f64() * 1e3,
+                    r.load.as_secs_f64() * 1e3,
+                    total.as_secs_f64() * 1e3,
+                    total.as_secs_f64() * 1e6 / r.conns as f64,
+                    r.stream_bytes,
+                    r.queued
+                );
+            }
+            Err(why) => println!("{n:>7}   SAVE failed: {why}"),
+        }
+    }
+    println!();
+    for r in rows.iter().filter_map(|(_, r)| r.as_ref().ok()) {
+        for line in &r.source_lines {
+            println!("{:>7} source: {line}", r.conns);
+        }
+        for line in &r.target_lines {
+            println!("{:>7} target: {line}", r.conns);
+        }
+    }
+}
