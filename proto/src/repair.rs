@@ -140,8 +140,10 @@ pub type SocketResult<T> = Result<T, SocketError>;
 /// What a restore did beyond rebuilding the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoreReport {
-    /// Bytes of the send queue written after repair mode was left. The caller still owns
-    /// `send_queue[send_queue_written..]` and writes it when the socket is writable.
+    /// Bytes of the send queue now in the restored socket: the sent-unacknowledged part
+    /// (written in repair mode, marked sent) plus the unsent part written after repair
+    /// mode was left. The caller still owns `send_queue[send_queue_written..]` and
+    /// writes it when the socket is writable.
     pub send_queue_written: u64,
     /// Our FIN (for a state with `fin_sent()`) still has to be sent with
     /// `shutdown(SHUT_WR)` once the rest of the send queue is written.

@@ -5,19 +5,32 @@
 //!    (SK_FORCE_REUSE), and the latter shifts every peek.
 //! 2. Attach the drop-all filter, *then* enter repair mode. From here on no incoming
 //!    segment is processed, so nothing we read can change under us and the kernel
-//!    acknowledges nothing more (repair mode alone would keep ACKing, E5).
-//! 3. `TCP_INFO` gives the state and the negotiated options; the ioctls give the queue
-//!    lengths; `TCP_MAXSEG` in repair mode gives the MSS clamp; `TCP_TIMESTAMP` the TS
-//!    clock with its µs flag; `TCP_REPAIR_WINDOW` the window.
+//!    acknowledges nothing more (repair mode alone would keep ACKing, E5). Select the
+//!    send queue at once (step 7: it keeps the socket's timers from transmitting new
+//!    data).
+//! 3. `TCP_INFO` gives the state and the negotiated options; `SIOCINQ` the receive
+//!    queue length; `TCP_MAXSEG` in repair mode gives the MSS clamp; `TCP_TIMESTAMP` the
+//!    TS clock with its µs flag; `TCP_REPAIR_WINDOW` the window.
 //! 4. Receive queue: select it, read `rcv_nxt` with `TCP_QUEUE_SEQ`, peek `SIOCINQ` bytes.
 //!    `SIOCINQ` does not count a received FIN (E7), so nothing is subtracted for it.
-//! 5. Send queue: select it, read `write_seq`, peek. The peek returns the whole queue
+//! 5. Send queue: select it again, *then* read its lengths (`SIOCOUTQ`, `SIOCOUTQNSD`:
+//!    anything a timer transmitted while the receive queue was selected is counted),
+//!    `write_seq`, and peek. The peek returns the whole queue
 //!    length even when the buffer is smaller (E18) and may start with bytes the peer has
 //!    already acknowledged (a partially acked head skb is not trimmed, E21), so grow the
 //!    buffer if needed and drop the surplus at the *front*.
 //! 6. Urgent data cannot be restored (no API sets urg_seq/urg_data): refuse the flow.
-//! 7. Select no queue again (a stale selection lets an unprivileged holder read or set
-//!    sequence numbers, E16) and put `SO_PEEK_OFF` back.
+//! 7. Leave the *send* queue selected and put `SO_PEEK_OFF` back. A frozen socket still
+//!    runs its timers, and its tail-loss probe sends *new* data when the window allows
+//!    (kernel-facts suite `kernel_facts_inflight`): the peer would then hold bytes beyond
+//!    the dumped SND.NXT, and a socket restored from the dump would have every answer of
+//!    the peer discarded as an ACK of unsent data — a stall for good. With the send
+//!    queue selected, `tcp_write_xmit` only marks such data sent, nothing leaves. (If
+//!    the socket is thawed instead, bytes marked that way are recovered like any lost
+//!    segment.) The selection grants nothing while the socket is in repair mode (any
+//!    holder may select a queue then), and every way out of repair mode — thaw,
+//!    set-repair, rollback — selects no queue first (a stale selection after repair off
+//!    lets an unprivileged holder read or set sequence numbers, E16).
 //!
 //! The socket stays frozen (filter attached, repair on) after a successful dump. On any
 //! error it is rolled back to live, so a failed dump never leaves a deaf socket behind.
@@ -106,11 +119,11 @@ fn dump_frozen(fd: BorrowedFd<'_>, peek_off: i32) -> Result<TcpConnState> {
             ))
         }
     };
+    // First of all: nothing new may leave from here on (step 7).
+    select_queue(fd, sys::TCP_SEND_QUEUE, "dump: TCP_REPAIR_QUEUE(send)")?;
     refuse_urgent_data(fd)?;
 
     let inq = sys::ioctl_int(fd, sys::SIOCINQ, "dump: SIOCINQ")? as usize;
-    let outq = sys::ioctl_int(fd, sys::SIOCOUTQ, "dump: SIOCOUTQ")? as u32;
-    let nsd = sys::ioctl_int(fd, sys::SIOCOUTQNSD, "dump: SIOCOUTQNSD")? as u32;
     let mss_clamp =
         sys::get_int(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "dump: TCP_MAXSEG")? as u32;
     let timestamp = sys::get::<u32>(
@@ -158,14 +171,9 @@ fn dump_frozen(fd: BorrowedFd<'_>, peek_off: i32) -> Result<TcpConnState> {
             "dump: SO_PEEK_OFF",
         )?;
     }
-    let queues = read_queues(fd, state, inq, outq, nsd);
-    let _ = sys::set_int(
-        fd,
-        libc::IPPROTO_TCP,
-        sys::TCP_REPAIR_QUEUE,
-        sys::TCP_NO_QUEUE,
-        "dump",
-    );
+    let queues = read_queues(fd, state, inq);
+    // Parked on the send queue while frozen: see step 7 of the module comment.
+    let parked = select_queue(fd, sys::TCP_SEND_QUEUE, "dump: TCP_REPAIR_QUEUE(send)");
     if peek_off >= 0 {
         sys::set_int(
             fd,
@@ -176,6 +184,7 @@ fn dump_frozen(fd: BorrowedFd<'_>, peek_off: i32) -> Result<TcpConnState> {
         )?;
     }
     let queues = queues?;
+    parked?;
 
     let family = match sys::get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, "dump: SO_DOMAIN")? {
         libc::AF_INET => SocketFamily::Inet,
@@ -202,7 +211,7 @@ fn dump_frozen(fd: BorrowedFd<'_>, peek_off: i32) -> Result<TcpConnState> {
         local: Endpoint::from_socket_addr(local),
         peer: Endpoint::from_socket_addr(peer),
         state,
-        snd_una: queues.write_seq.wrapping_sub(outq),
+        snd_una: queues.write_seq.wrapping_sub(queues.outq),
         write_seq: queues.write_seq,
         rcv_nxt: queues.rcv_nxt,
         send_queue: queues.send,
@@ -250,6 +259,8 @@ fn refuse_urgent_data(fd: BorrowedFd<'_>) -> Result<()> {
 
 struct Queues {
     rcv_nxt: u32,
+    /// SIOCOUTQ: write_seq − snd_una, our FIN included.
+    outq: u32,
     write_seq: u32,
     recv: Vec<u8>,
     send: Vec<u8>,
@@ -260,13 +271,7 @@ fn select_queue(fd: BorrowedFd<'_>, queue: i32, step: &'static str) -> Result<()
     sys::set_int(fd, libc::IPPROTO_TCP, sys::TCP_REPAIR_QUEUE, queue, step)
 }
 
-fn read_queues(
-    fd: BorrowedFd<'_>,
-    state: TcpState,
-    inq: usize,
-    outq: u32,
-    nsd: u32,
-) -> Result<Queues> {
+fn read_queues(fd: BorrowedFd<'_>, state: TcpState, inq: usize) -> Result<Queues> {
     let peek_flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
 
     select_queue(fd, sys::TCP_RECV_QUEUE, "dump: TCP_REPAIR_QUEUE(recv)")?;
@@ -291,13 +296,17 @@ fn read_queues(
     }
     recv.truncate(got);
 
+    // Back to the send queue before its lengths are read: while the receive queue was
+    // selected a timer may have transmitted new data (step 7), which is then counted.
+    select_queue(fd, sys::TCP_SEND_QUEUE, "dump: TCP_REPAIR_QUEUE(send)")?;
+    let outq = sys::ioctl_int(fd, sys::SIOCOUTQ, "dump: SIOCOUTQ")? as u32;
+    let nsd = sys::ioctl_int(fd, sys::SIOCOUTQNSD, "dump: SIOCOUTQNSD")? as u32;
     // Our FIN takes one sequence number; SIOCOUTQ and SIOCOUTQNSD count it while it is
     // unacknowledged / unsent. Data bytes are what remains.
     let fin_in = |n: u32| u32::from(state.fin_sent() && n > 0);
     let send_len = (outq - fin_in(outq)) as usize;
     let send_unsent = nsd - fin_in(nsd);
 
-    select_queue(fd, sys::TCP_SEND_QUEUE, "dump: TCP_REPAIR_QUEUE(send)")?;
     let write_seq = sys::get::<u32>(
         fd,
         libc::IPPROTO_TCP,
@@ -335,6 +344,7 @@ fn read_queues(
     send.drain(..acked_head);
     Ok(Queues {
         rcv_nxt,
+        outq,
         write_seq,
         recv,
         send,

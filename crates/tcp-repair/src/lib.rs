@@ -49,8 +49,9 @@ pub fn netns_cookie(fd: BorrowedFd<'_>) -> Result<u64> {
 
 /// Freeze the connection and read its complete state. Freezing = attach a drop-all
 /// classic BPF filter (the kernel stops processing, hence acknowledging, incoming
-/// segments) and then enter repair mode. On success the socket stays frozen; on error
-/// it is rolled back to live (filter detached, repair off).
+/// segments) and then enter repair mode, with the send queue selected (so that its
+/// timers cannot transmit new data beyond the dumped state). On success the socket
+/// stays frozen; on error it is rolled back to live (filter detached, repair off).
 pub fn dump(fd: BorrowedFd<'_>) -> Result<TcpConnState> {
     dump::dump(fd)
 }
@@ -62,8 +63,10 @@ pub fn thaw(fd: BorrowedFd<'_>) -> Result<()> {
 }
 
 /// Rebuild `state` in the fresh socket `fd` (same family as the state). On return the
-/// socket is out of repair mode and live; the send queue was written after repair off as
-/// far as it would go without blocking (see [`RestoreReport`]).
+/// socket is out of repair mode and live. The sent-but-unacked part of the send queue is
+/// in the socket, marked sent (all of it, or the restore fails); the unsent tail was
+/// written after repair off as far as it would go without blocking: the report's
+/// `send_queue_written` counts both, and the caller still owns the rest.
 pub fn restore(fd: BorrowedFd<'_>, state: &TcpConnState) -> Result<RestoreReport> {
     restore::restore(fd, state)
 }

@@ -1,9 +1,10 @@
 //! Restore: rebuild a dumped connection in a fresh socket.
 //!
-//! Theory of operation (reference `tcp-repair.md` §1.1 and §2.4, with the E25 change):
+//! Theory of operation (reference `tcp-repair.md` §1.1 and §2.4):
 //!
 //! ```text
-//!  pre-bind   IPV6_V6ONLY, SO_MARK (route lookup), SO_*BUFFORCE (queue room),
+//!  pre-bind   IPV6_V6ONLY, IP_TRANSPARENT if the owner set FREEBIND (a source address
+//!             that arrives later), SO_MARK (route lookup), SO_*BUFFORCE (queue room),
 //!             TCP_MAXSEG = clamp (else mss_cache stays 524 after restore, E14)
 //!  repair on  before bind: SK_FORCE_REUSE lets us bind next to a listener
 //!  bind       local address
@@ -12,16 +13,54 @@
 //!  options    TCP_REPAIR_OPTIONS at once (refused once anything was sent), TCP_TIMESTAMP
 //!             after connect (connect re-derives the µs flag from the route, E12)
 //!  recv queue written with the receive queue selected, in chunks
+//!  sent part  the sent-but-unacked bytes, written with the send queue selected: queued
+//!             and marked sent, not transmitted, so SND.NXT is exactly the source's
+//!  our FIN    if the source had transmitted it: shutdown(SHUT_WR), send queue selected,
+//!             which marks it sent as well (the state becomes FIN_WAIT1)
 //!  window     TCP_REPAIR_WINDOW, only after the receive queue (rcv_wup <= rcv_nxt check)
-//!  repair off NO_QUEUE first; OFF_NO_WP when the window was restored, OFF (probe) if not
-//!  send queue written as ordinary data, all of it, sent-unacked part included (E25):
-//!             it goes out at once instead of waiting for an RTO of a socket that has no
-//!             RTT estimate; the peer drops what it already has. Non-blocking: what does
-//!             not fit is left to the caller, with the count in the report.
-//!  FIN        our FIN (FIN_WAIT*, LAST_ACK) by shutdown(SHUT_WR) once all data is
-//!             written; else the caller sends it.
+//!  repair off NO_QUEUE first; then OFF *with* the window probe (also when the window was
+//!             restored): in ESTABLISHED the kernel sends an ACK with seq SND.UNA-1 and
+//!             accepts the next window unconditionally; the peer answers at once with
+//!             its current ACK and window
+//!  unsent     the never-transmitted tail, as ordinary data: it goes out at once.
+//!             Non-blocking: what does not fit is left to the caller (see the report)
+//!  our FIN    if it was not transmitted yet: shutdown(SHUT_WR) once all data is
+//!             written; else the caller sends it
 //!  options    SO_REUSEADDR (repair off cleared it), SO_PEEK_OFF, keepalive, ...
 //! ```
+//!
+//! Why the sent part is restored as sent. In a migration the peer usually *has* the
+//! bytes that were in flight at the dump: its ACKs went to the frozen source, which
+//! never saw them. Linux discards an ACK beyond SND.NXT as an "ACK of unsent data"
+//! (`tcp_ack`, SKB_DROP_REASON_TCP_ACK_UNSENT_DATA), together with any data in that
+//! segment. An earlier version (reference E25) wrote the whole send queue as fresh data
+//! after repair off, so that lost in-flight bytes would go out at once instead of
+//! waiting for a retransmission timer. But then SND.NXT starts at SND.UNA and the
+//! resend is limited to one initial congestion window (10 segments); when more than
+//! that was in flight, every answer of the peer (ACK = its RCV.NXT, further ahead) is
+//! discarded, the congestion window never opens and the connection stalls for good.
+//! (E25 measured less than one window in flight, which the first burst covers.) With
+//! the sent part marked sent, SND.NXT covers everything the peer can have: the answer
+//! to the window probe is accepted at once (SND.UNA jumps to the peer's RCV.NXT), and
+//! the unsent tail follows. If that answer cannot reach us (the address has not moved
+//! yet), the peer's next segment or our tail-loss probe brings the same ACK later.
+//! In-flight bytes the peer really lost wait for a timer of a socket with no RTT
+//! estimate: the tail-loss probe after 1 s, which is enough for one lost segment;
+//! with more, the probe's resend of the last one does not count for loss detection
+//! (restored segments count as retransmitted, RACK has no RTT yet) and the hole waits
+//! for the 3 s fallback RTO, about 4.2 s in all (`kernel_facts_inflight` measures
+//! both). That is the rarer case, and it recovers by itself.
+//!
+//! Our FIN. When the source had transmitted it, the peer may have acknowledged it too,
+//! so it is marked sent in repair mode for the same reason as the data. That leaves the
+//! socket in FIN_WAIT1 at repair off, where the kernel sends no window probe; the
+//! acknowledgement then comes with the peer's next segment or after the tail-loss probe
+//! retransmits the FIN. Nothing waits for it: our side of the stream is finished, and
+//! every segment of the peer is accepted meanwhile. The dump cannot tell "FIN sent" from
+//! "only the FIN unsent" (`send_unsent` counts data bytes), so both are restored as sent:
+//! a FIN marked sent that the peer lacks is retransmitted by the timer, whereas a FIN
+//! the peer has but SND.NXT does not cover would get every answer discarded until it
+//! goes out.
 //!
 //! A received FIN (CLOSE_WAIT, LAST_ACK) cannot be put back without forging a segment
 //! through a raw socket (CAP_NET_RAW, which the helper does not hold). The documented
@@ -64,12 +103,9 @@ pub fn restore(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<RestoreReport> {
     // closed in repair mode goes silently (no FIN, no RST towards a peer that may still
     // be served by the source).
     in_repair(fd, s)?;
-    let probe = if s.window.is_some() {
-        RepairMode::OffNoWindowProbe
-    } else {
-        RepairMode::Off
-    };
-    set_repair_in(fd, probe, "restore")?;
+    // With the window probe even when the window was restored: its answer is what
+    // acknowledges the in-flight bytes the peer already has (module comment).
+    set_repair_in(fd, RepairMode::Off, "restore")?;
     let report = after_repair(fd, s)?;
     if let Err(e) = sockopts::apply_after_repair(fd, &s.sockopts) {
         // The connection itself is restored and live; an option the target host refuses
@@ -104,6 +140,7 @@ fn pre_bind(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<()> {
             "restore: IPV6_V6ONLY",
         )?;
     }
+    allow_foreign_source(fd, s.family)?;
     if s.sockopts.mark != 0 {
         sys::set_int(
             fd,
@@ -114,9 +151,11 @@ fn pre_bind(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<()> {
         )?;
     }
     // Room for the queues: the receive queue is written in repair mode against
-    // sk_rcvbuf, the send queue after repair off against sk_sndbuf. Forcing (needs
-    // CAP_NET_ADMIN) goes past net.core.*mem_max, which is as small as 208 KiB on many
-    // distributions while autotuned queues reach 4 MiB and more.
+    // sk_rcvbuf; the send queue against sk_sndbuf, its sent part in repair mode (where
+    // no ACK frees memory, so all of it must fit at once) and its unsent tail after
+    // repair off. Forcing (needs CAP_NET_ADMIN) goes past net.core.*mem_max, which is
+    // as small as 208 KiB on many distributions while autotuned queues reach 4 MiB and
+    // more.
     let want_snd = (s.send_queue.len() + BUF_SLACK).max(s.sockopts.sndbuf as usize / 2);
     let want_rcv = (s.recv_queue.len() + BUF_SLACK).max(s.sockopts.rcvbuf as usize / 2);
     sys::set_int(
@@ -143,6 +182,32 @@ fn pre_bind(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// A socket its owner marked `IP_FREEBIND`/`IPV6_FREEBIND` may carry an address this
+/// host does not have yet (a migration target before the address has moved). Freebind
+/// lets the bind through, but the repair `connect` then finds no route from a foreign
+/// source (ENETUNREACH, reference E6) unless the socket is also transparent, which only
+/// the helper may set (CAP_NET_ADMIN). Other sockets are left alone.
+fn allow_foreign_source(fd: BorrowedFd<'_>, family: baton_proto::tcp::SocketFamily) -> Result<()> {
+    let (level, freebind, transparent, step) = match family {
+        baton_proto::tcp::SocketFamily::Inet => (
+            libc::IPPROTO_IP,
+            libc::IP_FREEBIND,
+            libc::IP_TRANSPARENT,
+            "restore: IP_TRANSPARENT",
+        ),
+        baton_proto::tcp::SocketFamily::Inet6 => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_FREEBIND,
+            libc::IPV6_TRANSPARENT,
+            "restore: IPV6_TRANSPARENT",
+        ),
+    };
+    if sys::get_int(fd, level, freebind, "restore: FREEBIND")? == 0 {
+        return Ok(());
+    }
+    sys::set_int(fd, level, transparent, 1, step)
 }
 
 fn clamp_i32(v: usize) -> i32 {
@@ -223,6 +288,15 @@ fn in_repair(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<()> {
         write_recv_queue(fd, &s.recv_queue)?;
     }
 
+    let sent = s.send_queue.len() - s.send_unsent as usize;
+    if sent > 0 || fin_marked_sent(s) {
+        select_queue(fd, sys::TCP_SEND_QUEUE, "restore: TCP_REPAIR_QUEUE(send)")?;
+        write_sent_part(fd, &s.send_queue[..sent])?;
+        if fin_marked_sent(s) {
+            sys::shutdown(fd, libc::SHUT_WR, "restore: shutdown(SHUT_WR) in repair")?;
+        }
+    }
+
     if let Some(w) = s.window {
         let w = TcpRepairWindow {
             snd_wl1: w.snd_wl1,
@@ -263,6 +337,38 @@ fn write_recv_queue(fd: BorrowedFd<'_>, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Our FIN was transmitted by the source (or, indistinguishably, it is the only thing
+/// left unsent): restore it as sent, in repair mode. See the module comment.
+fn fin_marked_sent(s: &TcpConnState) -> bool {
+    s.state.fin_sent() && s.send_unsent == 0
+}
+
+/// The sent-but-unacked part, with the send queue selected: the kernel queues it and
+/// marks it sent without transmitting it (reference §1 row 7), whatever the congestion
+/// or send window. No ACK can free memory in repair mode, so a short write is final:
+/// `pre_bind` sized the send buffer for the whole queue, and if it still does not fit
+/// the restore fails rather than restoring a SND.NXT short of what the peer may have.
+fn write_sent_part(fd: BorrowedFd<'_>, data: &[u8]) -> Result<()> {
+    let mut off = 0;
+    while off < data.len() {
+        match sys::send(fd, &data[off..], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+            Ok(0) | Err(Errno::EAGAIN) => {
+                return Err(RepairError::invalid(
+                    "restore: send queue (sent part)",
+                    format!(
+                        "only {off} of {} sent-unacked bytes fit into the send buffer",
+                        data.len()
+                    ),
+                ))
+            }
+            Ok(n) => off += n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(RepairError::sys("restore: send(sent part)", e)),
+        }
+    }
+    Ok(())
+}
+
 fn after_repair(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<RestoreReport> {
     if s.sockopts.nodelay {
         // Before the writes: the tail of the queue should not wait for Nagle.
@@ -274,7 +380,8 @@ fn after_repair(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<RestoreReport> {
             "restore: TCP_NODELAY",
         )?;
     }
-    let mut written = 0;
+    // The sent part is in the socket already (written in repair mode).
+    let mut written = s.send_queue.len() - s.send_unsent as usize;
     while written < s.send_queue.len() {
         match sys::send(
             fd,
@@ -284,11 +391,12 @@ fn after_repair(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<RestoreReport> {
             Ok(n) => written += n,
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN) => break,
-            Err(e) => return Err(RepairError::sys("restore: send(send queue)", e)),
+            Err(e) => return Err(RepairError::sys("restore: send(unsent part)", e)),
         }
     }
     let all_written = written == s.send_queue.len();
-    if s.state.fin_sent() && all_written {
+    let fin_to_send = s.state.fin_sent() && !fin_marked_sent(s);
+    if fin_to_send && all_written {
         sys::shutdown(fd, libc::SHUT_WR, "restore: shutdown(SHUT_WR)")?;
     }
     if s.state.fin_received() {
@@ -296,6 +404,6 @@ fn after_repair(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<RestoreReport> {
     }
     Ok(RestoreReport {
         send_queue_written: written as u64,
-        fin_pending: s.state.fin_sent() && !all_written,
+        fin_pending: fin_to_send && !all_written,
     })
 }
