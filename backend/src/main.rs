@@ -36,6 +36,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &baton::cli::Cli, rt: &RuntimeConfig) -> Result<(), Box<dyn std::error::Error>> {
+    runtime::block_stop_signals()?;
     let host = HostInfo::detect()?;
     let config = Arc::new(NetConfig::resolve(cli, &host)?);
     log_config(&config);

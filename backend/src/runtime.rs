@@ -255,15 +255,25 @@ pub fn write_pid_file(path: &Path) -> Result<(), RuntimeError> {
     })
 }
 
-/// Block SIGTERM, SIGINT and SIGHUP in every thread and handle them on one thread of
-/// their own: the first stops serving cleanly.
-pub fn handle_signals(stopper: Arc<Stopper>) -> Result<(), RuntimeError> {
+/// Block SIGTERM, SIGINT and SIGHUP in the calling thread (and every thread it starts
+/// later; spawned programs start unblocked). Called first thing: the socket exists before the
+/// signal thread does, and a manager that sees the socket and stops baton at once must
+/// get an orderly shutdown (the signal stays pending until [`handle_signals`] waits for
+/// it), not death by the default action.
+pub fn block_stop_signals() -> Result<SigSet, RuntimeError> {
     let mut set = SigSet::empty();
     for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         set.add(sig);
     }
     set.thread_block()
         .map_err(|e| RuntimeError::Signals(std::io::Error::from(e)))?;
+    Ok(set)
+}
+
+/// Block SIGTERM, SIGINT and SIGHUP in every thread and handle them on one thread of
+/// their own: the first stops serving cleanly.
+pub fn handle_signals(stopper: Arc<Stopper>) -> Result<(), RuntimeError> {
+    let set = block_stop_signals()?;
     std::thread::Builder::new()
         .name("baton-signals".into())
         .spawn(move || loop {
