@@ -85,6 +85,7 @@ fn config() -> NetConfig {
         tcp_forwards: PortForwards::none(),
         udp_forwards: PortForwards::none(),
         freebind: false,
+        max_flows: baton::flow::DEFAULT_MAX_FLOWS,
         hostname: Some("guest".into()),
         fqdn: Some("guest.example.com".into()),
     }
