@@ -182,7 +182,8 @@ fn main() {
     (&b).write_all(&state.send_queue[report.send_queue_written as usize..])
         .expect("rest of send queue");
     println!(
-        "  restored into a new socket {} -> {} in {:?} ({} B of in-flight data re-sent at once)",
+        "  restored into a new socket {} -> {} in {:?} ({} B of the send queue back in it: \
+         the sent part as sent, the unsent part going out at once)",
         b.local_addr().unwrap(),
         b.peer_addr().unwrap(),
         restore_took,
