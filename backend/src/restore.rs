@@ -34,7 +34,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Instant;
 
 use baton_proto::frame::MAX_FDS;
@@ -253,7 +253,10 @@ pub(crate) fn restore_all(
                     if state.sockopts.peek_off >= 0 {
                         // The peek model needs it; the helper sets it too, but only warns
                         // when it fails.
-                        if let Err(err) = set_peek_offset(socket.as_fd(), state.sockopts.peek_off) {
+                        if let Err(err) = crate::tcp::set_peek_offset(
+                            socket.as_fd(),
+                            state.sockopts.peek_off.unsigned_abs(),
+                        ) {
                             error!("migration flow {}: SO_PEEK_OFF: {err}; reset", record.id.0);
                             silence(helper, socket.as_fd());
                             outcome.failed += 1;
@@ -310,7 +313,7 @@ fn silence(helper: &mut RepairClient, socket: BorrowedFd<'_>) {
         .is_some_and(|result| result.is_ok());
     if !quiet {
         warn!("a restored socket could not re-enter repair mode; it is closed with a RST");
-        if let Err(err) = set_linger_zero(socket) {
+        if let Err(err) = crate::tcp::set_reset_on_close(socket) {
             warn!("SO_LINGER on a restored socket: {err}");
         }
     }
@@ -340,63 +343,15 @@ pub fn fresh_socket(family: SocketFamily) -> io::Result<OwnedFd> {
     }
     // SAFETY: `raw` was just returned by socket() and nothing else owns it.
     let socket = unsafe { OwnedFd::from_raw_fd(raw) };
-    set_int(socket.as_fd(), level, freebind, 1)
+    crate::tcp::set_int_option(socket.as_fd(), level, freebind, 1)
         .map_err(|err| io::Error::new(err.kind(), format!("IP_FREEBIND: {err}")))?;
     Ok(socket)
-}
-
-fn set_int(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: i32,
-) -> io::Result<()> {
-    // SAFETY: `value` lives across the call and its size is passed; the kernel reads it.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn set_peek_offset(fd: BorrowedFd<'_>, offset: i32) -> io::Result<()> {
-    set_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, offset)
-}
-
-fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: `linger` lives across the call and its size is passed; read only.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn fresh_sockets_bind_addresses_this_host_does_not_have() {

@@ -76,7 +76,9 @@ pub mod conn;
 pub mod segment;
 pub mod seq;
 mod sock;
-pub(crate) use sock::is_closed as socket_is_closed;
+pub(crate) use sock::{
+    is_closed as socket_is_closed, set_int_option, set_peek_offset, set_reset_on_close,
+};
 
 use std::cmp::Reverse;
 use std::collections::hash_map::RandomState;

@@ -12,7 +12,12 @@ fn last_error() -> io::Error {
     io::Error::last_os_error()
 }
 
-fn set_int_option(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> io::Result<()> {
+pub(crate) fn set_int_option(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    value: i32,
+) -> io::Result<()> {
     // SAFETY: `value` lives across the call and its size is passed; the kernel only
     // reads it.
     let rc = unsafe {
