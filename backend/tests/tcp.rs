@@ -8,6 +8,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, TcpListener, TcpStream};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use baton_testkit::hostflows::{self, FlowPlan, HostFlows};
 use baton_testkit::pattern::Pattern;
 use baton_vu_harness::smol::GuestNic;
 use baton_vu_harness::NetFrontend;
@@ -115,6 +116,14 @@ struct GuestStream {
     closed_send: bool,
     /// The guest application does not read before this instant (zero window tests).
     hold_recv_until: Option<Instant>,
+    /// For a connection the host opened with an index: the index bytes received so far
+    /// (the patterns follow from the index, see [`indexed_seeds`]).
+    index_in: Option<Vec<u8>>,
+}
+
+/// Seeds of indexed connection `i`: (what the guest sends, what the host sends).
+fn indexed_seeds(i: u32) -> (u64, u64) {
+    (2 * u64::from(i), 2 * u64::from(i) + 1)
 }
 
 impl GuestStream {
@@ -129,12 +138,37 @@ impl GuestStream {
             received: 0,
             closed_send: false,
             hold_recv_until: None,
+            index_in: None,
+        }
+    }
+
+    /// A listening socket whose connection's host side sends an index first.
+    fn inbound_indexed(handle: SocketHandle, lens: (u64, u64)) -> Self {
+        GuestStream {
+            index_in: Some(Vec::new()),
+            ..Self::new(handle, (0, 0), lens)
         }
     }
 
     /// Move data; true when both directions are complete (our FIN sent, theirs seen).
     fn step(&mut self, guest: &mut Guest) -> bool {
         let socket = guest.tcp(self.handle);
+        if let Some(got) = &mut self.index_in {
+            let mut rest = [0u8; 4];
+            while got.len() < 4 && socket.can_recv() {
+                let want = 4 - got.len();
+                match socket.recv_slice(&mut rest[..want]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&rest[..n]),
+                }
+            }
+            if got.len() < 4 {
+                return false;
+            }
+            let (send, recv) = indexed_seeds(u32::from_be_bytes([got[0], got[1], got[2], got[3]]));
+            (self.send, self.recv) = (Pattern::new(send), Pattern::new(recv));
+            self.index_in = None;
+        }
         while socket.can_send() && self.sent < self.send_len {
             let want = (self.send_len - self.sent).min(16384) as usize;
             let chunk = self.send.bytes(self.sent, want);
@@ -439,9 +473,10 @@ fn many_concurrent_connections_both_directions() {
     let lens = (32 << 10, 48 << 10);
     let baton = Baton::start("many", &["-t", "5000:6000"]);
     let mut guest = Guest::new(baton.connect());
-    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    // The host side of all 400 connections is one thread with nonblocking sockets
+    // (a thread per connection would need hundreds of tasks, which CI may not allow).
+    let listener = hostflows::listen((Ipv4Addr::LOCALHOST, 0).into()).expect("listen");
     let port = port_of(&listener);
-    let server = serve_indexed(listener, count, lens);
     let mut streams = connect_indexed(
         &mut guest,
         (IpAddress::Ipv4(GW_V4), port),
@@ -449,24 +484,39 @@ fn many_concurrent_connections_both_directions() {
         lens,
         16 << 10,
     );
-    for _ in 0..count {
+    // Inbound: the guest listens before the host connects (a SYN to a port nobody
+    // listens on is reset); the host sends indices `count..2 * count` first.
+    let mut host = HostFlows::new(move |i| {
+        let (guest_seed, host_seed) = indexed_seeds(i);
+        FlowPlan {
+            send: Pattern::new(host_seed),
+            send_len: lens.1,
+            recv: Pattern::new(guest_seed),
+            recv_len: lens.0,
+        }
+    })
+    .stall_timeout(TEST_TIMEOUT)
+    .accept(listener, count);
+    for j in count..2 * count {
         let handle = guest.socket(16 << 10);
         guest.tcp(handle).listen(6000).expect("listen");
-        streams.push(GuestStream::new(handle, (101, 100), lens));
+        streams.push(GuestStream::inbound_indexed(handle, lens));
+        host = host.connect((Ipv4Addr::LOCALHOST, 5000).into(), j as u32);
     }
-    let hosts: Vec<JoinHandle<()>> = (0..count)
-        .map(|_| {
-            std::thread::spawn(move || {
-                let stream = TcpStream::connect("127.0.0.1:5000").expect("connect to forward");
-                host_stream(stream, Pattern::new(100), lens.1, Pattern::new(101), lens.0);
-            })
-        })
-        .collect();
+    let host = host.spawn().expect("spawn the host flows");
     drive(&mut guest, &mut streams, &baton);
-    for h in hosts {
-        join_driving(&mut guest, h, "host side");
+    // The guest's stack keeps running while the host side finishes (see join_driving).
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    while !host.is_finished() && Instant::now() < deadline {
+        guest.poll();
+        guest.wait();
     }
-    join_driving(&mut guest, server, "server");
+    let report = host.stop();
+    assert!(
+        report.is_ok(),
+        "host side:\n{report}baton log:\n{}",
+        baton.log()
+    );
 }
 
 fn set_linger_zero(stream: &TcpStream) {

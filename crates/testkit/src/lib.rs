@@ -17,6 +17,7 @@
 //! Library code here never panics on a failed system call: every fallible helper
 //! returns `io::Result` with a message naming the step that failed.
 
+pub mod hostflows;
 pub mod netns;
 pub mod pattern;
 pub mod peer;
