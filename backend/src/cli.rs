@@ -47,6 +47,10 @@ pub const DEFAULT_LOG_FILE_SIZE: u64 = 1024 * 1024;
 /// Seconds a migration source keeps its frozen sockets when `--linger` is not given.
 pub const DEFAULT_LINGER_SECS: u64 = 30;
 
+/// Longest `--udp-timeout` (one day; a migration stream counts a flow's idle time left
+/// in `u32` milliseconds, which this stays well inside).
+pub const MAX_UDP_TIMEOUT_SECS: u32 = 86_400;
+
 /// Smallest and largest MTU accepted by `-m` (IPv4's minimum; passt's maximum).
 pub const MTU_RANGE: std::ops::RangeInclusive<i64> = 68..=65520;
 
@@ -394,12 +398,20 @@ pub struct Cli {
           help_heading = "Port forwarding")]
     pub max_flows: Option<u32>,
 
+    /// Close a UDP flow after this many seconds without a datagram in either
+    /// direction (a baton extension; passt's timeout is fixed). Default: 180.
+    #[arg(long, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u32).range(1..=MAX_UDP_TIMEOUT_SECS as i64),
+          help_heading = "Port forwarding")]
+    pub udp_timeout: Option<u32>,
+
     /// UNIX socket a baton-repair helper (ours or root's uid) connects to; 'none'
     /// disables it. Default: the vhost-user socket path followed by .repair.
     #[arg(long, value_name = "PATH|none", help_heading = "Migration")]
     pub repair_path: Option<RepairPathArg>,
 
-    /// baton-repair binary to start at start-up. Default: wait for a helper to
+    /// baton-repair binary to start (through a launcher forked at start-up) whenever
+    /// a migration needs a helper and none is connected. Default: wait for a helper to
     /// connect to the repair socket.
     #[arg(long, value_name = "PATH", help_heading = "Migration")]
     pub helper: Option<PathBuf>,

@@ -262,6 +262,8 @@ pub struct NetConfig {
     /// Bound of the TCP flow table and, separately, of the UDP flow table
     /// (`--max-flows`).
     pub max_flows: usize,
+    /// A UDP flow without datagrams for this long is closed (`--udp-timeout`).
+    pub udp_idle_timeout: Duration,
     /// DHCP option 12 (`-H`).
     pub hostname: Option<String>,
     /// DHCP option 81 / DHCPv6 option 39 (`--fqdn`).
@@ -287,6 +289,7 @@ impl Default for NetConfig {
             udp_forwards: PortForwards::none(),
             freebind: false,
             max_flows: crate::flow::DEFAULT_MAX_FLOWS,
+            udp_idle_timeout: crate::udp::IDLE_TIMEOUT,
             hostname: None,
             fqdn: None,
         }
@@ -678,6 +681,9 @@ impl NetConfig {
             max_flows: cli
                 .max_flows
                 .map_or(crate::flow::DEFAULT_MAX_FLOWS, |n| n as usize),
+            udp_idle_timeout: cli.udp_timeout.map_or(crate::udp::IDLE_TIMEOUT, |secs| {
+                Duration::from_secs(u64::from(secs))
+            }),
             hostname: cli.hostname.clone(),
             fqdn: cli.fqdn.clone(),
         })
@@ -742,8 +748,9 @@ pub struct LogConfig {
 /// What happens around a migration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationPolicy {
-    /// `--helper`: baton-repair binary spawned at start-up (the sandbox forbids it
-    /// later); `None`: wait for one to connect to the repair socket.
+    /// `--helper`: baton-repair binary started through the launcher (forked at
+    /// start-up, see `crate::launcher`) whenever a migration needs one; `None`: wait
+    /// for one to connect to the repair socket.
     pub helper: Option<PathBuf>,
     /// `--migrate-drop-tcp`: if TCP connections cannot be dumped, reset them and
     /// migrate the rest instead of failing the migration (the default).
@@ -1270,6 +1277,20 @@ mod tests {
         assert_eq!(config.tcp_forwards.guest_port_for(61000), Some(61000));
         assert_eq!(config.udp_forwards.guest_port_for(5353), Some(53535));
         assert!(config.freebind);
+    }
+
+    #[test]
+    fn udp_timeout_defaults_to_passts_and_can_be_set() {
+        let config = resolve(&[], &host_dual());
+        assert_eq!(config.udp_idle_timeout, Duration::from_secs(180));
+        let config = resolve(&["--udp-timeout", "3"], &host_dual());
+        assert_eq!(config.udp_idle_timeout, Duration::from_secs(3));
+        for bad in ["0", "86401", "-1", "1.5"] {
+            assert!(
+                crate::cli::try_parse_args_from(["baton", "--udp-timeout", bad]).is_err(),
+                "--udp-timeout {bad} accepted"
+            );
+        }
     }
 
     #[test]

@@ -54,7 +54,7 @@
 //!
 //! # Idle timers
 //!
-//! A flow expires [`IDLE_TIMEOUT`] (passt's 180 s) after its last datagram in either
+//! A flow expires `--udp-timeout` (default [`IDLE_TIMEOUT`], passt's fixed 180 s) after its last datagram in either
 //! direction, and its socket is closed then, whether or not anything else happens: the
 //! timers fire on their own. Every flow has one deadline (`expires`) and exactly one
 //! entry in a binary heap of `(deadline, FlowId)`. A datagram only moves `expires`
@@ -129,8 +129,8 @@ pub(crate) const LISTENER_BIT: u64 = 1 << 48;
 pub(crate) const ALARM_BIT: u64 = 1 << 49;
 const LISTENER_INDEX_MASK: u64 = LISTENER_BIT - 1;
 
-/// A flow without datagrams in either direction for this long is closed (passt's
-/// `UDP_CONN_TIMEOUT`).
+/// A flow without datagrams in either direction for this long is closed unless
+/// `--udp-timeout` says otherwise (passt's `UDP_CONN_TIMEOUT`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 /// At most this many UDP flows exist at a time (each outbound one holds a host socket).
 pub const MAX_FLOWS: usize = DEFAULT_MAX_FLOWS;
@@ -307,9 +307,16 @@ fn flow_data(id: FlowId) -> u64 {
 impl UdpFlows {
     /// The UDP handler for `config`: binds every forwarded port (`-u`) and registers
     /// it and the idle timer in `epoll`. Fails if a port of a rule that is not
-    /// best-effort cannot be bound. At most `config.max_flows` flows (`--max-flows`).
+    /// best-effort cannot be bound. At most `config.max_flows` flows (`--max-flows`),
+    /// closed after `config.udp_idle_timeout` idle (`--udp-timeout`).
     pub(crate) fn new(config: &NetConfig, epoll: &Epoll, now: Instant) -> Result<Self, UdpError> {
-        Self::with_limits(config, epoll, now, config.max_flows, IDLE_TIMEOUT)
+        Self::with_limits(
+            config,
+            epoll,
+            now,
+            config.max_flows,
+            config.udp_idle_timeout,
+        )
     }
 
     /// As [`UdpFlows::new`], with at most `capacity` flows expiring after

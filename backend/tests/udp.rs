@@ -461,11 +461,13 @@ fn open_fds(baton: &Baton) -> usize {
 
 /// A flow idle for the timeout is closed by baton's timer alone (no traffic, no other
 /// event): its host port becomes free, and the guest's next datagram opens a new flow.
-/// Takes the real timeout (180 s).
+/// Before that, datagrams at intervals shorter than the timeout keep the flow (and its
+/// host port) alive for several timeout periods. Uses `--udp-timeout` (3 s) rather
+/// than the default 180 s.
 #[test]
 fn an_idle_flow_closes_its_host_socket() {
-    const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
-    let baton = Baton::start("idle", &[]);
+    const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+    let baton = Baton::start("idle", &["--udp-timeout", "3"]);
     let mut dev = baton.connect();
     let echo = host_socket("127.0.0.1:7777");
     let guest = sa(GUEST_V4, 40000);
@@ -475,6 +477,34 @@ fn an_idle_flow_closes_its_host_socket() {
     let mut buf = [0u8; 64];
     let (_, flow_port) = echo.recv_from(&mut buf).expect("datagram at the echo");
     let fds_with_flow = open_fds(&baton);
+
+    // Activity keeps the flow: a datagram every half timeout, alternating directions,
+    // for three timeout periods, all through the same host socket (same source port,
+    // which stays bound), and baton closes no idle flow meanwhile.
+    let active_until = Instant::now() + 3 * IDLE_TIMEOUT;
+    let mut round = 0u32;
+    while Instant::now() < active_until {
+        std::thread::sleep(IDLE_TIMEOUT / 2);
+        round += 1;
+        if round % 2 == 0 {
+            dev.send_frame(&udp_frame(guest, remote, b"ping"))
+                .expect("send");
+            let (_, from) = echo.recv_from(&mut buf).expect("datagram at the echo");
+            assert_eq!(from, flow_port, "round {round}: the same flow's socket");
+        } else {
+            echo.send_to(b"pong", flow_port).expect("reply");
+            let (src, dst, _) = expect_udp(&mut dev, "reply of an active flow");
+            assert_eq!((src, dst), (remote, guest));
+        }
+        let err = UdpSocket::bind(flow_port).expect_err("the active flow holds its port");
+        assert_eq!(err.kind(), ErrorKind::AddrInUse);
+    }
+    assert!(
+        !baton.log().contains("idle flow(s) closed"),
+        "an active flow was closed; log:\n{}",
+        tail(&baton.log())
+    );
+
     // The last datagram of the flow: the idle time counts from when baton reads it,
     // which is after this instant.
     let last_datagram = Instant::now();
@@ -489,7 +519,7 @@ fn an_idle_flow_closes_its_host_socket() {
         match UdpSocket::bind(flow_port) {
             Ok(socket) => break socket,
             Err(err) if err.kind() == ErrorKind::AddrInUse && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(500));
+                std::thread::sleep(Duration::from_millis(100));
             }
             Err(err) => panic!("{flow_port} still held after the idle timeout: {err}"),
         }
@@ -502,6 +532,16 @@ fn an_idle_flow_closes_its_host_socket() {
         open_fds(&baton) < fds_with_flow,
         "the socket is closed, not only unbound"
     );
+    // The timer closed it (logged just after the socket closed).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !baton.log().contains("1 idle flow(s) closed") {
+        assert!(
+            Instant::now() < deadline,
+            "no idle expiry logged:\n{}",
+            tail(&baton.log())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     drop(freed);
     // A fresh flow for the same addresses.
     echo_round_trip(

@@ -1,8 +1,12 @@
 //! Fuzz the guest services' frame path (`GuestNet::handle_frame`) with arbitrary
 //! Ethernet frames. Each input is fed twice: as is, and with its IPv4 header, UDP,
 //! ICMP and ICMPv6 checksums recomputed (so that the fuzzer gets past checksum
-//! validation into ARP, DHCP, NDP, DHCPv6 and echo handling). Nothing may panic, and
-//! every frame sent back to the guest must at least carry an Ethernet header.
+//! validation into ARP, DHCP, NDP, DHCPv6 and echo handling). Then twice more through
+//! `GuestNet::handle_offloaded_frame` as if its virtio-net header said `NEEDS_CSUM`:
+//! with the offsets of the frame's TCP/UDP checksum field (the path that skips
+//! verification) and with offsets taken from the input's last four bytes (hostile
+//! headers). Nothing may panic, and every frame sent back to the guest must at least
+//! carry an Ethernet header.
 //!
 //! ICMP echo is disabled so the fuzzer never opens ping sockets or sends real pings.
 
@@ -16,6 +20,7 @@ use baton::config::{
 };
 use baton::net::{FrameSink, GuestNet};
 use baton::ports::PortForwards;
+use baton::vu::TxChecksum;
 use libfuzzer_sys::fuzz_target;
 
 struct CheckingSink;
@@ -86,6 +91,7 @@ fn config() -> NetConfig {
         udp_forwards: PortForwards::none(),
         freebind: false,
         max_flows: baton::flow::DEFAULT_MAX_FLOWS,
+        udp_idle_timeout: baton::udp::IDLE_TIMEOUT,
         hostname: Some("guest".into()),
         fqdn: Some("guest.example.com".into()),
     }
@@ -179,6 +185,26 @@ fn fix_checksums(frame: &mut [u8]) {
     }
 }
 
+/// The `NEEDS_CSUM` offsets a driver would use for this frame's TCP or UDP checksum
+/// (IPv4 with options, IPv6 without extension headers), or `None`.
+fn guessed_partial(frame: &[u8]) -> Option<TxChecksum> {
+    let ether_type = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let (start, protocol) = match ether_type {
+        0x0800 => (14 + usize::from(frame.get(14)? & 0x0f) * 4, *frame.get(14 + 9)?),
+        0x86dd => (14 + 40, *frame.get(14 + 6)?),
+        _ => return None,
+    };
+    let offset = match protocol {
+        6 => 16,
+        17 => 6,
+        _ => return None,
+    };
+    Some(TxChecksum::Partial {
+        start: u16::try_from(start).ok()?,
+        offset,
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
     let config = Arc::new(config());
     let Ok(mut net) = GuestNet::new(config) else {
@@ -191,5 +217,17 @@ fuzz_target!(|data: &[u8]| {
         // Exercise the error's formatting too.
         let _ = err.to_string();
         let _ = err.is_guest_fault();
+    }
+    if let Some(partial) = guessed_partial(data) {
+        let _ = net.handle_offloaded_frame(data, partial, &mut CheckingSink);
+    }
+    if let [.., a, b, c, d] = *data {
+        let hostile = TxChecksum::Partial {
+            start: u16::from_le_bytes([a, b]),
+            offset: u16::from_le_bytes([c, d]),
+        };
+        if let Err(err) = net.handle_offloaded_frame(&fixed, hostile, &mut CheckingSink) {
+            let _ = err.to_string();
+        }
     }
 });

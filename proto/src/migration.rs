@@ -59,10 +59,13 @@
 //! | 0x0004 | [`ForwardsRecord`]   | once    | the `-t`/`-u` forwards in force |
 //! | 0x0010 | [`TcpFlowRecord`]    | per flow | guest side, host ends, kernel |
 //! | 0x0011 | [`UdpFlowRecord`]    | per flow | 4-tuple + idle time left      |
+//! | 0x0012 | [`TcpOptionsRecord`] | per TCP flow, skippable | options negotiated with the guest |
 //! | 0xFFFF | end                  | once, last | count + CRC                 |
 //!
 //! Records may come in any order; every flow record carries an explicit [`FlowId`],
 //! unique across all flow types of the stream (never matched by position, unlike passt).
+//! A [`TcpOptionsRecord`] names the TCP flow it belongs to by that id (at most one per
+//! flow; one naming no TCP flow of the stream is an error).
 //!
 //! # Versions and compatibility
 //!
@@ -74,6 +77,14 @@
 //! (bits 16..31). Everything else — a new field in an existing body, a new required header
 //! flag (bits 0..15), a new meaning — raises `oldest_compatible`. The golden vectors in
 //! `tests/migration.rs` freeze version 1.
+//!
+//! Added to version 1 since, compatibly: the [`TcpOptionsRecord`] (0x0012), always written
+//! SKIPPABLE. It carries guest-side TCP options the [`GuestTcpSide`] body has no field
+//! for (a new field there would lock out every older reader), and is written only for a
+//! flow whose options differ from the defaults, so a stream without such flows is
+//! byte-identical to what older writers produce. An older reader skips it and loses
+//! only the option: a flow without SACK retransmits go-back-N, which is still correct
+//! TCP (the guest's SACK blocks are advisory).
 //!
 //! # Limits
 //!
@@ -146,6 +157,7 @@ pub mod record_type {
     pub const FORWARDS: u16 = 0x0004;
     pub const TCP_FLOW: u16 = 0x0010;
     pub const UDP_FLOW: u16 = 0x0011;
+    pub const TCP_OPTIONS: u16 = 0x0012;
     pub const END: u16 = 0xffff;
 }
 
@@ -158,6 +170,7 @@ pub fn record_type_name(record_type: u16) -> &'static str {
         record_type::FORWARDS => "Forwards",
         record_type::TCP_FLOW => "TcpFlow",
         record_type::UDP_FLOW => "UdpFlow",
+        record_type::TCP_OPTIONS => "TcpOptions",
         record_type::END => "End",
         _ => "unknown",
     }
@@ -191,7 +204,8 @@ impl Limits {
             | record_type::SOURCE
             | record_type::GUEST
             | record_type::FORWARDS
-            | record_type::UDP_FLOW => self.max_small_record_bytes,
+            | record_type::UDP_FLOW
+            | record_type::TCP_OPTIONS => self.max_small_record_bytes,
             _ => self.max_record_bytes,
         }
     }
@@ -373,6 +387,12 @@ pub struct GuestTcpSide {
     pub ws_to_guest: u8,
     /// Largest payload per segment towards the guest (the guest's MSS, clamped).
     pub mss_to_guest: u16,
+    /// SACK was negotiated with the guest (RFC 2018). Not part of this record's body:
+    /// [`write_stream`] carries it in a [`TcpOptionsRecord`] next to the flow's
+    /// [`TcpFlowRecord`] and the reader puts it back here (false when absent, as from
+    /// older writers). See "Versions and compatibility" in the module documentation.
+    #[serde(skip)]
+    pub sack_permitted: bool,
 }
 
 /// The host socket of a TCP flow, as `getsockname`/`getpeername` report it. A target
@@ -393,6 +413,30 @@ pub struct TcpFlowRecord {
     /// The host socket as the helper dumped it. `None` when it was not transferred: a
     /// snapshot, or a same-host handover (the target takes the live socket).
     pub kernel: Option<TcpConnState>,
+}
+
+/// Guest-side TCP options of one TCP flow beyond what [`GuestTcpSide`]'s body holds;
+/// written only when one differs from its default, and always SKIPPABLE.
+///
+/// The SACK scoreboard (which of baton's segments the guest reported holding out of
+/// order) is not carried: it is advisory, the guest repeats its SACK blocks in every
+/// ACK while a hole remains, and without it the target retransmits go-back-N.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpOptionsRecord {
+    /// The [`TcpFlowRecord`] these options belong to.
+    pub flow: FlowId,
+    /// See [`GuestTcpSide::sack_permitted`].
+    pub sack_permitted: bool,
+}
+
+impl TcpOptionsRecord {
+    /// The record a flow needs, if its options are not all defaults.
+    pub fn for_flow(flow: &TcpFlowRecord) -> Option<Self> {
+        flow.guest_side.sack_permitted.then_some(TcpOptionsRecord {
+            flow: flow.id,
+            sack_permitted: true,
+        })
+    }
 }
 
 /// One UDP flow.
@@ -421,6 +465,7 @@ pub enum Record {
     /// Boxed: by far the largest record (the kernel state), and rare next to the others.
     TcpFlow(Box<TcpFlowRecord>),
     UdpFlow(UdpFlowRecord),
+    TcpOptions(TcpOptionsRecord),
 }
 
 impl Record {
@@ -433,7 +478,14 @@ impl Record {
             Record::Forwards(_) => record_type::FORWARDS,
             Record::TcpFlow(_) => record_type::TCP_FLOW,
             Record::UdpFlow(_) => record_type::UDP_FLOW,
+            Record::TcpOptions(_) => record_type::TCP_OPTIONS,
         }
+    }
+
+    /// Whether an older reader that does not know the type may skip the record (its
+    /// record flags then carry [`RECORD_FLAG_SKIPPABLE`]).
+    pub fn skippable(&self) -> bool {
+        matches!(self, Record::TcpOptions(_))
     }
 
     /// The body bytes (bincode, [`crate::codec::config`]).
@@ -445,6 +497,7 @@ impl Record {
             Record::Forwards(r) => codec::encode(r),
             Record::TcpFlow(r) => codec::encode(r),
             Record::UdpFlow(r) => codec::encode(r),
+            Record::TcpOptions(r) => codec::encode(r),
         }
     }
 
@@ -457,6 +510,7 @@ impl Record {
             record_type::FORWARDS => codec::decode(body).map(Record::Forwards),
             record_type::TCP_FLOW => codec::decode(body).map(|r| Record::TcpFlow(Box::new(r))),
             record_type::UDP_FLOW => codec::decode(body).map(Record::UdpFlow),
+            record_type::TCP_OPTIONS => codec::decode(body).map(Record::TcpOptions),
             _ => return None,
         })
     }
@@ -479,6 +533,9 @@ impl Record {
             Record::Forwards(r) => r.validate(),
             Record::TcpFlow(r) => r.validate(snapshot),
             Record::UdpFlow(r) => r.validate(),
+            // A bool and a flow id; that the id names a TCP flow is checked once the
+            // whole stream is read.
+            Record::TcpOptions(_) => Ok(()),
         }
     }
 }
@@ -1023,6 +1080,15 @@ pub enum StreamError {
         id: u32,
         first: u32,
     },
+    #[error("migration stream: record #{index} at offset {offset}: a second TcpOptions record for flow {id} (first was #{first})")]
+    DuplicateOptions {
+        index: u32,
+        offset: u64,
+        id: u32,
+        first: u32,
+    },
+    #[error("migration stream: record #{index} at offset {offset}: TcpOptions for flow {id}, which is no TCP flow of the stream")]
+    OptionsForUnknownFlow { index: u32, offset: u64, id: u32 },
     #[error("migration stream: required {kind} record missing")]
     MissingRecord { kind: &'static str },
     #[error("migration stream writer: the end record is written by finish(), not as a raw record")]
@@ -1038,11 +1104,24 @@ pub enum StreamError {
 struct Tally {
     singletons: HashMap<u16, u32>,
     flow_ids: HashMap<u32, u32>,
+    /// Flow id → index of its TcpOptions record.
+    options: HashMap<u32, u32>,
 }
 
 impl Tally {
     fn note(&mut self, record: &Record, index: u32, offset: u64) -> Result<(), StreamError> {
-        if let Some(FlowId(id)) = record.flow_id() {
+        if let Record::TcpOptions(r) = record {
+            let id = r.flow.0;
+            if let Some(&first) = self.options.get(&id) {
+                return Err(StreamError::DuplicateOptions {
+                    index,
+                    offset,
+                    id,
+                    first,
+                });
+            }
+            self.options.insert(id, index);
+        } else if let Some(FlowId(id)) = record.flow_id() {
             if let Some(&first) = self.flow_ids.get(&id) {
                 return Err(StreamError::DuplicateFlowId {
                     index,
@@ -1146,7 +1225,12 @@ impl<W: Write> StreamWriter<W> {
         let body = record
             .encode_body()
             .map_err(|source| StreamError::Encode { kind, source })?;
-        self.write_raw_record(record.record_type(), 0, &body)
+        let flags = if record.skippable() {
+            RECORD_FLAG_SKIPPABLE
+        } else {
+            0
+        };
+        self.write_raw_record(record.record_type(), flags, &body)
     }
 
     /// Write a record as given (no validation of the body): for record types this code
@@ -1213,7 +1297,8 @@ impl<W: Write> StreamWriter<W> {
 }
 
 /// Write `state` as a complete stream (in the canonical order: Device, Source, Guest,
-/// Forwards, TCP flows, UDP flows, end). `state.skipped` is ignored.
+/// Forwards, TCP flows each followed by its TcpOptions record if it needs one, UDP
+/// flows, end). `state.skipped` is ignored.
 pub fn write_stream<W: Write>(out: W, state: &MigrationState) -> Result<W, StreamError> {
     let flags = if state.snapshot {
         HEADER_FLAG_SNAPSHOT
@@ -1229,6 +1314,9 @@ pub fn write_stream<W: Write>(out: W, state: &MigrationState) -> Result<W, Strea
     }
     for flow in &state.tcp_flows {
         w.write_record(&Record::TcpFlow(Box::new(flow.clone())))?;
+        if let Some(options) = TcpOptionsRecord::for_flow(flow) {
+            w.write_record(&Record::TcpOptions(options))?;
+        }
     }
     for flow in &state.udp_flows {
         w.write_record(&Record::UdpFlow(*flow))?;
@@ -1434,6 +1522,7 @@ fn assemble(
     let mut forwards = None;
     let mut tcp_flows = Vec::new();
     let mut udp_flows = Vec::new();
+    let mut tcp_options = Vec::new();
     let mut skipped = Vec::new();
     for located in records {
         let Located {
@@ -1482,9 +1571,28 @@ fn assemble(
             Record::Forwards(r) => forwards = Some(r),
             Record::TcpFlow(r) => tcp_flows.push(*r),
             Record::UdpFlow(r) => udp_flows.push(r),
+            Record::TcpOptions(r) => tcp_options.push((index, offset, r)),
         }
     }
     tally.check_required()?;
+    let by_id: HashMap<FlowId, usize> = tcp_flows
+        .iter()
+        .enumerate()
+        .map(|(at, flow)| (flow.id, at))
+        .collect();
+    for (index, offset, options) in tcp_options {
+        let flow = by_id
+            .get(&options.flow)
+            .and_then(|&at| tcp_flows.get_mut(at));
+        let Some(flow) = flow else {
+            return Err(StreamError::OptionsForUnknownFlow {
+                index,
+                offset,
+                id: options.flow.0,
+            });
+        };
+        flow.guest_side.sack_permitted = options.sack_permitted;
+    }
     let missing = |ty| StreamError::MissingRecord {
         kind: record_type_name(ty),
     };

@@ -8,7 +8,8 @@ use baton_proto::migration::{
     DeviceRecord, FlowId, FlowOrigin, ForwardRuleRecord, ForwardsRecord, GuestRecord, GuestTcpSide,
     HandoverEndpoint, HostSocketEnds, IpAddress, Limits, MigrationState, NetnsIdentity, Record,
     RecordError, SkippedRecord, SourceRecord, StreamError, StreamHeader, StreamWriter,
-    TcpFlowRecord, UdpFlowRecord, FORMAT_VERSION, HEADER_FLAG_SNAPSHOT, RECORD_FLAG_SKIPPABLE,
+    TcpFlowRecord, TcpOptionsRecord, UdpFlowRecord, FORMAT_VERSION, HEADER_FLAG_SNAPSHOT,
+    RECORD_FLAG_SKIPPABLE,
 };
 use baton_proto::tcp::{Endpoint, MAX_QUEUE_BYTES};
 use proptest::prelude::*;
@@ -91,6 +92,7 @@ fn guest_side() -> GuestTcpSide {
         ws_from_guest: 7,
         ws_to_guest: 9,
         mss_to_guest: 1460,
+        sack_permitted: false,
     }
 }
 
@@ -114,6 +116,7 @@ fn full_state() -> MigrationState {
             id: FlowId(2),
             guest_side: GuestTcpSide {
                 origin: FlowOrigin::Host,
+                sack_permitted: true,
                 ..guest_side()
             },
             host: host_ends(),
@@ -262,6 +265,134 @@ fn golden_tcp_flow_record_body() {
             "00000000", "c0000201", "5000", // host peer 192.0.2.1:80
             "00",   // kernel: None
         )
+    );
+}
+
+/// SACK permitted travels in a TcpOptions record (type 0x12) right after its flow,
+/// marked skippable so that readers from before it skip it; the flow's own body is
+/// unchanged (it is the `golden_tcp_flow_record_body` above either way).
+#[test]
+fn golden_tcp_options_record() {
+    let flow = TcpFlowRecord {
+        id: FlowId(0x0102_0304),
+        guest_side: GuestTcpSide {
+            sack_permitted: true,
+            ..guest_side()
+        },
+        host: host_ends(),
+        kernel: None,
+    };
+    let without = TcpFlowRecord {
+        guest_side: guest_side(),
+        ..flow.clone()
+    };
+    assert_eq!(
+        body(Record::TcpFlow(Box::new(flow.clone()))),
+        body(Record::TcpFlow(Box::new(without.clone()))),
+        "the TcpFlow body does not carry the option"
+    );
+    assert_eq!(TcpOptionsRecord::for_flow(&without), None);
+    let options = TcpOptionsRecord::for_flow(&flow).expect("options needed");
+    assert_eq!(
+        hex(&body(Record::TcpOptions(options))),
+        concat!("04030201", "01") // flow id, sack_permitted
+    );
+
+    let mut state = small_state();
+    state.tcp_flows = vec![flow.clone()];
+    let bytes = encode_stream(&state).expect("encode");
+    let flow_record = body(Record::TcpFlow(Box::new(flow)));
+    let expected = [
+        hex(&flow_record),
+        // type 0x12, flags SKIPPABLE, 5 bytes, the body
+        "1200".into(),
+        "0100".into(),
+        "05000000".into(),
+        "0403020101".into(),
+    ]
+    .concat();
+    assert!(
+        hex(&bytes).contains(&expected),
+        "TcpOptions record right after its flow, skippable"
+    );
+    assert_eq!(decode_stream(&bytes).expect("decode"), state);
+
+    // Without SACK no TcpOptions record is written: such streams are exactly what
+    // writers from before the record produce.
+    state.tcp_flows = vec![without];
+    let bytes = encode_stream(&state).expect("encode");
+    assert!(!hex(&bytes).contains("12000100"));
+    assert_eq!(decode_stream(&bytes).expect("decode"), state);
+}
+
+/// TcpOptions may come before its flow (records come in any order); it must name a
+/// TCP flow of the stream, once.
+#[test]
+fn tcp_options_must_name_one_tcp_flow_once() {
+    let flow = TcpFlowRecord {
+        id: FlowId(9),
+        guest_side: guest_side(),
+        host: host_ends(),
+        kernel: None,
+    };
+    let options = |id| {
+        (
+            record_type::TCP_OPTIONS,
+            RECORD_FLAG_SKIPPABLE,
+            body(Record::TcpOptions(TcpOptionsRecord {
+                flow: FlowId(id),
+                sack_permitted: true,
+            })),
+        )
+    };
+    let flow_raw = (
+        record_type::TCP_FLOW,
+        0,
+        body(Record::TcpFlow(Box::new(flow))),
+    );
+
+    let mut records = required_records();
+    records.push(options(9));
+    records.push(flow_raw.clone());
+    let state = decode_stream(&raw_stream(StreamHeader::current(0), &records))
+        .expect("options before the flow");
+    assert!(state.tcp_flows[0].guest_side.sack_permitted);
+    assert!(state.skipped.is_empty());
+
+    let mut records = required_records();
+    records.push(flow_raw.clone());
+    records.push(options(8));
+    let err = decode_stream(&raw_stream(StreamHeader::current(0), &records))
+        .expect_err("options for no flow");
+    assert!(
+        matches!(
+            err,
+            StreamError::OptionsForUnknownFlow {
+                index: 4,
+                id: 8,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let mut records = required_records();
+    records.push(flow_raw);
+    records.push(options(9));
+    records.push(options(9));
+    let err =
+        decode_stream(&raw_stream(StreamHeader::current(0), &records)).expect_err("options twice");
+    assert!(
+        matches!(
+            err,
+            StreamError::DuplicateOptions {
+                index: 5,
+                id: 9,
+                first: 4,
+                ..
+            }
+        ),
+        "{err}"
     );
 }
 
@@ -665,7 +796,8 @@ fn record_count_and_stream_size_limits_hold() {
     assert!(matches!(err, StreamError::StreamTooLarge { .. }), "{err}");
     let exact = Limits {
         max_stream_bytes: bytes.len() as u64,
-        max_records: 7,
+        // Device, Source, Guest, Forwards, 2 TcpFlow, TcpOptions of flow 2, UdpFlow.
+        max_records: 8,
         ..Limits::DEFAULT
     };
     decode_stream_with_limits(&bytes, &exact).expect("exactly at the limits");
@@ -805,6 +937,7 @@ fn tcp_flow(id: u32, snapshot: bool) -> impl Strategy<Value = TcpFlowRecord> {
                         ws_from_guest: wsf,
                         ws_to_guest: wst,
                         mss_to_guest: mss,
+                        sack_permitted: flags[1],
                     },
                     host: HostSocketEnds {
                         local: remote,

@@ -1,6 +1,21 @@
 //! One TCP connection: the guest-facing endpoint ([`GuestSide`], plain data) and the
 //! host socket it is mapped onto ([`TcpConn`]). See the parent module for the sequence
 //! number mapping.
+//!
+//! SACK (RFC 2018), when the guest offers it (its SYN, or its SYN-ACK to ours, which
+//! always offers it): the blocks in the guest's ACKs fill a [`Scoreboard`], and a
+//! retransmission resends only what the guest does not hold. Fast retransmission (the
+//! third duplicate ACK, and each later one that reports more) resends the holes below
+//! the highest reported block, each once per recovery; a timeout resends every hole
+//! up to SND.NXT. Neither moves SND.NXT: a hole is peeked with `SO_PEEK_OFF` set to its
+//! offset from SND.UNA (one `setsockopt` and one `MSG_PEEK` per hole, plus one
+//! `setsockopt` to put the offset back — the kernel walks the receive queue to the
+//! offset as it does for every peek), so the peek model's invariant holds again after.
+//! A scoreboard the guest stops honouring (it may renege, RFC 2018 §8) is dropped: when
+//! a cumulative ACK stops at a byte it had reported holding, and after
+//! [`SACK_TRUSTED_TIMEOUTS`] timeouts without progress; retransmission then goes back
+//! to SND.UNA as without SACK. baton sends no SACK blocks itself: it keeps no
+//! out-of-order data from the guest.
 
 use std::io;
 use std::net::IpAddr;
@@ -13,7 +28,8 @@ use nix::errno::Errno;
 use nix::sys::epoll::EpollFlags;
 use nix::sys::socket::{recv, send, shutdown, MsgFlags, Shutdown};
 
-use super::segment::{self, OutSegment, Segment, ACK, FIN, PSH, RST, SYN};
+use super::sack::Scoreboard;
+use super::segment::{self, OutSegment, Segment, SynOffer, ACK, FIN, PSH, RST, SYN};
 use super::seq::Seq;
 use super::sock;
 use crate::config::MacAddr;
@@ -29,6 +45,10 @@ pub const MAX_RTO: Duration = Duration::from_secs(30);
 pub const MAX_RETRIES: u8 = 8;
 /// Duplicate ACKs that trigger a fast retransmission.
 const DUP_ACK_THRESHOLD: u8 = 3;
+/// Consecutive retransmission timeouts that still resend only the SACK holes; from the
+/// next one on the scoreboard is dropped (the guest may have discarded what it
+/// reported) and everything from SND.UNA is resent.
+pub const SACK_TRUSTED_TIMEOUTS: u8 = 2;
 /// Default MSS when the guest sends none (RFC 9293: 536 for IPv4, 1220 for IPv6).
 const DEFAULT_MSS_V4: u16 = 536;
 const DEFAULT_MSS_V6: u16 = 1220;
@@ -92,6 +112,9 @@ pub struct GuestSide {
     pub mss: u16,
     /// Window (bytes) in the last segment we sent.
     pub window_to_guest: u32,
+    /// SACK negotiated: the guest's ACKs may carry SACK blocks, and retransmissions
+    /// use them.
+    pub sack_permitted: bool,
 }
 
 /// What the caller must do with the flow after an event.
@@ -139,6 +162,11 @@ pub struct TcpConn {
     pub rto: Duration,
     pub retries: u8,
     dup_acks: u8,
+    /// What the guest reported holding beyond SND.UNA (not migrated: advisory, and
+    /// rebuilt from the guest's next ACKs).
+    sacked: Scoreboard,
+    /// During a SACK recovery: the holes below this were already resent.
+    rexmit_high: Option<Seq>,
 }
 
 fn default_mss(addr: IpAddr) -> u16 {
@@ -188,6 +216,7 @@ impl TcpConn {
                 our_window_scale: our_scale,
                 mss,
                 window_to_guest: 0,
+                sack_permitted: seg.options.sack_permitted,
             },
             socket,
             registered: None,
@@ -200,6 +229,8 @@ impl TcpConn {
             retries: 0,
             dup_acks: 0,
             ack_pending: false,
+            sacked: Scoreboard::default(),
+            rexmit_high: None,
         }
     }
 
@@ -227,6 +258,8 @@ impl TcpConn {
                 our_window_scale: OUR_WINDOW_SCALE,
                 mss: default_mss(guest_addr),
                 window_to_guest: 0,
+                // Offered in our SYN; the guest's SYN-ACK decides.
+                sack_permitted: false,
             },
             socket,
             registered: None,
@@ -239,6 +272,8 @@ impl TcpConn {
             retries: 0,
             dup_acks: 0,
             ack_pending: false,
+            sacked: Scoreboard::default(),
+            rexmit_high: None,
         }
     }
 
@@ -267,6 +302,8 @@ impl TcpConn {
             rto: INITIAL_RTO,
             retries: 0,
             dup_acks: 0,
+            sacked: Scoreboard::default(),
+            rexmit_high: None,
         }
     }
 
@@ -286,6 +323,10 @@ impl TcpConn {
             self.ack(io);
             if self.ack_pending {
                 return Outcome::Keep;
+            }
+            if self.check_done() == Outcome::Close {
+                // That was the last ACK of a connection closed both ways.
+                return Outcome::Close;
             }
         }
         self.push_data(io)
@@ -334,6 +375,14 @@ impl TcpConn {
         let window = space.min(max);
         let scaled = window >> self.guest.our_window_scale;
         self.guest.window_to_guest = scaled << self.guest.our_window_scale;
+        if scaled == 0 {
+            // A closed window must be reopened by us: the guest only probes it on its
+            // own timer (0.2 s and more, doubling). Watch for the socket becoming
+            // writable, as after a refused write ([`Self::on_writable`] announces the
+            // window). Only for zero: EPOLLOUT is level-triggered and fires with free
+            // space below one MSS, so a "small window" test would spin.
+            self.send_blocked = true;
+        }
         u16::try_from(scaled).unwrap_or(u16::MAX)
     }
 
@@ -385,7 +434,11 @@ impl TcpConn {
     pub fn send_syn(&mut self, io: &mut Io<'_>) -> bool {
         let window = self.compute_window();
         let mut seg = self.out(io, self.guest.isn, SYN, window, &[]);
-        seg.syn_options = Some((io.link_mss, Some(OUR_WINDOW_SCALE)));
+        seg.syn_options = Some(SynOffer {
+            mss: io.link_mss,
+            window_scale: Some(OUR_WINDOW_SCALE),
+            sack_permitted: true,
+        });
         self.arm_rto(io.now);
         Self::emit(io, &seg)
     }
@@ -398,7 +451,11 @@ impl TcpConn {
             .min(65535) as u16;
         let scale = (self.guest.our_window_scale > 0).then_some(self.guest.our_window_scale);
         let mut seg = self.out(io, self.guest.isn, SYN | ACK, window, &[]);
-        seg.syn_options = Some((io.link_mss, scale));
+        seg.syn_options = Some(SynOffer {
+            mss: io.link_mss,
+            window_scale: scale,
+            sack_permitted: self.guest.sack_permitted,
+        });
         self.arm_rto(io.now);
         Self::emit(io, &seg)
     }
@@ -543,6 +600,7 @@ impl TcpConn {
         }
         let g = &mut self.guest;
         g.seq_from_guest = seg.seq.plus(1);
+        g.sack_permitted = seg.options.sack_permitted;
         match seg.options.window_scale {
             Some(scale) => g.guest_window_scale = scale,
             None => {
@@ -662,7 +720,15 @@ impl TcpConn {
     fn check_done(&self) -> Outcome {
         let g = &self.guest;
         match g.fin_to_guest {
-            Some(fin) if g.fin_from_guest && g.seq_ack_from_guest == fin.plus(1) => Outcome::Close,
+            // Not while our ACK of the guest's FIN is still waiting for receive
+            // buffers: without it the guest retransmits its FIN, and a flow that is gone
+            // answers that with a RST (baton keeps no TIME-WAIT). [`Self::resume_rx`]
+            // closes once the ACK went out.
+            Some(fin)
+                if g.fin_from_guest && g.seq_ack_from_guest == fin.plus(1) && !self.ack_pending =>
+            {
+                Outcome::Close
+            }
             _ => Outcome::Keep,
         }
     }
@@ -680,6 +746,7 @@ impl TcpConn {
             return None;
         }
         let acked = seg.ack.since(g.seq_ack_from_guest);
+        self.note_sack(seg);
         if acked == 0 {
             let in_flight = g.seq_to_guest.since(g.seq_ack_from_guest);
             let duplicate = seg.payload.is_empty()
@@ -698,7 +765,12 @@ impl TcpConn {
             }
             if duplicate {
                 self.dup_acks = self.dup_acks.saturating_add(1);
-                if self.dup_acks == DUP_ACK_THRESHOLD {
+                if self.dup_acks >= DUP_ACK_THRESHOLD && self.sack_in_use() {
+                    let outcome = self.sack_recover(io);
+                    if outcome != Outcome::Keep {
+                        return Some(outcome);
+                    }
+                } else if self.dup_acks == DUP_ACK_THRESHOLD {
                     self.rewind();
                 }
             }
@@ -743,9 +815,170 @@ impl TcpConn {
         self.rto = INITIAL_RTO;
         self.deadline = None;
         match self.push_data(io) {
-            Outcome::Keep => None,
+            Outcome::Keep => {
+                // RFC 6298 (5.3): the timer restarts while data is outstanding, even
+                // when this ACK let nothing new go (a lost tail would otherwise wait
+                // for the host to send more).
+                let g = &self.guest;
+                let unacked =
+                    g.seq_to_guest != g.seq_ack_from_guest || g.seq_max_to_guest != g.seq_to_guest;
+                if unacked && self.deadline.is_none() {
+                    self.arm_rto(io.now);
+                }
+                None
+            }
             other => Some(other),
         }
+    }
+
+    /// Update the scoreboard from a (valid) ACK of the guest: forget what it
+    /// acknowledges, or all of it if the ACK stops at a byte the guest had reported
+    /// holding (it reneged), then add the ACK's blocks.
+    fn note_sack(&mut self, seg: &Segment<'_>) {
+        let g = &self.guest;
+        if !g.sack_permitted || g.state != TcpState::Established {
+            return;
+        }
+        if self.sacked.covers(seg.ack) {
+            tracing::debug!(
+                "{}:{} -> {}:{}: the guest dropped data it had reported holding (at {})",
+                g.remote_addr,
+                g.remote_port,
+                g.guest_addr,
+                g.guest_port,
+                seg.ack.0
+            );
+            self.sacked.clear();
+        } else {
+            self.sacked.advance(seg.ack);
+        }
+        if self.rexmit_high.is_some_and(|high| !seg.ack.before(high)) {
+            self.rexmit_high = None;
+        }
+        for (start, end) in seg.sack.iter() {
+            self.sacked.add(start, end, seg.ack, g.seq_max_to_guest);
+        }
+    }
+
+    fn sack_in_use(&self) -> bool {
+        self.guest.sack_permitted && !self.sacked.is_empty()
+    }
+
+    /// Fast retransmission with SACK: resend the holes below the highest block the
+    /// guest reported that this recovery has not resent yet.
+    fn sack_recover(&mut self, io: &mut Io<'_>) -> Outcome {
+        let Some(high) = self.sacked.highest() else {
+            return Outcome::Keep;
+        };
+        let g = &self.guest;
+        let una = g.seq_ack_from_guest;
+        let from = match self.rexmit_high {
+            Some(done) if done.after(una) => done,
+            _ => una,
+        };
+        let to = if high.before(g.seq_to_guest) {
+            high
+        } else {
+            g.seq_to_guest
+        };
+        if !from.before(to) {
+            return Outcome::Keep;
+        }
+        let holes = self.sacked.holes(from, to);
+        tracing::debug!(
+            "{}:{} -> {}:{}: fast retransmission of {} hole(s) in {}..{} (SND.UNA {})",
+            g.remote_addr,
+            g.remote_port,
+            g.guest_addr,
+            g.guest_port,
+            holes.len(),
+            from.0,
+            to.0,
+            una.0
+        );
+        self.rexmit_high = Some(to);
+        self.resend(io, &holes)
+    }
+
+    /// Send the ranges again (below SND.NXT; our FIN too if a range holds it), peeking
+    /// each at its offset, then put `SO_PEEK_OFF` back at SND.NXT. Data beyond the
+    /// guest's window is left for later. If the guest's receive queue fills up the rest
+    /// waits for the next duplicate ACK or timeout (`rexmit_high` stops there).
+    fn resend(&mut self, io: &mut Io<'_>, ranges: &[(Seq, Seq)]) -> Outcome {
+        let una = self.guest.seq_ack_from_guest;
+        let fin = self.guest.fin_to_guest;
+        let window_end = una.plus(self.guest.guest_window);
+        let mss = usize::from(self.guest.mss.min(io.link_mss)).max(1);
+        let window = self.compute_window();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.socket);
+        let mut frame = std::mem::take(io.frame_buf);
+        let mut failed = false;
+        'ranges: for &(start, end) in ranges {
+            let mut data_end = end;
+            for limit in fin.into_iter().chain([window_end]) {
+                if limit.before(data_end) {
+                    data_end = limit;
+                }
+            }
+            let mut seq = start;
+            while seq.before(data_end) {
+                if let Err(err) = sock::set_peek_offset(self.socket.as_fd(), seq.since(una)) {
+                    tracing::debug!("setting SO_PEEK_OFF for a retransmission: {err}");
+                    failed = true;
+                    break 'ranges;
+                }
+                let want = (data_end.since(seq) as usize).min(io.peek_buf.len());
+                let peeked = match recv(
+                    fd,
+                    &mut io.peek_buf[..want],
+                    MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+                ) {
+                    Ok(n) if n > 0 => n,
+                    Ok(_) | Err(Errno::EAGAIN) => {
+                        tracing::debug!("data to retransmit is missing from the socket");
+                        failed = true;
+                        break 'ranges;
+                    }
+                    Err(err) => {
+                        tracing::debug!("peeking at data to retransmit: {err}");
+                        failed = true;
+                        break 'ranges;
+                    }
+                };
+                let mut sent = 0;
+                while sent < peeked {
+                    let chunk = (peeked - sent).min(mss);
+                    let seg = self.out(io, seq, ACK, window, &io.peek_buf[sent..sent + chunk]);
+                    if segment::build(&seg, &mut frame).is_err() || !io.sink.send_frame(&frame) {
+                        self.rx_blocked = true;
+                        self.rexmit_high = Some(seq);
+                        break 'ranges;
+                    }
+                    sent += chunk;
+                    seq = seq.plus(chunk as u32);
+                }
+            }
+            if let Some(fin) = fin {
+                if !fin.before(start) && fin.before(end) {
+                    let seg = self.out(io, fin, FIN | ACK, window, &[]);
+                    if segment::build(&seg, &mut frame).is_err() || !io.sink.send_frame(&frame) {
+                        self.rx_blocked = true;
+                        self.rexmit_high = Some(fin);
+                        break 'ranges;
+                    }
+                }
+            }
+        }
+        *io.frame_buf = frame;
+        let offset = self.data_in_flight();
+        if let Err(err) = sock::set_peek_offset(self.socket.as_fd(), offset) {
+            tracing::debug!("restoring SO_PEEK_OFF after a retransmission: {err}");
+            failed = true;
+        }
+        if failed {
+            return self.reset_guest(io);
+        }
+        Outcome::Keep
     }
 
     /// Write the new part of the guest's payload into the socket.
@@ -811,6 +1044,9 @@ impl TcpConn {
             tracing::debug!("resetting SO_PEEK_OFF: {err}");
         }
         self.dup_acks = 0;
+        // Everything goes again: nothing to skip, no recovery in progress.
+        self.sacked.clear();
+        self.rexmit_high = None;
     }
 
     /// Send what the socket has, within the guest's window, straight from `MSG_PEEK`.
@@ -850,6 +1086,13 @@ impl TcpConn {
             if let Some(fin) = self.guest.fin_to_guest {
                 // Resending the data before our FIN, not beyond it.
                 limit = limit.min(fin.since(self.guest.seq_to_guest) as usize);
+            }
+            if limit > mss {
+                // Whole segments only: a peek that ends just past a segment boundary
+                // would cost the guest a tiny frame (with MTU 65520, 64 KiB peeks made
+                // every other frame 56 bytes long), and per-frame work is what bounds
+                // a guest's receive rate. The rest goes in the next round.
+                limit -= limit % mss;
             }
             let fd = std::os::fd::AsRawFd::as_raw_fd(&self.socket);
             let peeked = match recv(
@@ -991,8 +1234,25 @@ impl TcpConn {
                 self.ack_pending
             );
             self.rto = (self.rto * 2).min(MAX_RTO);
-            self.rewind();
-            let outcome = self.push_data(io);
+            let outcome = if self.sack_in_use() && self.retries <= SACK_TRUSTED_TIMEOUTS {
+                // Every hole up to SND.NXT, nothing the guest reported holding.
+                let (una, nxt) = (g.seq_ack_from_guest, self.guest.seq_to_guest);
+                let holes = self.sacked.holes(una, nxt);
+                tracing::debug!(
+                    "resending {} SACK hole(s) in {}..{}",
+                    holes.len(),
+                    una.0,
+                    nxt.0
+                );
+                self.rexmit_high = Some(nxt);
+                match self.resend(io, &holes) {
+                    Outcome::Keep => self.push_data(io),
+                    other => other,
+                }
+            } else {
+                self.rewind();
+                self.push_data(io)
+            };
             if self.deadline.is_none() {
                 self.arm_rto(io.now);
             }
@@ -1074,6 +1334,7 @@ impl TryFrom<&GuestSide> for GuestTcpSide {
             ws_from_guest: g.guest_window_scale,
             ws_to_guest: g.our_window_scale,
             mss_to_guest: g.mss,
+            sack_permitted: g.sack_permitted,
         })
     }
 }
@@ -1103,6 +1364,7 @@ impl From<&GuestTcpSide> for GuestSide {
             our_window_scale: r.ws_to_guest,
             mss: r.mss_to_guest,
             window_to_guest: r.wnd_to_guest,
+            sack_permitted: r.sack_permitted,
         }
     }
 }

@@ -22,6 +22,7 @@
 //!   SO_PEEK_OFF == seq_to_guest - seq_ack_from_guest   (minus our FIN once it is sent)
 //!   guest ACK a:   recv(MSG_TRUNC, a - seq_ack_from_guest); seq_ack_from_guest = a
 //!   retransmit:    seq_to_guest = seq_ack_from_guest; SO_PEEK_OFF = 0; peek again
+//!   SACK hole h:   SO_PEEK_OFF = h - seq_ack_from_guest; peek the hole; SO_PEEK_OFF back
 //!   guest RX full: SO_PEEK_OFF = seq_to_guest - seq_ack_from_guest (undo the unsent peek)
 //! ```
 //!
@@ -37,9 +38,11 @@
 //!
 //! State per connection: [`conn::GuestSide`] (plain data: addresses, sequence numbers,
 //! windows, scales, MSS, FIN flags — what the migration stream will carry besides the
-//! kernel socket) and the host side in [`conn::TcpConn`]. Options: MSS and window scale
-//! as the guest offers them; SACK and timestamps are not offered (we never hold
-//! out-of-order data, so SACK would buy nothing).
+//! kernel socket) and the host side in [`conn::TcpConn`]. Options: MSS, window scale
+//! and SACK-permitted as the guest offers them (SACK lets retransmissions towards the
+//! guest skip what it holds, see [`conn`]; baton never sends SACK blocks, holding no
+//! out-of-order data); timestamps are not offered. Host sockets have keepalive on
+//! (see `sock`).
 //!
 //! Flows live in a bounded [`FlowTable`] keyed by the guest's 4-tuple; a socket's epoll
 //! event data carries the flow id (owner tag [`EPOLL_OWNER_TCP`] in the top byte, a kind
@@ -56,8 +59,9 @@
 //!
 //! Migration (same host, see [`crate::handover`]): [`TcpFlows::freeze_for_handover`]
 //! makes every socket deaf (drop-all filter), takes it out of the epoll set and turns
-//! each established connection into a [`TcpFlowRecord`] plus a duplicate descriptor to
-//! offer. While frozen nothing is sent to the guest (no timers, no waiters, no accepts).
+//! each established connection into a [`TcpFlowRecord`] plus its socket, lent to the
+//! offer (no duplicate: one descriptor per connection; so no offered flow is closed
+//! before the offer has settled, see [`crate::handover::LentSocket`]). While frozen nothing is sent to the guest (no timers, no waiters, no accepts).
 //! Two things end it: the offer is taken ([`TcpFlows::collect_handover`] drops those
 //! flows without a sound — the target holds the same sockets — and never thaws them),
 //! or the guest talks again on this side (the source VM resumed:
@@ -66,13 +70,18 @@
 //! until the guest sends a TCP segment, or [`ADOPT_QUIET`] after the rings first run
 //! (a frame sent while QEMU is still starting the rings can lose its interrupt, which
 //! with EVENT_IDX silences the guest's receive queue for good: see [`AdoptHold`]).
+//! Connections restored from another host ([`TcpFlows::adopt_restored`]) are also
+//! re-probed through the helper from the first round of events on, until the peer's
+//! answers reach this host ([`crate::restore::Reprobe`]).
 //!
 //! Addresses: the guest's destination `map_host_loopback` (default: the gateway; for
 //! IPv6 also the router's link-local address) reaches the host's loopback, and
 //! connections from the host's loopback through a `-t` forward appear to come from it.
 
 pub mod alarm;
+mod closed;
 pub mod conn;
+mod sack;
 pub mod segment;
 pub mod seq;
 mod sock;
@@ -82,7 +91,7 @@ pub(crate) use sock::{
 
 use std::cmp::Reverse;
 use std::collections::hash_map::RandomState;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 use std::hash::BuildHasher;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -94,7 +103,7 @@ use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
 use crate::config::{MacAddr, NetConfig};
 use crate::flow::{FlowId, FlowTable};
-use crate::handover::{HandoverOffer, OfferStatus, OfferedSocket};
+use crate::handover::{HandoverOffer, LentSocket, OfferStatus};
 use crate::net::FrameSink;
 use conn::{Io, Outcome, TcpConn, TcpState};
 use segment::{Segment, ACK, RST, SYN};
@@ -109,10 +118,46 @@ const KIND_LISTENER: u64 = 1;
 const KIND_ALARM: u64 = 2;
 const PAYLOAD_MASK: u64 = (1 << KIND_SHIFT) - 1;
 
-/// Largest peek per round (one 64 KiB frame's worth).
-const PEEK_BUFFER_LEN: usize = 65536;
+/// Largest peek per round: a few maximum-size segments (MTU 65520), so a fast flow
+/// fills the guest's ring with few `recv` calls. One buffer for the whole engine.
+const PEEK_BUFFER_LEN: usize = 4 * 65536;
 /// Connections accepted per listener event.
 const ACCEPTS_PER_EVENT: usize = 64;
+
+/// Flows waiting for guest receive buffers, each once, in the order they started
+/// waiting (the oldest is retried first). A set beside the list: after a LOAD every
+/// adopted flow waits, and a membership scan per flow made resuming 10,000 of them
+/// quadratic.
+#[derive(Debug, Default)]
+struct RxWaiters {
+    order: Vec<FlowId>,
+    members: HashSet<FlowId>,
+}
+
+impl RxWaiters {
+    fn push(&mut self, id: FlowId) {
+        if self.members.insert(id) {
+            self.order.push(id);
+        }
+    }
+
+    /// All waiting flows, oldest first; the queue is empty afterwards.
+    fn take(&mut self) -> Vec<FlowId> {
+        self.members.clear();
+        std::mem::take(&mut self.order)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(FlowId) -> bool) {
+        let members = &mut self.members;
+        self.order.retain(|&id| {
+            let kept = keep(id);
+            if !kept {
+                members.remove(&id);
+            }
+            kept
+        });
+    }
+}
 
 /// Log classes.
 const LOG_FULL: usize = 0;
@@ -154,7 +199,9 @@ pub(crate) struct TcpFlows {
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     alarm: alarm::AlarmClock,
     /// Flows whose frames did not fit in the guest's receive queue.
-    rx_waiters: Vec<FlowId>,
+    rx_waiters: RxWaiters,
+    /// Connections closed both ways in the last seconds (see [`closed`]).
+    closed: closed::ClosedFlows,
     isn_secret: RandomState,
     epoch: Instant,
     peek_buf: Vec<u8>,
@@ -164,6 +211,9 @@ pub(crate) struct TcpFlows {
     freeze: Freeze,
     /// Adopted flows keep quiet until the guest has surely resumed.
     hold: AdoptHold,
+    /// Flows restored from another host, re-probed once the guest runs
+    /// ([`crate::restore::Reprobe`]).
+    reprobe: Option<crate::restore::Reprobe>,
     /// A descriptor held in reserve: when the process runs out of descriptors, a
     /// connection waiting on a `-t` listener can only be refused by accepting it, which
     /// needs a free slot. Without one the level-triggered listener would wake the
@@ -209,11 +259,11 @@ enum Freeze {
     },
 }
 
-/// The flows frozen at SAVE: their records, and duplicates of their sockets to offer.
+/// The flows frozen at SAVE: their records, and their sockets to lend to the offer.
 #[derive(Debug, Default)]
 pub(crate) struct FrozenFlows {
     pub(crate) records: Vec<TcpFlowRecord>,
-    pub(crate) sockets: Vec<OfferedSocket>,
+    pub(crate) sockets: Vec<LentSocket>,
     /// Connections that cannot move (handshake in progress, socket trouble).
     pub(crate) left_behind: usize,
 }
@@ -246,14 +296,17 @@ impl TcpFlows {
             listeners: Vec::new(),
             timers: BinaryHeap::new(),
             alarm,
-            rx_waiters: Vec::new(),
+            rx_waiters: RxWaiters::default(),
+            closed: closed::ClosedFlows::default(),
             isn_secret: RandomState::new(),
             epoch: now,
             peek_buf: vec![0; PEEK_BUFFER_LEN],
-            frame_buf: Vec::with_capacity(PEEK_BUFFER_LEN + 128),
+            // One frame at a time: a segment of at most 64 KiB plus headers.
+            frame_buf: Vec::with_capacity(65536 + 128),
             log: crate::net::ratelimit::LogLimiter::new(now),
             freeze: Freeze::Live,
             hold: AdoptHold::Off,
+            reprobe: None,
             spare_fd: None,
         };
         flows.spare_fd = flows.alarm.fd().try_clone_to_owned().ok();
@@ -374,16 +427,18 @@ impl TcpFlows {
     }
 
     /// A TCP segment from the guest (`l4` is the TCP message from `src` to `dst`).
+    #[allow(clippy::too_many_arguments)] // the segment's parts, as the IP layer found them
     pub(crate) fn handle_guest_segment(
         &mut self,
         env: &Env<'_>,
         src: IpAddr,
         dst: IpAddr,
         l4: &[u8],
+        checksum: crate::net::L4Checksum,
         sink: &mut dyn FrameSink,
         now: Instant,
     ) -> Result<(), TcpError> {
-        let seg = segment::parse(src, dst, l4)?;
+        let seg = segment::parse_with(src, dst, l4, checksum)?;
         if !self.source_resumed(env) {
             // A handover is under way: drop the segment, the guest sends it again.
             return Ok(());
@@ -434,7 +489,22 @@ impl TcpFlows {
         now: Instant,
     ) -> Result<(), TcpError> {
         if seg.has(RST) {
+            self.closed.remove(&key);
             return Ok(());
+        }
+        if let Some(closed) = self.closed.get(&key, now) {
+            if seg.has(SYN) {
+                // The guest reuses the 4-tuple: a new connection.
+                self.closed.remove(&key);
+            } else if !seg.seq.plus(seg.seq_len()).after(closed.seq_from_guest) {
+                if seg.seq_len() > 0 {
+                    // Its last data or FIN again: our ACK of it came late (it waited
+                    // for receive buffers). Acknowledge it again.
+                    self.ack_closed(env, key, closed, sink);
+                }
+                // A late ACK needs no answer.
+                return Ok(());
+            }
         }
         if !seg.has(SYN) || seg.has(ACK) || seg.flags & (segment::FIN) != 0 {
             self.reset_unknown(env, key, seg, sink);
@@ -550,6 +620,31 @@ impl TcpFlows {
         }
     }
 
+    /// Acknowledge a segment of the connection `key`, closed both ways as `closed`.
+    fn ack_closed(
+        &mut self,
+        env: &Env<'_>,
+        key: FlowKey,
+        closed: closed::ClosedFlow,
+        sink: &mut dyn FrameSink,
+    ) {
+        let out = segment::OutSegment {
+            src_mac: env.config.our_mac,
+            dst_mac: env.guest_mac.unwrap_or([0xff; 6]),
+            src: (key.2, key.3),
+            dst: (key.0, key.1),
+            seq: closed.seq_to_guest,
+            ack: closed.seq_from_guest,
+            flags: ACK,
+            window: 0,
+            syn_options: None,
+            payload: &[],
+        };
+        if segment::build(&out, &mut self.frame_buf).is_ok() {
+            sink.send_frame(&self.frame_buf);
+        }
+    }
+
     /// Apply an outcome: close the flow, or update its epoll interest and timer.
     fn settle(&mut self, env: &Env<'_>, id: FlowId, outcome: Outcome) {
         match outcome {
@@ -561,6 +656,16 @@ impl TcpFlows {
                     }
                     if outcome == Outcome::Reset {
                         let _ = sock::set_reset_on_close(conn.socket.as_fd());
+                    } else if let Some(fin) = conn.guest.fin_to_guest {
+                        if conn.guest.fin_from_guest {
+                            let g = &conn.guest;
+                            let key = (g.guest_addr, g.guest_port, g.remote_addr, g.remote_port);
+                            let flow = closed::ClosedFlow {
+                                seq_to_guest: fin.plus(1),
+                                seq_from_guest: g.seq_from_guest,
+                            };
+                            self.closed.insert(key, flow, Instant::now());
+                        }
                     }
                     tracing::trace!("{id}: closed ({outcome:?})");
                 }
@@ -570,7 +675,7 @@ impl TcpFlows {
         let Some(conn) = self.flows.get_mut(id) else {
             return;
         };
-        if conn.rx_blocked && !self.rx_waiters.contains(&id) {
+        if conn.rx_blocked {
             self.rx_waiters.push(id);
         }
         if !conn.hung_up {
@@ -763,6 +868,7 @@ impl TcpFlows {
             self.collect_handover(env);
             return;
         }
+        self.run_reprobe(now);
         match self.hold {
             AdoptHold::Off => {}
             AdoptHold::Adopted => {
@@ -779,7 +885,7 @@ impl TcpFlows {
                 self.hold = AdoptHold::Off;
             }
         }
-        let waiters = std::mem::take(&mut self.rx_waiters);
+        let waiters = self.rx_waiters.take();
         let mut stalled = false;
         for id in waiters {
             if stalled {
@@ -833,6 +939,21 @@ impl TcpFlows {
         }
         if let AdoptHold::Until(until) = self.hold {
             self.alarm.arm(until);
+        }
+        if let Some(next) = self.reprobe.as_ref().and_then(|r| r.next_round(now)) {
+            self.alarm.arm(next);
+        }
+    }
+
+    /// A due round of [`crate::restore::Reprobe`] (the first one as soon as events run
+    /// after LOAD: the guest runs).
+    fn run_reprobe(&mut self, now: Instant) {
+        let Some(reprobe) = self.reprobe.as_mut() else {
+            return;
+        };
+        let flows = &self.flows;
+        if !reprobe.run_due(now, |id| flows.get(id).map(|conn| conn.socket.as_fd())) {
+            self.reprobe = None;
         }
     }
 }
@@ -893,10 +1014,8 @@ impl TcpFlows {
                     continue;
                 }
             };
-            let described = crate::handover::socket_ends(conn.socket.as_fd())
-                .and_then(|host| Ok((host, conn.socket.try_clone()?)));
-            let (host, dup) = match described {
-                Ok(described) => described,
+            let host = match crate::handover::socket_ends(conn.socket.as_fd()) {
+                Ok(host) => host,
                 Err(err) => {
                     tracing::warn!("{id}: not migrated: {err}");
                     frozen.left_behind += 1;
@@ -917,10 +1036,13 @@ impl TcpFlows {
                 continue;
             }
             frozen.records.push(record);
-            frozen.sockets.push(OfferedSocket {
-                flow: wire,
-                socket: dup,
-            });
+            // SAFETY: the flow's socket stays open until its offer has settled: flows
+            // offered are closed only by `release`, which runs after the offer's outcome
+            // is final (`collect_handover`, `source_resumed`, `close_frozen`,
+            // `unfreeze_offer`), and `Drop` drops the offer before the table.
+            frozen
+                .sockets
+                .push(unsafe { LentSocket::new(wire, conn.socket.as_fd()) });
             offered.push((wire, id));
         }
         for listener in &self.listeners {
@@ -949,16 +1071,13 @@ impl TcpFlows {
         }
     }
 
-    /// Withdraw a previous offer (a second SAVE); its outcome is applied first.
+    /// Withdraw a previous offer (a second SAVE); its outcome is applied first (waiting
+    /// out a transfer under way: the new offer lends the same sockets).
     fn unfreeze_offer(&mut self) {
         if let Freeze::Frozen { offer, offered } = &mut self.freeze {
             if let Some(old) = offer.take() {
-                if let OfferStatus::Taken(flows) = old.cancel() {
-                    let ids: Vec<FlowId> = offered
-                        .iter()
-                        .filter(|(wire, _)| flows.contains(wire))
-                        .map(|(_, id)| *id)
-                        .collect();
+                if let OfferStatus::Taken(flows) = old.settle() {
+                    let ids = taken_ids(offered, &flows);
                     self.release(&ids);
                 }
             }
@@ -979,11 +1098,7 @@ impl TcpFlows {
         let OfferStatus::Taken(flows) = offer.status() else {
             return 0;
         };
-        let ids: Vec<FlowId> = offered
-            .iter()
-            .filter(|(wire, _)| flows.contains(wire))
-            .map(|(_, id)| *id)
-            .collect();
+        let ids = taken_ids(offered, &flows);
         self.release(&ids);
         tracing::info!("TCP: {} connection(s) handed over to the target", ids.len());
         ids.len()
@@ -997,7 +1112,8 @@ impl TcpFlows {
                 drop(conn);
             }
         }
-        self.rx_waiters.retain(|id| self.flows.get(*id).is_some());
+        let flows = &self.flows;
+        self.rx_waiters.retain(|id| flows.get(id).is_some());
     }
 
     /// The guest talks on this side. If frozen, the source VM has resumed: withdraw the
@@ -1010,11 +1126,7 @@ impl TcpFlows {
         let taken: Vec<FlowId> = match offer.as_ref().map(HandoverOffer::cancel) {
             None | Some(OfferStatus::Closed) | Some(OfferStatus::Waiting) => Vec::new(),
             Some(OfferStatus::Busy) => return false,
-            Some(OfferStatus::Taken(flows)) => offered
-                .iter()
-                .filter(|(wire, _)| flows.contains(wire))
-                .map(|(_, id)| *id)
-                .collect(),
+            Some(OfferStatus::Taken(flows)) => taken_ids(offered, &flows),
         };
         if !taken.is_empty() {
             tracing::warn!(
@@ -1074,38 +1186,19 @@ impl TcpFlows {
             return (0, 0);
         };
         // A handover under way finishes within its step timeouts; wait it out rather
-        // than put the target's sockets in repair mode.
-        let deadline = Instant::now() + std::time::Duration::from_secs(5);
-        let status = loop {
-            match offer.as_ref().map(HandoverOffer::withdraw) {
-                Some(OfferStatus::Busy) if Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10))
-                }
-                other => break other,
-            }
-        };
+        // than put the target's sockets in repair mode (or close sockets it is sending).
+        let status = offer.as_ref().map(HandoverOffer::settle);
         let taken: Vec<FlowId> = match &status {
-            Some(OfferStatus::Taken(flows)) => offered
-                .iter()
-                .filter(|(wire, _)| flows.contains(wire))
-                .map(|(_, id)| *id)
-                .collect(),
+            Some(OfferStatus::Taken(flows)) => taken_ids(offered, flows),
             _ => Vec::new(),
         };
         self.release(&taken);
         let rest = self.flows.ids();
-        if matches!(status, Some(OfferStatus::Busy)) {
-            tracing::warn!(
-                "TCP: a handover was still under way; {} socket(s) closed without repair mode",
-                rest.len()
-            );
-        } else {
-            let sockets: Vec<_> = rest
-                .iter()
-                .filter_map(|id| self.flows.get(*id).map(|conn| conn.socket.as_fd()))
-                .collect();
-            silence(&sockets);
-        }
+        let sockets: Vec<_> = rest
+            .iter()
+            .filter_map(|id| self.flows.get(*id).map(|conn| conn.socket.as_fd()))
+            .collect();
+        silence(&sockets);
         self.release(&rest);
         // Back to live with no flows: the forwarding listeners return to the epoll set.
         self.thaw(env);
@@ -1138,6 +1231,67 @@ impl TcpFlows {
                 }
                 Err(_) => tracing::warn!("TCP: flow table full; migrated connection {key:?} reset"),
             }
+        }
+        adopted
+    }
+}
+
+/// The table's ids of the offered flows a target took (`offered` pairs stream and
+/// table ids).
+fn taken_ids(offered: &[(WireFlowId, FlowId)], taken: &[WireFlowId]) -> Vec<FlowId> {
+    let taken: std::collections::HashSet<WireFlowId> = taken.iter().copied().collect();
+    offered
+        .iter()
+        .filter(|(wire, _)| taken.contains(wire))
+        .map(|(_, id)| *id)
+        .collect()
+}
+
+impl Drop for TcpFlows {
+    fn drop(&mut self) {
+        // The offer may be sending the flows' own sockets (lent, not duplicated): let it
+        // settle before the table closes them (fields drop in declaration order).
+        if let Freeze::Frozen { offer, .. } = &mut self.freeze {
+            drop(offer.take());
+        }
+    }
+}
+
+impl TcpFlows {
+    /// LOAD from another host: [`TcpFlows::adopt`] sockets the helper restored, and
+    /// re-probe them through `helper` once the guest runs ([`crate::restore::Reprobe`]).
+    pub(crate) fn adopt_restored(
+        &mut self,
+        flows: Vec<(conn::GuestSide, OwnedFd)>,
+        helper: baton_repair_ipc::RepairClient,
+        now: Instant,
+    ) -> usize {
+        use std::os::fd::AsRawFd;
+        let restored: Vec<(FlowKey, i32)> = flows
+            .iter()
+            .map(|(guest, socket)| {
+                let key: FlowKey = (
+                    guest.guest_addr,
+                    guest.guest_port,
+                    guest.remote_addr,
+                    guest.remote_port,
+                );
+                (key, socket.as_raw_fd())
+            })
+            .collect();
+        let adopted = self.adopt(flows, now);
+        // The flows that hold the very sockets restored (not an older flow that had the
+        // same 4-tuple).
+        let ids: Vec<FlowId> = restored
+            .iter()
+            .filter_map(|(key, fd)| {
+                let id = self.flows.lookup(key)?;
+                let conn = self.flows.get(id)?;
+                (conn.socket.as_raw_fd() == *fd).then_some(id)
+            })
+            .collect();
+        if !ids.is_empty() {
+            self.reprobe = Some(crate::restore::Reprobe::new(helper, ids));
         }
         adopted
     }

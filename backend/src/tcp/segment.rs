@@ -1,16 +1,22 @@
 //! TCP segments: parsing the guest's (untrusted) and building ours.
 //!
 //! Parsing validates the header length, the options and the checksum (over the IPv4
-//! or IPv6 pseudo-header); anything wrong is a [`SegmentError`], never a panic.
+//! or IPv6 pseudo-header); anything wrong is a [`SegmentError`], never a panic. Options
+//! are read with etherparse: those of a SYN must be well-formed; in other segments only
+//! SACK blocks matter, and a malformed option ends the list (what follows it cannot be
+//! located) without dropping the segment.
 //! Building writes Ethernet, IP and TCP headers by hand into one `Vec` with complete
-//! checksums (baton offers the guest no checksum offload).
+//! checksums (baton offers the guest no checksum offload); SYN options are laid out by
+//! etherparse. baton never sends SACK blocks: it holds no out-of-order data from the
+//! guest (a segment beyond RCV.NXT is dropped, see `conn`), so it has nothing to report.
 
 use std::net::IpAddr;
 
-use etherparse::{TcpOptionElement, TcpSlice};
+use etherparse::{TcpOptionElement, TcpOptions, TcpSlice};
 
 use super::seq::Seq;
 use crate::config::MacAddr;
+use crate::net::L4Checksum;
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
@@ -22,8 +28,8 @@ const ETH_LEN: usize = 14;
 const IPV4_LEN: usize = 20;
 const IPV6_LEN: usize = 40;
 const TCP_LEN: usize = 20;
-/// MSS (4 bytes) + NOP + window scale (3 bytes).
-const SYN_OPTIONS_LEN: usize = 8;
+/// Most SACK blocks one segment carries (40 option bytes: 2 + 4 × 8).
+pub const MAX_SACK_BLOCKS: usize = 4;
 const HOP_LIMIT: u8 = 64;
 
 /// Why a guest segment was dropped.
@@ -47,6 +53,32 @@ pub struct SynOptions {
     pub sack_permitted: bool,
 }
 
+/// The SACK blocks of a guest segment (RFC 2018): `[left, right)` sequence ranges the
+/// guest holds beyond its cumulative acknowledgement, as sent (not yet checked against
+/// anything).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SackBlocks {
+    blocks: [(Seq, Seq); MAX_SACK_BLOCKS],
+    len: u8,
+}
+
+impl SackBlocks {
+    fn push(&mut self, left: u32, right: u32) {
+        if let Some(slot) = self.blocks.get_mut(usize::from(self.len)) {
+            *slot = (Seq(left), Seq(right));
+            self.len += 1;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Seq, Seq)> + '_ {
+        self.blocks.iter().take(usize::from(self.len)).copied()
+    }
+}
+
 /// A validated guest segment.
 #[derive(Debug, Clone, Copy)]
 pub struct Segment<'a> {
@@ -57,6 +89,8 @@ pub struct Segment<'a> {
     pub flags: u8,
     pub window: u16,
     pub options: SynOptions,
+    /// SACK blocks (segments other than SYNs).
+    pub sack: SackBlocks,
     pub payload: &'a [u8],
 }
 
@@ -115,11 +149,24 @@ fn pseudo_sum(src: IpAddr, dst: IpAddr, len: usize) -> Result<u64, SegmentError>
 
 /// Parse and validate the TCP message `l4` sent from `src` to `dst`.
 pub fn parse(src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Segment<'_>, SegmentError> {
+    parse_with(src, dst, l4, L4Checksum::Verify)
+}
+
+/// [`parse`], verifying the checksum only if `checksum` says so (the guest's driver may
+/// leave it partial under virtio checksum offload; see [`crate::vu`]).
+pub fn parse_with(
+    src: IpAddr,
+    dst: IpAddr,
+    l4: &[u8],
+    checksum: L4Checksum,
+) -> Result<Segment<'_>, SegmentError> {
     let tcp = TcpSlice::from_slice(l4).map_err(|_| SegmentError::Header)?;
-    if fold(sum_words(pseudo_sum(src, dst, l4.len())?, l4)) != 0 {
+    let pseudo = pseudo_sum(src, dst, l4.len())?;
+    if checksum == L4Checksum::Verify && fold(sum_words(pseudo, l4)) != 0 {
         return Err(SegmentError::Checksum);
     }
     let mut options = SynOptions::default();
+    let mut sack = SackBlocks::default();
     if tcp.syn() {
         for option in tcp.options_iterator() {
             match option.map_err(|_| SegmentError::Options)? {
@@ -129,6 +176,19 @@ pub fn parse(src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Segment<'_>, Segment
                     options.sack_permitted = true
                 }
                 _ => {}
+            }
+        }
+    } else if !tcp.options().is_empty() {
+        for option in tcp.options_iterator() {
+            match option {
+                Ok(TcpOptionElement::SelectiveAcknowledgement(first, rest)) => {
+                    sack.push(first.0, first.1);
+                    for (left, right) in rest.into_iter().flatten() {
+                        sack.push(left, right);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
             }
         }
     }
@@ -152,8 +212,36 @@ pub fn parse(src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Segment<'_>, Segment
         flags,
         window: tcp.window_size(),
         options,
+        sack,
         payload: tcp.payload(),
     })
+}
+
+/// The options of a SYN or SYN-ACK towards the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SynOffer {
+    pub mss: u16,
+    /// `None`: window scaling not offered.
+    pub window_scale: Option<u8>,
+    pub sack_permitted: bool,
+}
+
+impl SynOffer {
+    /// Laid out as Linux does without timestamps: MSS, then NOP NOP SACK-permitted,
+    /// then NOP window scale (each option word-aligned).
+    fn encode(&self) -> Result<TcpOptions, SegmentError> {
+        use TcpOptionElement::{
+            MaximumSegmentSize, Noop, SelectiveAcknowledgementPermitted, WindowScale,
+        };
+        let mut elements = vec![MaximumSegmentSize(self.mss)];
+        if self.sack_permitted {
+            elements.extend([Noop, Noop, SelectiveAcknowledgementPermitted]);
+        }
+        if let Some(scale) = self.window_scale {
+            elements.extend([Noop, WindowScale(scale)]);
+        }
+        TcpOptions::try_from_elements(&elements).map_err(|_| SegmentError::Options)
+    }
 }
 
 /// Everything about one segment towards the guest.
@@ -169,8 +257,8 @@ pub struct OutSegment<'a> {
     pub ack: Seq,
     pub flags: u8,
     pub window: u16,
-    /// MSS and window scale, for SYN segments (window scale `None`: not offered).
-    pub syn_options: Option<(u16, Option<u8>)>,
+    /// Options of SYN segments.
+    pub syn_options: Option<SynOffer>,
     pub payload: &'a [u8],
 }
 
@@ -181,11 +269,12 @@ pub fn header_overhead(ipv4: bool) -> usize {
 
 /// Build the frame; fails only if the families differ or the payload does not fit.
 pub fn build(seg: &OutSegment<'_>, out: &mut Vec<u8>) -> Result<(), SegmentError> {
-    let options_len = if seg.syn_options.is_some() {
-        SYN_OPTIONS_LEN
-    } else {
-        0
-    };
+    let options = seg.syn_options.map(|offer| offer.encode()).transpose()?;
+    let options = options
+        .as_ref()
+        .map(TcpOptions::as_slice)
+        .unwrap_or_default();
+    let options_len = options.len();
     let tcp_len = TCP_LEN + options_len + seg.payload.len();
     out.clear();
     out.extend_from_slice(&seg.dst_mac);
@@ -226,14 +315,7 @@ pub fn build(seg: &OutSegment<'_>, out: &mut Vec<u8>) -> Result<(), SegmentError
     out.extend_from_slice(&[data_offset << 4, seg.flags]);
     out.extend_from_slice(&seg.window.to_be_bytes());
     out.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
-    if let Some((mss, scale)) = seg.syn_options {
-        out.extend_from_slice(&[2, 4]);
-        out.extend_from_slice(&mss.to_be_bytes());
-        match scale {
-            Some(scale) => out.extend_from_slice(&[1, 3, 3, scale]),
-            None => out.extend_from_slice(&[1, 1, 1, 1]),
-        }
-    }
+    out.extend_from_slice(options);
     out.extend_from_slice(seg.payload);
     let sum = sum_words(
         pseudo_sum(seg.src.0, seg.dst.0, tcp_len)?,
@@ -261,7 +343,11 @@ mod tests {
             ack: Seq(7),
             flags: if syn { SYN | ACK } else { ACK | PSH },
             window: 1234,
-            syn_options: syn.then_some((1460, Some(7))),
+            syn_options: syn.then_some(SynOffer {
+                mss: 1460,
+                window_scale: Some(7),
+                sack_permitted: true,
+            }),
             payload,
         };
         let mut frame = Vec::new();
@@ -293,6 +379,7 @@ mod tests {
                 if syn {
                     assert_eq!(seg.options.mss, Some(1460));
                     assert_eq!(seg.options.window_scale, Some(7));
+                    assert!(seg.options.sack_permitted);
                 }
             }
         }
@@ -313,5 +400,103 @@ mod tests {
         let mut bad_offset = l4.to_vec();
         bad_offset[12] = 0xf0;
         assert!(parse(src, dst, &bad_offset).is_err());
+    }
+
+    /// Every combination of SYN options: what is offered parses back, and nothing else.
+    #[test]
+    fn syn_offers_parse_back() {
+        let src: IpAddr = "10.0.0.1".parse().expect("addr");
+        let dst: IpAddr = "10.0.0.2".parse().expect("addr");
+        for window_scale in [None, Some(7)] {
+            for sack_permitted in [false, true] {
+                let offer = SynOffer {
+                    mss: 1400,
+                    window_scale,
+                    sack_permitted,
+                };
+                let seg = OutSegment {
+                    src_mac: [2, 0, 0, 0, 0, 1],
+                    dst_mac: [2, 0, 0, 0, 0, 2],
+                    src: (src, 80),
+                    dst: (dst, 40000),
+                    seq: Seq(1),
+                    ack: Seq(2),
+                    flags: SYN | ACK,
+                    window: 1000,
+                    syn_options: Some(offer),
+                    payload: &[],
+                };
+                let mut frame = Vec::new();
+                build(&seg, &mut frame).expect("build");
+                let parsed = parse(src, dst, &frame[ETH_LEN + IPV4_LEN..]).expect("valid");
+                assert_eq!(
+                    parsed.options,
+                    SynOptions {
+                        mss: Some(1400),
+                        window_scale,
+                        sack_permitted,
+                    },
+                    "{offer:?}"
+                );
+            }
+        }
+    }
+
+    fn ack_with_options(options: &[TcpOptionElement]) -> (IpAddr, IpAddr, Vec<u8>) {
+        let src: IpAddr = "10.0.0.2".parse().expect("addr");
+        let dst: IpAddr = "10.0.0.1".parse().expect("addr");
+        let mut frame = Vec::new();
+        etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+            .ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
+            .tcp(40000, 80, 5, 1000)
+            .ack(100)
+            .options(options)
+            .expect("options fit")
+            .write(&mut frame, &[])
+            .expect("build");
+        (src, dst, frame[ETH_LEN + IPV4_LEN..].to_vec())
+    }
+
+    #[test]
+    fn sack_blocks_are_parsed_from_acks() {
+        let (src, dst, l4) = ack_with_options(&[
+            TcpOptionElement::Noop,
+            TcpOptionElement::Noop,
+            TcpOptionElement::SelectiveAcknowledgement(
+                (200, 300),
+                [Some((400, 500)), Some((0xffff_fff0, 8)), None],
+            ),
+        ]);
+        let seg = parse(src, dst, &l4).expect("valid");
+        let blocks: Vec<_> = seg.sack.iter().collect();
+        assert_eq!(
+            blocks,
+            [
+                (Seq(200), Seq(300)),
+                (Seq(400), Seq(500)),
+                (Seq(0xffff_fff0), Seq(8))
+            ]
+        );
+        let (src, dst, l4) = ack_with_options(&[]);
+        assert!(parse(src, dst, &l4).expect("valid").sack.is_empty());
+    }
+
+    /// A malformed option in a non-SYN segment ends the option list; the segment stays.
+    #[test]
+    fn malformed_options_after_the_handshake_do_not_drop_the_segment() {
+        // SACK block, then an option whose length runs past the header.
+        let (src, dst, mut l4) = ack_with_options(&[
+            TcpOptionElement::SelectiveAcknowledgement((200, 300), [None, None, None]),
+            TcpOptionElement::Noop,
+            TcpOptionElement::Noop,
+        ]);
+        l4[TCP_LEN + 10] = 8; // kind 8 (timestamps)...
+        l4[TCP_LEN + 11] = 40; // ...claiming 40 bytes
+        l4[16] = 0;
+        l4[17] = 0;
+        let checksum = fold(sum_words(pseudo_sum(src, dst, l4.len()).expect("sum"), &l4));
+        l4[16..18].copy_from_slice(&checksum.to_be_bytes());
+        let seg = parse(src, dst, &l4).expect("kept");
+        assert_eq!(seg.sack.iter().collect::<Vec<_>>(), [(Seq(200), Seq(300))]);
     }
 }

@@ -1,5 +1,17 @@
 //! The socket calls of TCP flows that nix does not wrap (or wraps with more work than
-//! needed): `SO_PEEK_OFF`, `SIOCOUTQ`, `accept4` with the peer address.
+//! needed): `SO_PEEK_OFF`, `SIOCOUTQ`, `accept4` with the peer address, keepalive.
+//!
+//! Every host socket has TCP keepalive on ([`KEEPALIVE_IDLE_SECS`] and friends): a
+//! host peer that vanished (crashed, unplugged, its NAT state gone) while the connection
+//! was idle would otherwise hold a flow-table slot and a descriptor for as long as baton
+//! runs, since nothing towards that peer ever fails. With keepalive the kernel probes
+//! it, the socket reports `ETIMEDOUT`, and the guest gets a RST. The probes cost nothing
+//! on a live connection (they only start after the idle time and a live peer's kernel
+//! answers them whatever its application does). passt sets no keepalive; it resets a
+//! connection after two hours without activity in either direction instead, which also
+//! cuts live but quiet connections. Outbound sockets get keepalive when created
+//! ([`stream_socket`]); accepted ones inherit it from their listener (also a
+//! [`stream_socket`]). A migrated socket carries these options in its dumped state.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -7,6 +19,14 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// `SIOCOUTQ`: bytes in a socket's send queue (not yet acknowledged by the peer).
 const SIOCOUTQ: libc::c_ulong = 0x5411;
+
+/// Seconds a host connection is idle before the kernel starts keepalive probes.
+pub(crate) const KEEPALIVE_IDLE_SECS: i32 = 300;
+/// Seconds between keepalive probes.
+pub(crate) const KEEPALIVE_INTERVAL_SECS: i32 = 30;
+/// Unanswered probes after which the connection is dropped (so a dead peer is noticed
+/// about 5 + 6 × 0.5 = 8 minutes after the connection went quiet).
+pub(crate) const KEEPALIVE_PROBES: i32 = 6;
 
 fn last_error() -> io::Error {
     io::Error::last_os_error()
@@ -106,7 +126,7 @@ pub(crate) fn set_reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
-/// A non-blocking stream socket of `addr`'s family with `SO_PEEK_OFF` enabled.
+/// A non-blocking stream socket of the family (`ipv4` or IPv6) with keepalive on.
 pub(crate) fn stream_socket(ipv4: bool) -> io::Result<OwnedFd> {
     let family = if ipv4 { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: socket() takes no pointers; a valid descriptor is owned from here on.
@@ -122,7 +142,25 @@ pub(crate) fn stream_socket(ipv4: bool) -> io::Result<OwnedFd> {
     }
     // SAFETY: `fd` was just returned by socket() and nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_keepalive(std::os::fd::AsFd::as_fd(&fd))?;
     Ok(fd)
+}
+
+/// Turn on TCP keepalive with baton's timing (see the module documentation).
+fn set_keepalive(fd: BorrowedFd<'_>) -> io::Result<()> {
+    for (level, name, value) in [
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS),
+        (
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            KEEPALIVE_INTERVAL_SECS,
+        ),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+    ] {
+        set_int_option(fd, level, name, value)?;
+    }
+    Ok(())
 }
 
 /// Enable `SO_PEEK_OFF` (offset 0) on a connected or accepted socket.
@@ -300,4 +338,75 @@ pub(crate) fn is_closed(fd: BorrowedFd<'_>) -> io::Result<bool> {
         return Err(last_error());
     }
     Ok(state == TCP_STATE_CLOSE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn keepalive_settings(fd: BorrowedFd<'_>) -> [i32; 4] {
+        let get = |level, name| get_int_option(fd, level, name).expect("getsockopt");
+        [
+            get(libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+            get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+            get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+            get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+        ]
+    }
+
+    const WANTED: [i32; 4] = [
+        1,
+        KEEPALIVE_IDLE_SECS,
+        KEEPALIVE_INTERVAL_SECS,
+        KEEPALIVE_PROBES,
+    ];
+
+    /// Outbound sockets are created with keepalive on; connections accepted on a
+    /// forward's listener inherit it (loopback only).
+    #[test]
+    fn host_sockets_have_keepalive() {
+        for ipv4 in [true, false] {
+            let outbound = stream_socket(ipv4).expect("socket");
+            assert_eq!(keepalive_settings(outbound.as_fd()), WANTED);
+            let loopback: IpAddr = if ipv4 {
+                Ipv4Addr::LOCALHOST.into()
+            } else {
+                Ipv6Addr::LOCALHOST.into()
+            };
+            let Ok(listening) = listener(SocketAddr::new(loopback, 0), false) else {
+                // No IPv6 loopback in this environment.
+                assert!(!ipv4, "IPv4 loopback listener");
+                continue;
+            };
+            let addr = {
+                let std_listener = std::net::TcpListener::from(
+                    listening.try_clone().expect("duplicate the listener"),
+                );
+                std_listener.local_addr().expect("local address")
+            };
+            let client = std::net::TcpStream::connect(addr).expect("connect");
+            // A plain std socket: keepalive off, so what the accepted one has comes
+            // from the listener, not from the peer.
+            assert_eq!(
+                get_int_option(client.as_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE)
+                    .expect("getsockopt"),
+                0
+            );
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let accepted = loop {
+                match accept(listening.as_fd()) {
+                    Ok((socket, _)) => break socket,
+                    Err(err)
+                        if err.kind() == io::ErrorKind::WouldBlock
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(err) => panic!("accept: {err}"),
+                }
+            };
+            assert_eq!(keepalive_settings(accepted.as_fd()), WANTED);
+        }
+    }
 }
