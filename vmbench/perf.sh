@@ -16,7 +16,11 @@
 #   BATON_BINARY  default target/release/baton (cargo build --release -p baton)
 #   GUEST_DIR     default out/guest-perf, built with BATON_GUEST_BINS=iperf3 if missing
 # Env:   BATON_PERF_SECS      seconds per direction (default 10)
-#        BATON_PERF_BACKENDS  which backends, in order (default "baton passt")
+#        BATON_PERF_BACKENDS  which backends, in order (default "baton passt"); "base" is
+#                             a second baton binary, BATON_PERF_BASE, for before/after
+#                             comparisons within one run; "nocsum" is baton with QEMU's
+#                             device set to csum=off,guest_csum=off (no checksum offload)
+#        BATON_PERF_BASE      the "base" backend's binary
 #        BATON_PERF_ROUNDS    runs per backend (default 1); every run is printed
 #        BATON_BOOT_TIMEOUT   seconds before QEMU is killed (default 300)
 #        BATON_SMOKE_LOG      directory to copy the logs to
@@ -30,6 +34,7 @@ baton="${1:-$here/../target/release/baton}"
 guest_dir="${2:-$here/out/guest-perf}"
 secs="${BATON_PERF_SECS:-10}"
 backends="${BATON_PERF_BACKENDS:-baton passt}"
+base_baton="${BATON_PERF_BASE:-}"
 rounds="${BATON_PERF_ROUNDS:-1}"
 boot_timeout="${BATON_BOOT_TIMEOUT:-300}"
 HOST_ADDR=10.77.0.2
@@ -42,8 +47,10 @@ IPERF_PORT=5201
 for b in $backends; do
     case "$b" in
     baton) [[ -x "$baton" ]] || die "baton binary $baton not found; build it (cargo build --release -p baton)" ;;
+    base) [[ -n "$base_baton" && -x "$base_baton" ]] || die "backend 'base' needs BATON_PERF_BASE, an executable baton binary" ;;
+    nocsum) [[ -x "$baton" ]] || die "baton binary $baton not found; build it (cargo build --release -p baton)" ;;
     passt) command -v passt >/dev/null || die "passt not found; run install-deps.sh" ;;
-    *) die "unknown backend '$b' in BATON_PERF_BACKENDS (baton, passt)" ;;
+    *) die "unknown backend '$b' in BATON_PERF_BACKENDS (baton, base, nocsum, passt)" ;;
     esac
 done
 for tool in qemu-system-x86_64 iperf3 timeout; do
@@ -84,11 +91,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# run_one BACKEND ROUND: boot the guest on BACKEND; append "BACKEND ROUND up down mtu"
-# (Mbit/s) to results. Runs in this shell (not a subshell) so that a failure still
+# run_one BACKEND ROUND: boot the guest on BACKEND; append "BACKEND ROUND up down mtu
+# offload" (Mbit/s; offload: the checksum offloads baton negotiated, "-" for passt) to
+# results. Runs in this shell (not a subshell) so that a failure still
 # reaches the EXIT trap with every PID it started.
 run_one() {
-    local backend="$1" round="$2" tag="$1-$2" netdev qemu_pid i up down mtu
+    local backend="$1" round="$2" tag="$1-$2" netdev qemu_pid i up down mtu offload=-
     ns="baton-perf-$$-$tag"
     baton_host_netns "$ns" "$HOST_ADDR" "$GATEWAY"
     ip netns exec "$ns" iperf3 -s -B 127.0.0.1 -p "$IPERF_PORT" >"$work/iperf3-$tag.log" 2>&1 &
@@ -101,10 +109,12 @@ run_one() {
 
     local sock="$work/net.sock"
     case "$backend" in
-    baton)
+    baton | base | nocsum)
+        local binary="$baton"
+        [[ "$backend" == base ]] && binary="$base_baton"
         rm -f "$sock"
-        ip netns exec "$ns" "$baton" --socket "$sock" --pid "$work/baton.pid" \
-            --log-file "$work/baton-$tag.log"
+        ip netns exec "$ns" "$binary" --socket "$sock" --pid "$work/baton.pid" \
+            --log-file "$work/$backend-$tag.log"
         netdev="vhost-user,id=n0,chardev=c0"
         ;;
     passt)
@@ -134,10 +144,12 @@ run_one() {
         -serial "file:$work/console-$tag.log"
         -kernel "$guest_dir/vmlinuz" -initrd "$guest_dir/initrd.gz" -append "$append"
     )
-    if [[ "$backend" == baton ]]; then
+    if [[ "$backend" != passt ]]; then
         qemu+=(-chardev "socket,id=c0,path=$sock")
     fi
-    qemu+=(-netdev "$netdev" -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56)
+    local device=virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56
+    [[ "$backend" == nocsum ]] && device+=,csum=off,guest_csum=off
+    qemu+=(-netdev "$netdev" -device "$device")
     timeout -k 5 "$boot_timeout" "${qemu[@]}" </dev/null >"$work/qemu-$tag.out" 2>"$work/qemu-$tag.err" &
     qemu_pid=$!
     pids+=("$qemu_pid")
@@ -158,8 +170,20 @@ run_one() {
         } >&2
         die "$backend run $round failed"
     fi
+    if [[ "$backend" != passt ]]; then
+        # The last features QEMU set (baton logs them with the checksum offloads).
+        local features
+        features="$(grep 'virtio features negotiated' "$work/$backend-$tag.log" 2>/dev/null | tail -n 1 || true)"
+        case "$features" in
+        *"csum=true guest_csum=true"*) offload=csum,guest_csum ;;
+        *"csum=true guest_csum=false"*) offload=csum ;;
+        *"csum=false guest_csum=true"*) offload=guest_csum ;;
+        *csum=false*) offload=none ;;
+        *) offload="?" ;;
+        esac
+    fi
     stop_run
-    results+=("$backend $round $up $down $mtu")
+    results+=("$backend $round $up $down $mtu $offload")
 }
 
 results=()
@@ -175,8 +199,8 @@ cpu="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
 echo
 echo "TCP throughput, guest on QEMU $(qemu-system-x86_64 --version | sed -n '1s/^QEMU emulator version \([^ ]*\).*/\1/p') TCG (1 vCPU), iperf3 ${secs} s per direction"
 echo "host: $(nproc) CPUs, $cpu; load average before $load_before, after $(cut -d' ' -f1-3 /proc/loadavg) (other load skews the figures)"
-printf '%-7s %-4s %16s %16s %9s\n' backend run "guest->host" "host->guest" "guest MTU"
+printf '%-7s %-4s %16s %16s %9s  %s\n' backend run "guest->host" "host->guest" "guest MTU" "checksum offload"
 for row in "${results[@]}"; do
-    read -r b r up down mtu <<<"$row"
-    printf '%-7s %-4s %11s Mb/s %11s Mb/s %9s\n' "$b" "$r" "$up" "$down" "$mtu"
+    read -r b r up down mtu offload <<<"$row"
+    printf '%-7s %-4s %11s Mb/s %11s Mb/s %9s  %s\n' "$b" "$r" "$up" "$down" "$mtu" "$offload"
 done

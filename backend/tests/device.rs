@@ -1,6 +1,9 @@
 //! The vhost-user device, driven by the test frontend over a real socket with shared
 //! guest memory and real split virtqueues. The network side is a loopback engine that
-//! sends every frame straight back, so these tests are about the device alone.
+//! sends every frame straight back, so these tests are about the device alone — except
+//! the checksum offload tests at the end, which need the real engine behind the device
+//! (the `baton` binary in a private network namespace) to show what reaches a host
+//! socket.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -10,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use baton::vu::serve::{serve, Stopper};
-use baton::vu::{FrameSink, NetworkEngine};
+use baton::vu::{FrameSink, NetworkEngine, TxChecksum};
 use baton_vu_harness::queue::{Desc, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use baton_vu_harness::{FrontendOptions, NetFrontend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -22,7 +25,7 @@ struct LoopbackEngine {
 }
 
 impl NetworkEngine for LoopbackEngine {
-    fn handle_frame(&mut self, frame: &[u8], sink: &mut dyn FrameSink) {
+    fn handle_frame(&mut self, frame: &[u8], _checksum: TxChecksum, sink: &mut dyn FrameSink) {
         self.seen.lock().unwrap().push_back(frame.len());
         sink.send_frame(frame);
     }
@@ -280,4 +283,353 @@ fn the_next_frontend_is_served_after_a_disconnect() {
         round_trip(&mut dev, &frame(500, round));
         drop(dev);
     }
+}
+
+// --- Checksum offload (VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_CSUM) ---
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+
+use baton_vu_harness::csum::{locate_l4, make_partial, partial_header};
+use baton_vu_harness::frontend::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_HDR_F_DATA_VALID, VNET_HDR_LEN,
+};
+use baton_vu_harness::smol::GuestNic;
+use common::Baton;
+use etherparse::PacketBuilder;
+
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const OUR_MAC: [u8; 6] = [0x9a, 0x55, 0x9a, 0x55, 0x9a, 0x55];
+const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const GW_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+
+fn offload_options(csum: bool, guest_csum: bool) -> FrontendOptions {
+    FrontendOptions {
+        csum,
+        guest_csum,
+        ..FrontendOptions::default()
+    }
+}
+
+/// Guest 10.77.0.2:`src_port` → gateway (the host's loopback) :`dst_port`, complete
+/// checksums.
+fn udp_to_gateway(src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, OUR_MAC)
+        .ipv4(GUEST_V4.octets(), GW_V4.octets(), 64)
+        .udp(src_port, dst_port)
+        .write(&mut out, payload)
+        .expect("build");
+    out
+}
+
+/// A host UDP socket on the namespace's loopback that does not wait long.
+fn udp_sink() -> (UdpSocket, u16) {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let port = socket.local_addr().expect("addr").port();
+    (socket, port)
+}
+
+/// The next datagram at `socket`, if one comes within its timeout.
+fn datagram(socket: &UdpSocket) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 2048];
+    match socket.recv(&mut buf) {
+        Ok(n) => Some(buf[..n].to_vec()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            None
+        }
+        Err(e) => panic!("recv: {e}"),
+    }
+}
+
+fn connect_with(baton: &Baton, options: FrontendOptions) -> NetFrontend {
+    NetFrontend::connect(&baton.socket(), options)
+        .unwrap_or_else(|e| panic!("frontend: {e}; log:\n{}", baton.log()))
+}
+
+#[test]
+fn frames_to_the_guest_are_marked_data_valid_iff_guest_csum_was_negotiated() {
+    let b = Backend::start("datavalid");
+    for guest_csum in [false, true] {
+        let mut dev = b.connect(offload_options(false, guest_csum));
+        assert_eq!(dev.negotiated(VIRTIO_NET_F_GUEST_CSUM), guest_csum);
+        for (k, len) in [60, 9014, 65534].into_iter().enumerate() {
+            dev.send_frame(&frame(len, k as u8)).expect("send");
+            let (hdr, back) = dev
+                .recv_frame_with_header(Duration::from_secs(5))
+                .expect("recv")
+                .expect("frame echoed back");
+            assert_eq!(back.len(), len);
+            let expected_flags = if guest_csum {
+                VIRTIO_NET_HDR_F_DATA_VALID
+            } else {
+                0
+            };
+            assert_eq!(
+                hdr[0], expected_flags,
+                "flags of a {len}-byte frame with GUEST_CSUM {guest_csum}"
+            );
+            assert_eq!(hdr[1..10], [0; 9], "no GSO, no partial checksum");
+        }
+        drop(dev);
+    }
+}
+
+#[test]
+fn a_partial_udp_checksum_is_accepted_and_the_payload_reaches_the_host() {
+    let baton = Baton::start("csum-udp", &[]);
+    let mut dev = connect_with(&baton, offload_options(true, true));
+    assert!(dev.negotiated(VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM));
+    let (sink, port) = udp_sink();
+    for (k, payload) in [&b"partial"[..], &[0xa5; 1400][..], b"x"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut frame = udp_to_gateway(40000 + k as u16, port, payload);
+        let complete = frame.clone();
+        let hdr = make_partial(&mut frame).expect("UDP frame");
+        assert_ne!(
+            frame, complete,
+            "the checksum field now holds a partial sum"
+        );
+        dev.send_frame_with_header(&hdr, &frame).expect("send");
+        assert_eq!(
+            datagram(&sink).as_deref(),
+            Some(payload),
+            "datagram {k}; log:\n{}",
+            baton.log()
+        );
+    }
+}
+
+#[test]
+fn without_csum_negotiated_a_partial_or_bad_checksum_is_still_dropped() {
+    let baton = Baton::start("csum-off", &[]);
+    let mut dev = connect_with(&baton, offload_options(false, false));
+    assert!(!dev.negotiated(VIRTIO_NET_F_CSUM));
+    let (sink, port) = udp_sink();
+    // NEEDS_CSUM means nothing without the feature: the partial sum is a bad checksum.
+    let mut partial = udp_to_gateway(40001, port, b"partial");
+    let hdr = make_partial(&mut partial).expect("UDP frame");
+    dev.send_frame_with_header(&hdr, &partial).expect("send");
+    // And a plainly wrong checksum, no header flags.
+    let mut bad = udp_to_gateway(40002, port, b"corrupt");
+    let last = bad.len() - 1;
+    bad[last] ^= 0x40;
+    dev.send_frame(&bad).expect("send");
+    assert_eq!(datagram(&sink), None, "no bad checksum may get through");
+    dev.send_frame(&udp_to_gateway(40003, port, b"good"))
+        .expect("send");
+    assert_eq!(datagram(&sink).as_deref(), Some(&b"good"[..]));
+}
+
+#[test]
+fn with_csum_negotiated_a_complete_but_wrong_checksum_is_still_dropped() {
+    let baton = Baton::start("csum-wrong", &[]);
+    let mut dev = connect_with(&baton, offload_options(true, true));
+    let (sink, port) = udp_sink();
+    let mut bad = udp_to_gateway(40004, port, b"corrupt");
+    let last = bad.len() - 1;
+    bad[last] ^= 0x40;
+    // No NEEDS_CSUM, and DATA_VALID (which a driver must not set) vouches for nothing.
+    let mut data_valid = [0u8; VNET_HDR_LEN];
+    data_valid[0] = VIRTIO_NET_HDR_F_DATA_VALID;
+    dev.send_frame(&bad).expect("send");
+    dev.send_frame_with_header(&data_valid, &bad).expect("send");
+    assert_eq!(
+        datagram(&sink),
+        None,
+        "a wrong checksum is verified and dropped"
+    );
+    dev.send_frame(&udp_to_gateway(40005, port, b"good"))
+        .expect("send");
+    assert_eq!(datagram(&sink).as_deref(), Some(&b"good"[..]));
+}
+
+#[test]
+fn a_partial_checksum_with_offsets_elsewhere_is_dropped_and_logged() {
+    let baton = Baton::start("csum-offsets", &[]);
+    let mut dev = connect_with(&baton, offload_options(true, true));
+    let (sink, port) = udp_sink();
+    let mut frame = udp_to_gateway(40006, port, b"misdirected");
+    let good_hdr = make_partial(&mut frame).expect("UDP frame");
+    let l4 = locate_l4(&frame).expect("UDP").start as u16;
+    let len = frame.len() as u16;
+    for (start, offset) in [
+        (0, 0),
+        (l4, 16),     // TCP's field in a UDP datagram
+        (l4 + 1, 6),  // one byte off
+        (l4 - 20, 6), // the IP header
+        (l4, 10),     // inside the payload
+        (len - 1, 6), // past the end
+        (len, 0),
+        (u16::MAX, u16::MAX),
+        (l4, u16::MAX - l4 + 1), // start + offset wraps around
+    ] {
+        dev.send_frame_with_header(&partial_header(start, offset), &frame)
+            .expect("send");
+    }
+    // An ARP request and an ICMP echo claiming a partial checksum: not TCP or UDP.
+    let arp = etherparse::ArpPacket::new(
+        etherparse::ArpHardwareId::ETHERNET,
+        etherparse::EtherType::IPV4,
+        etherparse::ArpOperation::REQUEST,
+        &GUEST_MAC,
+        &GUEST_V4.octets(),
+        &[0; 6],
+        &GW_V4.octets(),
+    )
+    .expect("arp");
+    let mut arp_frame = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, [0xff; 6])
+        .arp(arp)
+        .write(&mut arp_frame)
+        .expect("arp frame");
+    dev.send_frame_with_header(&partial_header(14, 6), &arp_frame)
+        .expect("send");
+    let mut ping = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, OUR_MAC)
+        .ipv4(GUEST_V4.octets(), GW_V4.octets(), 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut ping, b"ping")
+        .expect("build");
+    dev.send_frame_with_header(&partial_header(34, 2), &ping)
+        .expect("send");
+    // A frame too short to hold even its own offsets.
+    dev.send_frame_with_header(&partial_header(34, 6), &frame[..20])
+        .expect("send");
+    dev.wait_tx_done(Duration::from_secs(5)).expect("tx done");
+    assert_eq!(
+        datagram(&sink),
+        None,
+        "no misdirected partial checksum is accepted"
+    );
+    let until = std::time::Instant::now() + Duration::from_millis(300);
+    while let Some(reply) = dev
+        .recv_frame(until.saturating_duration_since(std::time::Instant::now()))
+        .expect("recv")
+    {
+        let arp = reply[12..14] == [0x08, 0x06];
+        let icmp = reply[12..14] == [0x08, 0x00] && reply.get(23) == Some(&1);
+        assert!(
+            !arp && !icmp,
+            "neither the ARP request nor the echo request may be answered"
+        );
+    }
+    // The device and the engine are fine: the same frame with the right offsets passes.
+    dev.send_frame_with_header(&good_hdr, &frame).expect("send");
+    assert_eq!(datagram(&sink).as_deref(), Some(&b"misdirected"[..]));
+    let log = baton.log();
+    assert!(
+        log.contains("does not name this frame's TCP or UDP checksum field"),
+        "the drop is logged:\n{log}"
+    );
+}
+
+/// A smoltcp guest with both checksum offloads: TCP both ways through baton, every
+/// guest segment with a partial checksum, every frame to the guest marked DATA_VALID
+/// (the NIC verifies unmarked ones and counts failures).
+#[test]
+fn tcp_with_partial_checksums_both_ways_through_the_real_engine() {
+    use smoltcp::iface::{Config, Interface, SocketSet};
+    use smoltcp::socket::tcp;
+    use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+
+    const TOTAL: usize = 4 << 20;
+    let baton = Baton::start("csum-tcp", &[]);
+    let dev = connect_with(&baton, offload_options(true, true));
+    let mut nic = GuestNic::new(dev, 9014);
+    let mut iface = Interface::new(
+        Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
+        &mut nic,
+        smoltcp::time::Instant::now(),
+    );
+    iface.update_ip_addrs(|a| {
+        a.push(IpCidr::new(IpAddress::Ipv4(GUEST_V4), 24))
+            .expect("v4");
+    });
+    iface
+        .routes_mut()
+        .add_default_ipv4_route(GW_V4)
+        .expect("route");
+    let mut sockets = SocketSet::new(vec![]);
+    let handle = sockets.add(tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; 1 << 20]),
+        tcp::SocketBuffer::new(vec![0; 1 << 20]),
+    ));
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let data: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
+    let expected = data.clone();
+    // The host echoes everything back, then closes.
+    let host = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let mut buf = vec![0u8; 1 << 16];
+        let mut echoed = 0usize;
+        loop {
+            let n = stream.read(&mut buf).expect("host read");
+            if n == 0 {
+                break;
+            }
+            stream.write_all(&buf[..n]).expect("host write");
+            echoed += n;
+        }
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        echoed
+    });
+    sockets
+        .get_mut::<tcp::Socket>(handle)
+        .connect(iface.context(), (IpAddress::Ipv4(GW_V4), port), 41000)
+        .expect("connect");
+    let (mut sent, mut received) = (0usize, Vec::with_capacity(TOTAL));
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        iface.poll(smoltcp::time::Instant::now(), &mut nic, &mut sockets);
+        let socket = sockets.get_mut::<tcp::Socket>(handle);
+        while socket.can_send() && sent < TOTAL {
+            match socket.send_slice(&data[sent..]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => sent += n,
+            }
+        }
+        if sent == TOTAL && socket.may_send() {
+            socket.close();
+        }
+        while socket.can_recv() {
+            match socket.recv_slice(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+        if !socket.may_recv() && received.len() >= TOTAL {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stream stuck: sent {sent}, received {}; log:\n{}",
+            received.len(),
+            baton.log()
+        );
+        nic.wait(Duration::from_millis(5));
+    }
+    assert_eq!(host.join().expect("host"), TOTAL, "the host got every byte");
+    assert!(received == expected, "the echo came back intact");
+    assert_eq!(
+        nic.bad_checksums, 0,
+        "no frame to the guest had a bad checksum"
+    );
 }

@@ -86,6 +86,7 @@ use etherparse::{EtherType, Ethernet2Slice, IpNumber, Ipv4Slice, Ipv6Slice, UdpS
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollTimeout};
 
 use crate::config::{MacAddr, NetConfig};
+use crate::vu::TxChecksum;
 
 use self::frame::internet_checksum;
 use self::ratelimit::LogLimiter;
@@ -183,6 +184,11 @@ pub enum FrameError {
     Unhandled(UnhandledTraffic),
     #[error("reply does not fit: {0} too large")]
     ReplyTooLarge(&'static str),
+    #[error(
+        "partial checksum (virtio NEEDS_CSUM) with csum_start {start} and csum_offset {offset} \
+         does not name this frame's TCP or UDP checksum field"
+    )]
+    PartialChecksum { start: u16, offset: u16 },
 }
 
 impl FrameError {
@@ -209,6 +215,7 @@ impl FrameError {
             FrameError::UnroutableDestination(_) => 7,
             FrameError::Unhandled(_) => 8,
             FrameError::ReplyTooLarge(_) => 9,
+            FrameError::PartialChecksum { .. } => 10,
         }
     }
 
@@ -222,9 +229,53 @@ impl FrameError {
 }
 
 /// Log class of epoll failures (after the [`FrameError::log_class`] values).
-const HOST_EVENT_LOG_CLASS: usize = 10;
+const HOST_EVENT_LOG_CLASS: usize = 11;
 /// Number of log classes: every [`FrameError::log_class`] and [`HOST_EVENT_LOG_CLASS`].
-const FRAME_ERROR_LOG_CLASSES: usize = 11;
+const FRAME_ERROR_LOG_CLASSES: usize = 12;
+
+/// Whether a guest frame's TCP or UDP checksum is verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L4Checksum {
+    /// It is complete: verify it.
+    Verify,
+    /// The guest's driver left it partial for the device (virtio `NEEDS_CSUM`, offsets
+    /// checked against the frame): not verified. Nothing of the frame but its payload
+    /// goes on (into a host socket), so no partial checksum ever leaves baton.
+    Partial,
+}
+
+/// How to treat the L4 checksum of a frame whose transport header said `checksum`, for
+/// an IP packet carrying `protocol` whose message starts `l4_start` bytes into the frame.
+/// A partial checksum is accepted only where it names exactly the TCP or UDP checksum
+/// field; the guest's offsets are never used for anything else.
+fn l4_checksum(
+    checksum: TxChecksum,
+    protocol: IpNumber,
+    l4_start: Option<usize>,
+) -> Result<L4Checksum, FrameError> {
+    /// Offsets of the checksum field in the TCP and UDP headers.
+    const TCP_CHECKSUM_AT: u16 = 16;
+    const UDP_CHECKSUM_AT: u16 = 6;
+    let TxChecksum::Partial { start, offset } = checksum else {
+        return Ok(L4Checksum::Verify);
+    };
+    let field = match protocol {
+        IpNumber::TCP => Some(TCP_CHECKSUM_AT),
+        IpNumber::UDP => Some(UDP_CHECKSUM_AT),
+        _ => None,
+    };
+    if l4_start.is_some_and(|at| at == usize::from(start)) && field == Some(offset) {
+        Ok(L4Checksum::Partial)
+    } else {
+        Err(FrameError::PartialChecksum { start, offset })
+    }
+}
+
+/// Where `part` starts within `whole`, if it is a part of it.
+fn offset_within(whole: &[u8], part: &[u8]) -> Option<usize> {
+    let at = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    (at.checked_add(part.len())? <= whole.len()).then_some(at)
+}
 
 /// What baton has learned about the guest from its traffic. Carried by the migration
 /// stream, because the target cannot learn it again before the guest sends something.
@@ -376,6 +427,10 @@ pub struct GuestNet {
     /// the one in `repair` (`None`: set directly with [`GuestNet::set_repair_client`]).
     repair_link: Option<Arc<crate::repair_link::RepairLink>>,
     repair_attachment: Option<u64>,
+    /// After a migration SAVE that dumped connections through a helper: that helper's
+    /// attachment number (`Some(None)` for one set directly). A source that resumes
+    /// without it (it died since) thaws through a fresh one.
+    dumped_by: Option<Option<u64>>,
     /// Host sockets of all protocol handlers; event data = [`icmp::EPOLL_OWNER_PING`]
     /// (and later other owners) in the top byte, a per-owner token below.
     epoll: Epoll,
@@ -407,6 +462,7 @@ impl GuestNet {
             repair: None,
             repair_link: None,
             repair_attachment: None,
+            dumped_by: None,
             dhcpv4: dhcp::DhcpServer::new(&config),
             dhcpv6: dhcpv6::Dhcpv6Server::new(&config),
             router_advert: ndp::RouterAdvertiser::new(&config),
@@ -463,17 +519,95 @@ impl GuestNet {
             }
             (None, _) => None,
         };
-        match link.update(held, wait) {
-            Update::Unchanged => {}
-            Update::Attached(client, number) => {
-                self.repair = Some(client);
-                self.repair_attachment = Some(number);
-            }
-            Update::Gone => {
-                self.repair = None;
-                self.repair_attachment = None;
-            }
+        let mut update = link.update(held, wait);
+        if let Update::Gone = update {
+            self.repair = None;
+            self.repair_attachment = None;
+            // The helper died since it was picked up: take (or have started) the next
+            // one, within the same wait.
+            update = link.update(None, wait);
         }
+        if let Update::Attached(client, number) = update {
+            self.repair = Some(client);
+            self.repair_attachment = Some(number);
+        }
+    }
+
+    /// How long to wait for a helper about to be needed: a while if none is held and
+    /// one can be started on demand (`--helper`), else not at all.
+    fn helper_start_wait(&self) -> Duration {
+        let can_spawn = self
+            .repair_link
+            .as_ref()
+            .is_some_and(|link| link.can_spawn());
+        if self.repair.is_none() && can_spawn {
+            crate::repair_link::SAVE_WAIT
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// After a failed migration SAVE: the migration code has thawed what the helper
+    /// dumped — unless the helper died on the way (killed in the middle of a dump).
+    /// Sockets it froze before dying are deaf and in repair mode, which only a
+    /// privileged helper can end, so the connections would hang. Then a fresh helper
+    /// thaws every socket ([`GuestNet::thaw_through_fresh_helper`]).
+    fn thaw_after_helper_died(&mut self) {
+        let Some(client) = &self.repair else {
+            return;
+        };
+        if !hung_up(client.as_fd()) {
+            return;
+        }
+        tracing::warn!(
+            "the repair helper died during SAVE: sockets it froze stay deaf until a new \
+             helper thaws them"
+        );
+        self.thaw_through_fresh_helper("after the helper died during SAVE");
+    }
+
+    /// Whether the helper that dumped the frozen connections at SAVE
+    /// ([`GuestNet::dumped_by`]) is gone: its connection hung up, or another helper
+    /// replaced it.
+    fn dumping_helper_lost(&self) -> bool {
+        let Some(dumped_by) = self.dumped_by else {
+            return false;
+        };
+        match &self.repair {
+            None => true,
+            Some(client) => hung_up(client.as_fd()) || self.repair_attachment != dumped_by,
+        }
+    }
+
+    /// Drop the helper (dead, or out of sync), take a fresh one (`--helper` starts
+    /// one), and thaw every TCP socket through it: a thaw is harmless on a socket that
+    /// was never frozen (no filter to detach, repair mode already off). Closed sockets
+    /// (nothing to thaw, refused by the helper) are left.
+    fn thaw_through_fresh_helper(&mut self, why: &str) {
+        self.repair = None;
+        self.repair_attachment = None;
+        let wait = self.helper_start_wait().max(crate::repair_link::SAVE_WAIT);
+        self.refresh_repair_client(wait);
+        let Some(helper) = self.repair.as_mut() else {
+            tracing::error!(
+                "no baton-repair helper to thaw the sockets of {} TCP connection(s) {why}: \
+                 those in repair mode hang",
+                self.tcp.len()
+            );
+            return;
+        };
+        let fds: Vec<BorrowedFd<'_>> = self
+            .tcp
+            .flow_sockets()
+            .into_iter()
+            .filter(|(_, fd)| !matches!(crate::tcp::socket_is_closed(*fd), Ok(true)))
+            .map(|(_, fd)| fd)
+            .collect();
+        crate::restore::thaw_logged(helper, &fds, why);
+        tracing::info!(
+            "{} TCP socket(s) thawed through a fresh baton-repair {why}",
+            fds.len()
+        );
     }
 
     /// SAVE of a migration is about to dump the TCP connections: make sure the helper is
@@ -528,7 +662,8 @@ impl GuestNet {
         if !self.tcp.is_frozen() {
             return 0;
         }
-        self.refresh_repair_client(Duration::ZERO);
+        // The helper may have died since SAVE: a fresh one closes them silently.
+        self.refresh_repair_client(self.helper_start_wait());
         let env = crate::tcp::Env {
             config: &self.config,
             epoll: &self.epoll,
@@ -627,8 +762,21 @@ impl GuestNet {
         frame: &[u8],
         sink: &mut dyn FrameSink,
     ) -> Result<(), FrameError> {
+        self.handle_offloaded_frame(frame, TxChecksum::Complete, sink)
+    }
+
+    /// [`GuestNet::handle_frame`] for a frame whose virtio-net header said `checksum`: a
+    /// [`TxChecksum::Partial`] TCP or UDP checksum is not verified, once its offsets are
+    /// found to name that checksum field; any other partial checksum is
+    /// [`FrameError::PartialChecksum`].
+    pub fn handle_offloaded_frame(
+        &mut self,
+        frame: &[u8],
+        checksum: TxChecksum,
+        sink: &mut dyn FrameSink,
+    ) -> Result<(), FrameError> {
         let now = Instant::now();
-        let result = self.dispatch_frame(frame, sink, now);
+        let result = self.dispatch_frame(frame, checksum, sink, now);
         if let Err(err) = &result {
             self.log_frame_error(err, now);
         }
@@ -690,6 +838,7 @@ impl GuestNet {
         src: IpAddr,
         dst: IpAddr,
         l4: &[u8],
+        checksum: L4Checksum,
         sink: &mut dyn FrameSink,
         now: Instant,
     ) -> Result<(), FrameError> {
@@ -702,7 +851,7 @@ impl GuestNet {
             guest_mac: self.observed.mac,
         };
         self.tcp
-            .handle_guest_segment(&env, src, dst, l4, sink, now)
+            .handle_guest_segment(&env, src, dst, l4, checksum, sink, now)
             .map_err(|err| match err {
                 crate::tcp::TcpError::Segment(crate::tcp::segment::SegmentError::Checksum) => {
                     FrameError::BadChecksum { layer: Layer::Tcp }
@@ -730,6 +879,10 @@ impl GuestNet {
         match err {
             FrameError::Unhandled(_) => {
                 tracing::trace!(suppressed, "guest frame not handled: {err}")
+            }
+            // Only a broken (or hostile) driver does this: worth seeing without debug logs.
+            FrameError::PartialChecksum { .. } => {
+                tracing::warn!(suppressed, "dropped guest frame: {err}")
             }
             _ => tracing::debug!(suppressed, "dropped guest frame: {err}"),
         }
@@ -762,6 +915,7 @@ impl GuestNet {
     fn dispatch_frame(
         &mut self,
         frame: &[u8],
+        checksum: TxChecksum,
         sink: &mut dyn FrameSink,
         now: Instant,
     ) -> Result<(), FrameError> {
@@ -786,6 +940,9 @@ impl GuestNet {
         let payload = eth.payload_slice();
         match eth.ether_type() {
             EtherType::ARP => {
+                if let TxChecksum::Partial { start, offset } = checksum {
+                    return Err(FrameError::PartialChecksum { start, offset });
+                }
                 let ctx = ReplyContext {
                     config: &self.config,
                     observed: &self.observed,
@@ -794,20 +951,28 @@ impl GuestNet {
                 };
                 arp::handle_arp(&ctx, payload, sink)
             }
-            EtherType::IPV4 => self.dispatch_ipv4(payload, requester_mac, sink, now),
-            EtherType::IPV6 => self.dispatch_ipv6(payload, requester_mac, sink, now),
+            EtherType::IPV4 => {
+                self.dispatch_ipv4(frame, payload, checksum, requester_mac, sink, now)
+            }
+            EtherType::IPV6 => {
+                self.dispatch_ipv6(frame, payload, checksum, requester_mac, sink, now)
+            }
             other => Err(FrameError::UnsupportedEtherType(other.0)),
         }
     }
 
+    /// An IPv4 `packet`, the payload of the Ethernet `frame`.
     fn dispatch_ipv4(
         &mut self,
+        frame: &[u8],
         packet: &[u8],
+        checksum: TxChecksum,
         requester_mac: MacAddr,
         sink: &mut dyn FrameSink,
         now: Instant,
     ) -> Result<(), FrameError> {
         let ip = parse_ipv4(packet)?;
+        let l4 = l4_checksum(checksum, ip.protocol, offset_within(frame, ip.payload))?;
         self.observed.note_ipv4_source(ip.src);
         let ctx = ReplyContext {
             config: &self.config,
@@ -817,7 +982,7 @@ impl GuestNet {
         };
         match ip.protocol {
             IpNumber::UDP => {
-                let udp = parse_udp_v4(&ip)?;
+                let udp = parse_udp_v4_with(&ip, l4)?;
                 if udp.dst_port == dhcp::SERVER_PORT
                     && self.config.services.dhcp
                     && dhcp::DhcpServer::is_addressed_to_server(&self.config, ip.dst)
@@ -832,6 +997,7 @@ impl GuestNet {
                 IpAddr::V4(ip.src),
                 IpAddr::V4(ip.dst),
                 ip.payload,
+                l4,
                 sink,
                 now,
             ),
@@ -844,14 +1010,18 @@ impl GuestNet {
         }
     }
 
+    /// An IPv6 `packet`, the payload of the Ethernet `frame`.
     fn dispatch_ipv6(
         &mut self,
+        frame: &[u8],
         packet: &[u8],
+        checksum: TxChecksum,
         requester_mac: MacAddr,
         sink: &mut dyn FrameSink,
         now: Instant,
     ) -> Result<(), FrameError> {
         let ip = parse_ipv6(packet)?;
+        let l4 = l4_checksum(checksum, ip.next_header, offset_within(frame, ip.payload))?;
         self.observed.note_ipv6_source(ip.src);
         let ctx = ReplyContext {
             config: &self.config,
@@ -861,7 +1031,7 @@ impl GuestNet {
         };
         match ip.next_header {
             IpNumber::UDP => {
-                let udp = parse_udp_v6(&ip)?;
+                let udp = parse_udp_v6_with(&ip, l4)?;
                 if udp.dst_port == dhcpv6::SERVER_PORT
                     && self.config.services.dhcpv6
                     && self.dhcpv6.is_addressed_to_server(ip.dst)
@@ -901,6 +1071,7 @@ impl GuestNet {
                 IpAddr::V6(ip.src),
                 IpAddr::V6(ip.dst),
                 ip.payload,
+                l4,
                 sink,
                 now,
             ),
@@ -916,8 +1087,8 @@ impl GuestNet {
 /// logged (rate-limited) by [`GuestNet::handle_frame`]; an epoll failure in
 /// `handle_host_events` is logged here (rate-limited as well).
 impl crate::vu::NetworkEngine for GuestNet {
-    fn handle_frame(&mut self, frame: &[u8], sink: &mut dyn FrameSink) {
-        let _ = GuestNet::handle_frame(self, frame, sink);
+    fn handle_frame(&mut self, frame: &[u8], checksum: TxChecksum, sink: &mut dyn FrameSink) {
+        let _ = GuestNet::handle_offloaded_frame(self, frame, checksum, sink);
     }
 
     fn handle_host_events(&mut self, sink: &mut dyn FrameSink) {
@@ -940,7 +1111,42 @@ impl crate::vu::NetworkEngine for GuestNet {
         if mode == crate::migrate::SaveMode::Migration {
             self.prepare_repair_for_save();
         }
-        self.save_engine_state(mode)
+        let saved = self.save_engine_state(mode);
+        if mode == crate::migrate::SaveMode::Migration {
+            match &saved {
+                Ok(state) if state.tcp_flows.iter().any(|f| f.kernel.is_some()) => {
+                    self.dumped_by = Some(self.repair_attachment);
+                }
+                Ok(_) => self.dumped_by = None,
+                Err(_) => self.thaw_after_helper_died(),
+            }
+        }
+        saved
+    }
+
+    fn rings_started(&mut self) -> bool {
+        if !self.tcp.is_frozen() {
+            return true;
+        }
+        let env = crate::tcp::Env {
+            config: &self.config,
+            epoll: &self.epoll,
+            guest_mac: self.observed.mac,
+        };
+        // Dumped sockets are in repair mode, which the helper of the SAVE ends when the
+        // offer is cancelled; if it died since, a fresh one has to.
+        let helper_lost = self.dumping_helper_lost();
+        let done = self.tcp.source_resumed(&env);
+        if done {
+            tracing::info!("the rings run again here: the migration is off, connections resume");
+            if helper_lost {
+                self.thaw_through_fresh_helper(
+                    "after the VM resumed without the helper of its SAVE",
+                );
+            }
+            self.dumped_by = None;
+        }
+        done
     }
 
     fn frozen_tcp_flows(&mut self) -> usize {
@@ -956,11 +1162,24 @@ impl crate::vu::NetworkEngine for GuestNet {
         state: crate::migrate::EngineState,
     ) -> Result<(), crate::migrate::EngineStateError> {
         if state.tcp_flows.iter().any(|f| f.kernel.is_some()) {
-            // Restoring dumped connections needs the helper: pick up one that attached.
-            self.refresh_repair_client(Duration::ZERO);
+            // Restoring dumped connections needs the helper: pick up one that attached,
+            // or wait for the one being started (`--helper`, asked for when LOAD began).
+            self.refresh_repair_client(self.helper_start_wait());
         }
         self.load_engine_state(state)
     }
+}
+
+/// Whether the peer of `socket` hung up (a helper that died: the kernel closed its end).
+fn hung_up(socket: BorrowedFd<'_>) -> bool {
+    let mut fds = [nix::poll::PollFd::new(
+        socket,
+        nix::poll::PollFlags::empty(),
+    )];
+    matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0].revents().is_some_and(|r| {
+            r.intersects(nix::poll::PollFlags::POLLHUP | nix::poll::PollFlags::POLLERR)
+        })
 }
 
 /// Put `sockets` in repair mode through `repair` so that closing them sends nothing.
@@ -1101,9 +1320,18 @@ fn parse_udp(payload: &[u8]) -> Result<UdpSlice<'_>, FrameError> {
 }
 
 /// Validate a UDP datagram in IPv4: length, and the checksum unless it is 0 (none).
+#[cfg(test)]
 pub(crate) fn parse_udp_v4<'a>(ip: &Ipv4Packet<'a>) -> Result<UdpDatagram<'a>, FrameError> {
+    parse_udp_v4_with(ip, L4Checksum::Verify)
+}
+
+/// [`parse_udp_v4`], verifying the checksum only if `checksum` says so.
+fn parse_udp_v4_with<'a>(
+    ip: &Ipv4Packet<'a>,
+    checksum: L4Checksum,
+) -> Result<UdpDatagram<'a>, FrameError> {
     let udp = parse_udp(ip.payload)?;
-    if udp.checksum() != 0 {
+    if checksum == L4Checksum::Verify && udp.checksum() != 0 {
         let pseudo = frame::ipv4_pseudo_header(ip.src, ip.dst, IpNumber::UDP, udp.length());
         if internet_checksum(&[&pseudo, udp.slice()]) != 0 {
             return Err(FrameError::BadChecksum { layer: Layer::Udp });
@@ -1117,11 +1345,24 @@ pub(crate) fn parse_udp_v4<'a>(ip: &Ipv4Packet<'a>) -> Result<UdpDatagram<'a>, F
 }
 
 /// Validate a UDP datagram in IPv6: length, and the checksum (mandatory in IPv6).
+#[cfg(test)]
 pub(crate) fn parse_udp_v6<'a>(ip: &Ipv6Packet<'a>) -> Result<UdpDatagram<'a>, FrameError> {
+    parse_udp_v6_with(ip, L4Checksum::Verify)
+}
+
+/// [`parse_udp_v6`], verifying the checksum only if `checksum` says so (a partial one
+/// holds the pseudo-header sum, so its zero test does not apply either).
+fn parse_udp_v6_with<'a>(
+    ip: &Ipv6Packet<'a>,
+    checksum: L4Checksum,
+) -> Result<UdpDatagram<'a>, FrameError> {
     let udp = parse_udp(ip.payload)?;
-    let pseudo = frame::ipv6_pseudo_header(ip.src, ip.dst, IpNumber::UDP, u32::from(udp.length()));
-    if udp.checksum() == 0 || internet_checksum(&[&pseudo, udp.slice()]) != 0 {
-        return Err(FrameError::BadChecksum { layer: Layer::Udp });
+    if checksum == L4Checksum::Verify {
+        let pseudo =
+            frame::ipv6_pseudo_header(ip.src, ip.dst, IpNumber::UDP, u32::from(udp.length()));
+        if udp.checksum() == 0 || internet_checksum(&[&pseudo, udp.slice()]) != 0 {
+            return Err(FrameError::BadChecksum { layer: Layer::Udp });
+        }
     }
     Ok(UdpDatagram {
         src_port: udp.source_port(),
@@ -1232,6 +1473,7 @@ pub(crate) mod testing {
             udp_forwards: PortForwards::none(),
             freebind: false,
             max_flows: crate::flow::DEFAULT_MAX_FLOWS,
+            udp_idle_timeout: crate::udp::IDLE_TIMEOUT,
             hostname: None,
             fqdn: None,
         }

@@ -1,12 +1,16 @@
 //! Frames towards the guest: writing into the receive queue.
 //!
-//! Each frame is preceded by a 12-byte `virtio_net_hdr_v1` with no offload flags (baton
-//! offers no offloads, so checksums are complete) and `num_buffers` = the number of
-//! descriptor chains the frame spans. With MRG_RXBUF a frame may span several chains
-//! (Linux posts page-sized buffers, frames can be 64 KiB); without it one chain must hold
-//! the whole frame. When the guest has not posted enough buffers the frame is dropped and
-//! the popped chains are given back (the queue's next-avail index is rewound), so no
-//! buffer is lost.
+//! Each frame is preceded by a 12-byte `virtio_net_hdr_v1` and `num_buffers` = the number
+//! of descriptor chains the frame spans. baton builds every frame with complete, correct
+//! checksums, so the only flag it ever sets is `DATA_VALID`, on every frame, when the
+//! driver negotiated `VIRTIO_NET_F_GUEST_CSUM`: the guest then skips verifying them
+//! (under TCG, summing each 64 KiB frame again costs the guest's CPU, which bounds the
+//! throughput). Without GUEST_CSUM the flags stay zero, as the virtio 1.x spec asks.
+//! Never `NEEDS_CSUM`: no frame leaves baton with a partial checksum. With MRG_RXBUF a
+//! frame may span several chains (Linux posts page-sized buffers, frames can be 64 KiB);
+//! without it one chain must hold the whole frame. When the guest has not posted enough
+//! buffers the frame is dropped and the popped chains are given back (the queue's
+//! next-avail index is rewound), so no buffer is lost.
 //!
 //! All writes go through `virtio_queue::Writer` and `add_used`, which mark the written
 //! guest pages dirty in QEMU's migration log.
@@ -19,7 +23,7 @@ use virtio_queue::{QueueOwnedT, QueueT, Writer};
 use vm_memory::GuestAddressSpace;
 
 use super::device::{GuestMem, Vring};
-use super::{FrameSink, VNET_HDR_LEN};
+use super::{FrameSink, VIRTIO_NET_HDR_F_DATA_VALID, VNET_HDR_LEN};
 
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
@@ -29,6 +33,8 @@ pub struct RxQueueSink<'a> {
     vring: &'a Vring,
     mem: &'a GuestMem,
     mrg_rxbuf: bool,
+    /// `virtio_net_hdr_v1.flags` of every frame.
+    header_flags: u8,
     /// Something was put in the used ring: the guest may need a notification.
     used_any: bool,
     /// Frames dropped for lack of buffers during this sink's life.
@@ -38,11 +44,18 @@ pub struct RxQueueSink<'a> {
 }
 
 impl<'a> RxQueueSink<'a> {
-    pub fn new(vring: &'a Vring, mem: &'a GuestMem, mrg_rxbuf: bool) -> Self {
+    /// A sink into `vring`; `mrg_rxbuf` and `guest_csum`: the driver negotiated
+    /// `VIRTIO_NET_F_MRG_RXBUF` and `VIRTIO_NET_F_GUEST_CSUM`.
+    pub fn new(vring: &'a Vring, mem: &'a GuestMem, mrg_rxbuf: bool, guest_csum: bool) -> Self {
         RxQueueSink {
             vring,
             mem,
             mrg_rxbuf,
+            header_flags: if guest_csum {
+                VIRTIO_NET_HDR_F_DATA_VALID
+            } else {
+                0
+            },
             used_any: false,
             dropped: 0,
             avail_at_drop: None,
@@ -90,7 +103,13 @@ impl<'a> RxQueueSink<'a> {
 
 impl FrameSink for RxQueueSink<'_> {
     fn send_frame(&mut self, frame: &[u8]) -> bool {
-        let delivered = write_frame(self.vring, self.mem, self.mrg_rxbuf, frame);
+        let delivered = write_frame(
+            self.vring,
+            self.mem,
+            self.mrg_rxbuf,
+            self.header_flags,
+            frame,
+        );
         if delivered {
             self.used_any = true;
         } else {
@@ -112,7 +131,13 @@ fn avail_idx(vring: &Vring, mem: &GuestMem) -> Option<u16> {
         .map(|idx| idx.0)
 }
 
-fn write_frame(vring: &Vring, mem: &GuestMem, mrg_rxbuf: bool, frame: &[u8]) -> bool {
+fn write_frame(
+    vring: &Vring,
+    mem: &GuestMem,
+    mrg_rxbuf: bool,
+    header_flags: u8,
+    frame: &[u8],
+) -> bool {
     let mem = mem.memory();
     let mut state = vring.get_mut();
     if !state.get_queue().ready() || !state.is_enabled() {
@@ -161,6 +186,7 @@ fn write_frame(vring: &Vring, mem: &GuestMem, mrg_rxbuf: bool, frame: &[u8]) -> 
     }
 
     let mut header = [0u8; VNET_HDR_LEN];
+    header[0] = header_flags;
     let num_buffers = chains.len() as u16;
     header[NUM_BUFFERS_OFFSET..].copy_from_slice(&num_buffers.to_le_bytes());
     let mut parts: [&[u8]; 2] = [&header, frame];

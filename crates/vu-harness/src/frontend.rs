@@ -26,7 +26,16 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const VIRTIO_NET_F_GUEST_ANNOUNCE: u64 = 1 << 21;
+/// The device completes partial checksums of transmitted frames.
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+/// The driver accepts frames the device marks `DATA_VALID` (or leaves partial).
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+/// `virtio_net_hdr_v1.flags` bits.
+pub const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+pub const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
 pub const VNET_HDR_LEN: usize = 12;
+/// A frame from the device with its virtio-net header.
+pub type ReceivedFrame = ([u8; VNET_HDR_LEN], Vec<u8>);
 /// `SET_VRING_ENABLE` request number.
 const SET_VRING_ENABLE: u32 = 18;
 
@@ -66,10 +75,23 @@ pub struct FrontendOptions {
     pub event_idx: bool,
     /// Send SET_VRING_ENABLE before SET_FEATURES, as QEMU 10 does.
     pub enable_before_features: bool,
+    /// Negotiate `VIRTIO_NET_F_CSUM` (if offered): [`crate::smol::GuestNic`] then sends
+    /// TCP and UDP with partial checksums.
+    pub csum: bool,
+    /// Negotiate `VIRTIO_NET_F_GUEST_CSUM` (if offered): [`crate::smol::GuestNic`] then
+    /// verifies only frames not marked `DATA_VALID`.
+    pub guest_csum: bool,
 }
 
+/// Environment variable that turns on both checksum offloads in
+/// [`FrontendOptions::default`] (`1`), so that benches and tests built on the default
+/// options can be measured with offloads as a Linux guest on QEMU negotiates them.
+pub const CSUM_ENV: &str = "BATON_HARNESS_CSUM";
+
 impl Default for FrontendOptions {
+    /// No offloads, unless [`CSUM_ENV`] is `1`.
     fn default() -> Self {
+        let csum = std::env::var(CSUM_ENV).is_ok_and(|v| v == "1");
         FrontendOptions {
             queue_size: 256,
             ram_size: 16 << 20,
@@ -77,6 +99,8 @@ impl Default for FrontendOptions {
             mrg_rxbuf: true,
             event_idx: true,
             enable_before_features: true,
+            csum,
+            guest_csum: csum,
         }
     }
 }
@@ -238,6 +262,12 @@ impl NetFrontend {
         if options.event_idx {
             acked |= VIRTIO_RING_F_EVENT_IDX;
         }
+        if options.csum {
+            acked |= VIRTIO_NET_F_CSUM;
+        }
+        if options.guest_csum {
+            acked |= VIRTIO_NET_F_GUEST_CSUM;
+        }
         acked &= offered;
         let mut dev = NetFrontend {
             fe,
@@ -375,6 +405,16 @@ impl NetFrontend {
 
     /// Transmit one Ethernet frame (a zero virtio-net header is prepended).
     pub fn send_frame(&mut self, frame: &[u8]) -> Result<(), HarnessError> {
+        self.send_frame_with_header(&[0; VNET_HDR_LEN], frame)
+    }
+
+    /// Transmit one Ethernet frame after the virtio-net header `hdr` (taken as it is:
+    /// tests may send headers a real driver would not).
+    pub fn send_frame_with_header(
+        &mut self,
+        hdr: &[u8; VNET_HDR_LEN],
+        frame: &[u8],
+    ) -> Result<(), HarnessError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let slot = loop {
             self.reclaim_tx();
@@ -395,6 +435,7 @@ impl NetFrontend {
             )));
         }
         let mut buf = vec![0u8; len];
+        buf[..VNET_HDR_LEN].copy_from_slice(hdr);
         buf[VNET_HDR_LEN..].copy_from_slice(frame);
         self.ram
             .mem
@@ -439,9 +480,19 @@ impl NetFrontend {
     /// The next frame from the backend, without its virtio-net header, if one arrives
     /// within `timeout`.
     pub fn recv_frame(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>, HarnessError> {
+        Ok(self
+            .recv_frame_with_header(timeout)?
+            .map(|(_, frame)| frame))
+    }
+
+    /// [`NetFrontend::recv_frame`] with the frame's virtio-net header.
+    pub fn recv_frame_with_header(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<ReceivedFrame>, HarnessError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(frame) = self.try_recv_frame()? {
+            if let Some(frame) = self.try_recv_frame_with_header()? {
                 return Ok(Some(frame));
             }
             let now = Instant::now();
@@ -457,6 +508,11 @@ impl NetFrontend {
 
     /// A frame if one is complete now.
     pub fn try_recv_frame(&mut self) -> Result<Option<Vec<u8>>, HarnessError> {
+        Ok(self.try_recv_frame_with_header()?.map(|(_, frame)| frame))
+    }
+
+    /// [`NetFrontend::try_recv_frame`] with the frame's virtio-net header.
+    pub fn try_recv_frame_with_header(&mut self) -> Result<Option<ReceivedFrame>, HarnessError> {
         while let Some(used) = self.rx.pop_used(&self.ram.mem) {
             self.rx_pending.push_back(used);
         }
@@ -496,7 +552,12 @@ impl NetFrontend {
             self.post_rx_buffer(id);
         }
         self.kick(RX)?;
-        Ok(Some(frame))
+        Ok(Some((hdr, frame)))
+    }
+
+    /// Whether the device and this driver agreed on `feature` (a `VIRTIO_*_F_*` mask).
+    pub fn negotiated(&self, feature: u64) -> bool {
+        self.acked_features & feature == feature
     }
 
     /// Turn on QEMU-style dirty logging: SET_LOG_BASE with a shared log, then

@@ -10,9 +10,14 @@
 //! * [`smol::GuestNic`]: a smoltcp `phy::Device` on top, so a user-space TCP/IP stack can
 //!   be the guest.
 //!
-//! What it is not: a complete virtio driver. It negotiates what baton offers (VERSION_1,
-//! MRG_RXBUF, EVENT_IDX, LOG_ALL) and nothing else.
+//! * [`csum`]: checksum offload as a driver does it (partial checksums on transmit,
+//!   verification of frames not marked `DATA_VALID` on receive).
+//!
+//! What it is not: a complete virtio driver. It negotiates VERSION_1, MRG_RXBUF,
+//! EVENT_IDX, LOG_ALL and, when [`FrontendOptions`] ask for them, the checksum offloads
+//! (CSUM, GUEST_CSUM), and nothing else.
 
+pub mod csum;
 pub mod frontend;
 pub mod memory;
 pub mod queue;
