@@ -19,8 +19,12 @@
 #            destination VM runs (late, as real networks do): until then the peer's
 #            segments still reach the source, which must neither acknowledge nor reset
 #            them. The server checks every line and reports the longest gap between two
-#            receives (the peer-visible gap). BATON_MOVE_DELAY (seconds, default 0.5):
-#            how long after the migration completed the address moves.
+#            receives (the peer-visible gap), and how long after the address moved the
+#            next data arrived (the part of the gap that is up to baton once the
+#            network delivers the peer's answers to the destination; without a re-probe
+#            of the restored connection it waits for its retransmission timer).
+#            BATON_MOVE_DELAY (seconds, default 0.5): how long after the migration
+#            completed the address moves.
 # Without --tcp/--hosts: same host, same network namespace.
 #
 # Usage: migrate-smoke.sh [--tcp|--hosts] [BATON_BINARY] [GUEST_DIR]   (with --tcp or
@@ -98,11 +102,13 @@ done
 
 if [[ -n "$hosts" ]]; then
     # Peer server: one connection; every chunk it receives is timestamped, so that the
-    # longest silence (the peer-visible gap across the migration) can be reported.
+    # longest silence (the peer-visible gap across the migration) can be reported, and
+    # the wall-clock time of every receive is logged (compared with the address move).
     port=$((20000 + RANDOM % 20000))
     ip netns exec "$ns" python3 -u -c '
 import os, socket, sys, time
 addr, port, out, gaps = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+times = open(gaps + ".times", "w")
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((addr, port)); srv.listen(1)
 conn, _ = srv.accept()
@@ -118,6 +124,7 @@ with open(out, "wb") as f:
         except OSError as e:
             report("error: %s" % e); sys.exit(1)
         now = time.monotonic()
+        times.write("%.6f %d\n" % (time.time(), len(data))); times.flush()
         if data and last is not None and now - last > longest:
             longest = now - last
             report("longest %.0f ms, before byte %d" % (longest * 1e3, f.tell()))
@@ -224,8 +231,11 @@ if [[ -n "$hosts" ]]; then
     grep -q '1 with kernel state' "$work/baton-src.log" || fail_with_logs "the source did not dump the connection"
     gap="$(cat "$work/gap.txt" 2>/dev/null || echo "none measured")"
     moved_after="$(awk -v a="$t0" -v b="$moved" 'BEGIN { printf "%.2f", b - a }')"
+    # The first data the server received after the address moved, and the silence
+    # before it (from the receive before).
+    after_move="$(awk -v m="$moved" '$1 > m { printf "%.0f ms after the move (silent %.0f ms before it)", ($1 - m) * 1e3, ($1 - p) * 1e3; exit } { p = $1 }' "$work/gap.txt.times")"
     downtime="$(sed -n 's/.*"downtime": *\([0-9]*\).*/\1/p' <<<"$query" | tail -n1)"
-    echo "migrate-smoke --hosts: PASS migration ${took}s, address moved ${moved_after}s after the start; one TCP connection carried $LINES lines ($at_switch before the switch-over) from one host to the other (dumped, restored), none lost, duplicated or reordered; QEMU downtime ${downtime:-?} ms; peer-visible gap: $gap"
+    echo "migrate-smoke --hosts: PASS migration ${took}s, address moved ${moved_after}s after the start; one TCP connection carried $LINES lines ($at_switch before the switch-over) from one host to the other (dumped, restored), none lost, duplicated or reordered; QEMU downtime ${downtime:-?} ms; peer-visible gap: $gap; first data after the address move: ${after_move:-none}"
     exit 0
 fi
 

@@ -14,11 +14,15 @@
 //!    `SET_DEVICE_STATE_FD` to `CHECK_DEVICE_STATE` (validation + taking the live sockets
 //!    over from the source through its handover socket).
 //!
-//! Printed as a table, with the backends' own breakdown lines (dump time, queued
-//! bytes). Run as root: `cargo bench -p baton --bench migration`.
-//! Env: `BATON_BENCH_CONNS` (default `1,100,1000,10000`), `BATON_BENCH_INFLIGHT`
-//! (bytes per connection, default 4096), `BATON_BENCH_LOG=DIR` keeps both backends'
-//! logs there.
+//! Printed as a table (SAVE and LOAD apart; counts of 10,000 and more are measured
+//! `BATON_BENCH_RUNS` times, default 3, and the table shows the best run and the spread),
+//! with the backends' own breakdown lines: the helper's dump, freezing and offering,
+//! writing the stream (SAVE); reading and validating the stream, receiving the sockets
+//! through the handover, rebuilding the flows (LOAD). Run as root:
+//! `cargo bench -p baton --bench migration`.
+//! Env: `BATON_BENCH_CONNS` (default `1,100,1000,10000`), `BATON_BENCH_RUNS`,
+//! `BATON_BENCH_INFLIGHT` (bytes per connection, default 4096), `BATON_BENCH_LOG=DIR`
+//! keeps both backends' logs there.
 
 use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -252,8 +256,16 @@ fn measure(conns: usize, inflight: usize, keep_logs: Option<&str>) -> Result<Row
             })
             .collect()
     };
-    let source_lines = pick(a.log(), &["dumped through", "frozen ("]);
-    let target_lines = pick(b.log(), &["taken over", "handover"]);
+    let source_lines = pick(
+        a.log(),
+        &[
+            "dumped through",
+            "frozen (",
+            "device state saved",
+            "out of repair mode",
+        ],
+    );
+    let target_lines = pick(b.log(), &["taken over", "stream read and validated"]);
     if let Some(dir) = keep_logs {
         let _ = std::fs::write(format!("{dir}/migration-{conns}-source.log"), a.log());
         let _ = std::fs::write(format!("{dir}/migration-{conns}-target.log"), b.log());
@@ -286,55 +298,86 @@ fn main() {
         .map(|s| s.parse().expect("BATON_BENCH_INFLIGHT: a number"))
         .unwrap_or(4096);
     let keep_logs = std::env::var("BATON_BENCH_LOG").ok();
+    let runs: usize = std::env::var("BATON_BENCH_RUNS")
+        .ok()
+        .map(|s| s.parse().expect("BATON_BENCH_RUNS: a number"))
+        .unwrap_or(3)
+        .max(1);
     let largest = counts.iter().copied().max().unwrap_or(0) as u64;
-    // The source holds every socket twice while it offers them (its flow's and the
-    // offer's duplicate), the target once, and this process the peer ends.
-    let nofile = baton_testkit::netns::raise_nofile(4 * largest + 1024).expect("RLIMIT_NOFILE");
-    if nofile < 2 * largest + 256 {
+    // The source holds one descriptor per connection (the offer lends the flows' own
+    // sockets), the target as many, and this process the peer ends: each process needs
+    // about N plus a few hundred.
+    let nofile = baton_testkit::netns::raise_nofile(2 * largest + 1024).expect("RLIMIT_NOFILE");
+    if nofile < largest + 512 {
         eprintln!(
             "warning: RLIMIT_NOFILE is {nofile} (hard limit; raising it needs \
-             CAP_SYS_RESOURCE): the source needs about {} descriptors for {largest} \
-             connections, SAVE may fail",
-            2 * largest + 256
+             CAP_SYS_RESOURCE): {largest} connections need about {} descriptors per process",
+            largest + 512
         );
     }
 
-    let rows: Vec<(usize, Result<Row, String>)> = counts
-        .iter()
-        .map(|&n| (n, measure(n, inflight, keep_logs.as_deref())))
-        .collect();
+    // (count, the runs' results)
+    let mut table: Vec<(usize, Vec<Result<Row, String>>)> = Vec::new();
+    for &n in &counts {
+        let repeat = if n >= 10_000 { runs } else { 1 };
+        let results = (0..repeat)
+            .map(|_| measure(n, inflight, keep_logs.as_deref()))
+            .collect();
+        table.push((n, results));
+    }
 
     println!();
     println!("same-host migration, {inflight} bytes unacknowledged per connection");
     println!(
-        "{:>7} {:>10} {:>10} {:>10} {:>12} {:>12} {:>13}",
-        "conns", "SAVE ms", "LOAD ms", "total ms", "µs/conn", "stream B", "queued B"
+        "{:>7} {:>5} {:>10} {:>10} {:>10} {:>12} {:>12} {:>13}",
+        "conns", "runs", "SAVE ms", "LOAD ms", "total ms", "µs/conn", "stream B", "queued B"
     );
-    for (n, row) in &rows {
-        match row {
-            Ok(r) => {
-                let total = r.save + r.load;
-                println!(
-                    "{:>7} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>12} {:>13}",
-                    r.conns,
-                    r.save.as_secs_f64() * 1e3,
-                    r.load.as_secs_f64() * 1e3,
-                    total.as_secs_f64() * 1e3,
-                    total.as_secs_f64() * 1e6 / r.conns as f64,
-                    r.stream_bytes,
-                    r.queued
-                );
-            }
-            Err(why) => println!("{n:>7}   SAVE failed: {why}"),
+    for (n, results) in &table {
+        let ok: Vec<&Row> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        for why in results.iter().filter_map(|r| r.as_ref().err()) {
+            println!("{n:>7}   SAVE failed: {why}");
+        }
+        let Some(best) = ok.iter().min_by_key(|r| r.save + r.load) else {
+            continue;
+        };
+        let total = best.save + best.load;
+        println!(
+            "{:>7} {:>5} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>12} {:>13}",
+            best.conns,
+            ok.len(),
+            best.save.as_secs_f64() * 1e3,
+            best.load.as_secs_f64() * 1e3,
+            total.as_secs_f64() * 1e3,
+            total.as_secs_f64() * 1e6 / best.conns as f64,
+            best.stream_bytes,
+            best.queued
+        );
+        if ok.len() > 1 {
+            let spread = |f: &dyn Fn(&Row) -> Duration| {
+                let all: Vec<f64> = ok.iter().map(|r| f(r).as_secs_f64() * 1e3).collect();
+                let lo = all.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = all.iter().copied().fold(0.0, f64::max);
+                format!("{lo:.1}–{hi:.1}")
+            };
+            println!(
+                "{:>7} {:>5} {:>10} {:>10} {:>10}   (spread over the runs)",
+                "",
+                "",
+                spread(&|r| r.save),
+                spread(&|r| r.load),
+                spread(&|r| r.save + r.load)
+            );
         }
     }
     println!();
-    for r in rows.iter().filter_map(|(_, r)| r.as_ref().ok()) {
-        for line in &r.source_lines {
-            println!("{:>7} source: {line}", r.conns);
-        }
-        for line in &r.target_lines {
-            println!("{:>7} target: {line}", r.conns);
+    for (_, results) in &table {
+        for (run, r) in results.iter().filter_map(|r| r.as_ref().ok()).enumerate() {
+            for line in &r.source_lines {
+                println!("{:>7} #{run} source: {line}", r.conns);
+            }
+            for line in &r.target_lines {
+                println!("{:>7} #{run} target: {line}", r.conns);
+            }
         }
     }
 }

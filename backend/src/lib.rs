@@ -17,6 +17,7 @@
 //! * [`vu`]: the vhost-user device (virtqueues, features, dirty logging, lifecycle).
 //! * [`migrate`]: device-state migration (`SET_DEVICE_STATE_FD`/`CHECK_DEVICE_STATE`).
 //! * [`repair_link`]: the `baton-repair` helper: started, or attached at `--repair-path`.
+//! * [`launcher`]: the process, forked before the sandbox, that starts `baton-repair`.
 //! * [`restore`]: TCP connections to another host: dumped and restored through the helper.
 
 pub mod cli;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod flow;
 pub mod handover;
 pub mod hostinfo;
+pub mod launcher;
 pub mod migrate;
 pub mod net;
 pub mod ports;

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use baton::config::{NetConfig, RuntimeConfig};
 use baton::hostinfo::HostInfo;
+use baton::launcher::{Launcher, Spawner};
 use baton::net::GuestNet;
 use baton::repair_link::RepairLink;
 use baton::runtime;
@@ -63,24 +64,30 @@ fn run(cli: &baton::cli::Cli, rt: &RuntimeConfig) -> Result<(), Box<dyn std::err
     if let Some(pid_file) = &rt.pid_file {
         runtime::write_pid_file(pid_file)?;
     }
+    // `--helper`: the launcher is forked now, while this is the only thread (it starts
+    // the helper whenever a migration needs one; the sandbox forbids baton to).
+    let launcher = match &rt.migration.helper {
+        Some(helper) => {
+            let identity = baton::sandbox::caps::target_identity_quiet(rt.runas.as_ref())?;
+            let launcher = Launcher::start(helper, identity)?;
+            info!(
+                "helper launcher started (pid {}): {} is started when a migration needs it",
+                launcher.pid(),
+                launcher.helper_path().display()
+            );
+            Some(launcher)
+        }
+        None => None,
+    };
     let stopper = Stopper::new()?;
     runtime::handle_signals(stopper.clone())?;
     runtime::raise_nofile(config.max_flows);
     let mut net = GuestNet::new(config)?;
     net.set_drop_unmigratable_tcp(rt.migration.drop_unmigratable_tcp);
-    let spawned = match &rt.migration.helper {
-        Some(helper) => {
-            // Started now: once sandboxed, baton can no longer fork or exec. The helper
-            // serves us until our end of its socketpair closes.
-            let (client, child) =
-                baton_repair_ipc::RepairClient::spawn(helper, Vec::<String>::new())
-                    .map_err(|e| format!("starting {}: {e}", helper.display()))?;
-            info!("{} started (pid {})", client.helper_software(), child.id());
-            Some(client)
-        }
-        None => None,
-    };
-    let link = RepairLink::start(repair_listener, spawned)?;
+    let link = RepairLink::start(repair_listener, None)?;
+    if let Some(launcher) = launcher {
+        Spawner::start(launcher, &link)?;
+    }
     net.set_repair_link(link.clone());
     let net = Arc::new(Mutex::new(net));
     let engine: Arc<Mutex<dyn NetworkEngine>> = net.clone();
@@ -105,20 +112,28 @@ fn run(cli: &baton::cli::Cli, rt: &RuntimeConfig) -> Result<(), Box<dyn std::err
         info!("{closed} frozen TCP connection(s) closed silently at exit");
     }
     if let Some(repair_path) = &repair_path {
-        match std::fs::remove_file(repair_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            // Started as root, baton now runs as nobody and may not remove the file it
-            // created; the next start replaces a stale socket file.
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                tracing::debug!("repair socket {} left behind: {e}", repair_path.display())
-            }
-            Err(e) => tracing::warn!("removing the repair socket {}: {e}", repair_path.display()),
-        }
+        remove_socket_file(repair_path, "repair socket");
+    }
+    if let Some(path) = &path {
+        remove_socket_file(path, "vhost-user socket");
     }
     served?;
     info!("exiting");
     Ok(())
+}
+
+/// Remove a socket file baton created, at exit.
+fn remove_socket_file(path: &std::path::Path, what: &str) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Started as root, baton now runs as nobody and may not remove the file it
+        // created; the next start replaces a stale socket file.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::debug!("{what} {} left behind: {e}", path.display())
+        }
+        Err(e) => tracing::warn!("removing the {what} {}: {e}", path.display()),
+    }
 }
 
 fn log_config(config: &NetConfig) {

@@ -22,8 +22,9 @@
 //!   previous thread still runs is refused; a finished but unchecked one is reaped and its
 //!   result logged.
 //! * SAVE: `LOG_ALL` acknowledged means a migration ([`SaveMode::Migration`]: every TCP
-//!   connection is dumped through the helper *and* offered for a same-host handover,
-//!   [`save_tcp_flows`]); without it, a snapshot
+//!   connection is dumped through the helper *and* its own socket (no duplicate: one
+//!   descriptor per connection) offered for a same-host handover, [`save_tcp_flows`]);
+//!   without it, a snapshot
 //!   (`savevm`, [`SaveMode::Snapshot`]): the source VM carries on, connections are neither
 //!   frozen nor moved, and the stream's header says so
 //!   ([`baton_proto::migration::HEADER_FLAG_SNAPSHOT`]). The engine lock is held only
@@ -305,6 +306,11 @@ fn join(thread: JoinHandle<Result<(), TransferError>>) -> Result<(), TransferErr
     thread.join().unwrap_or(Err(TransferError::Panicked))
 }
 
+/// A duration in milliseconds, for the timing logs.
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 /// Lock, carrying on if a panicking thread poisoned the mutex (as the device does).
 fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
@@ -314,8 +320,10 @@ fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The SAVE thread: snapshot the engine, write the stream, close the fd (EOF for QEMU).
 fn save(file: File, device: &DeviceSide, mode: SaveMode) -> Result<(), TransferError> {
+    let started = std::time::Instant::now();
     // The guard is dropped at the end of this statement: writing does not hold the lock.
     let engine = lock(&device.engine).save_state(mode)?;
+    let engine_done = started.elapsed();
     let state = MigrationState {
         snapshot: mode == SaveMode::Snapshot,
         device: DeviceRecord {
@@ -337,7 +345,9 @@ fn save(file: File, device: &DeviceSide, mode: SaveMode) -> Result<(), TransferE
         snapshot = state.snapshot,
         tcp_flows = state.tcp_flows.len(),
         udp_flows = state.udp_flows.len(),
-        "device state saved"
+        "device state saved (engine {:.1} ms, stream {:.1} ms)",
+        ms(engine_done),
+        ms(started.elapsed() - engine_done)
     );
     Ok(())
     // `out` (and the fd) closes here.
@@ -346,7 +356,9 @@ fn save(file: File, device: &DeviceSide, mode: SaveMode) -> Result<(), TransferE
 /// The LOAD thread: read and validate everything, check it fits this device, then hand
 /// it to the engine.
 fn load(file: File, device: &DeviceSide) -> Result<(), TransferError> {
+    let started = std::time::Instant::now();
     let state = read_stream(file)?;
+    let read = started.elapsed();
     let foreign = state.device.acked_features & !OFFERED_FEATURES;
     if foreign != 0 {
         return Err(TransferError::Features(foreign));
@@ -367,6 +379,12 @@ fn load(file: File, device: &DeviceSide) -> Result<(), TransferError> {
         udp_flows: state.udp_flows,
     };
     lock(&device.engine).load_state(engine_state)?;
+    info!(
+        "device state LOAD: stream read and validated in {:.1} ms, engine state applied \
+         in {:.1} ms",
+        ms(read),
+        ms(started.elapsed() - read)
+    );
     info!(
         snapshot = state.snapshot,
         acked_features = format_args!("{:#x}", state.device.acked_features),
@@ -566,6 +584,7 @@ pub(crate) fn freeze_and_offer_tcp_flows(
         Some(d) => (Some(d.helper), d.states, d.closed),
         None => (None, HashMap::new(), Vec::new()),
     };
+    let started = std::time::Instant::now();
     let pre_frozen: HashSet<FlowId> = states.keys().copied().collect();
     let no_freeze_needed: HashSet<FlowId> = pre_frozen.iter().chain(&closed).copied().collect();
     let mut frozen = tcp.freeze_for_handover(env, &no_freeze_needed);
@@ -617,15 +636,18 @@ pub(crate) fn freeze_and_offer_tcp_flows(
     }
     let sockets = std::mem::take(&mut frozen.sockets);
     let repaired = helper.as_deref().map(|h| (h.share(), in_repair));
-    match HandoverOffer::start_with_helper(sockets, OFFER_LIFETIME, repaired) {
+    // The flows' own sockets are lent to the offer (one descriptor per connection); the
+    // table keeps them open until the offer has settled (see `TcpFlows`).
+    match HandoverOffer::lend(sockets, OFFER_LIFETIME, repaired) {
         Ok(offer) => {
             source.handover = Some(offer.endpoint().clone());
             tcp.set_offer(offer);
             let dumped = frozen.records.iter().filter(|r| r.kernel.is_some()).count();
             info!(
                 "device state SAVE: {} TCP connection(s) frozen ({dumped} with kernel state) \
-                 and offered for a handover",
-                frozen.records.len()
+                 and offered for a handover in {:.1} ms",
+                frozen.records.len(),
+                ms(started.elapsed())
             );
             Ok(frozen.records)
         }
@@ -759,6 +781,7 @@ pub(crate) fn take_over_tcp_flows(
             host: f.host,
         })
         .collect();
+    let started = std::time::Instant::now();
     let sockets = match take_over(endpoint, &expected) {
         Ok(sockets) => sockets,
         Err(source) => {
@@ -768,10 +791,13 @@ pub(crate) fn take_over_tcp_flows(
             })
         }
     };
+    let received = started.elapsed();
+    let by_id: HashMap<baton_proto::migration::FlowId, &TcpFlowRecord> =
+        flows.iter().map(|f| (f.id, f)).collect();
     let rebuilt: Vec<_> = sockets
         .into_iter()
         .filter_map(|(id, socket)| {
-            let record = flows.iter().find(|f| f.id == id)?;
+            let record = by_id.get(&id)?;
             Some((
                 crate::tcp::conn::GuestSide::from(&record.guest_side),
                 socket,
@@ -779,7 +805,12 @@ pub(crate) fn take_over_tcp_flows(
         })
         .collect();
     let adopted = tcp.adopt(rebuilt, std::time::Instant::now());
-    info!("device state LOAD: {adopted} TCP connection(s) taken over from the source");
+    info!(
+        "device state LOAD: {adopted} TCP connection(s) taken over from the source \
+         (handover {:.1} ms, rebuild {:.1} ms)",
+        ms(received),
+        ms(started.elapsed() - received)
+    );
     Ok(adopted)
 }
 
@@ -1014,6 +1045,7 @@ mod tests {
                 our_window_scale: 0,
                 mss: 1460,
                 window_to_guest: 65535,
+                sack_permitted: true,
             }
         }
 

@@ -6,8 +6,8 @@
 //! A migration source needs the privileged helper for its TCP sockets (freeze, dump,
 //! and a silent close in repair mode at the end). The helper comes from one of two places:
 //!
-//! * `--helper PATH`: baton starts it at start-up (before the sandbox, which forbids
-//!   fork and exec) on a socketpair;
+//! * `--helper PATH`: baton has it started on a socketpair when one is wanted (see
+//!   below; the sandbox forbids baton itself to fork and exec);
 //! * `--repair-path` (default: the vhost-user socket path plus `.repair`): baton listens
 //!   there and a helper started by the management layer (`baton-repair PATH`, the
 //!   KubeVirt/libvirt way) connects. [`RepairListener::accept`] accepts only peers whose
@@ -29,10 +29,17 @@
 //! `LOG_ALL` (a migration starts) only asks [`RepairLink::migration_starting`], which
 //! logs what will happen; the bounded wait for a late helper happens at SAVE, on the
 //! transfer thread ([`SAVE_WAIT`]).
+//!
+//! With `--helper PATH` the helper is not started at start-up but whenever one is wanted
+//! and none is attached — at `LOG_ALL`, when a LOAD begins, when the engine asks
+//! ([`RepairLink::update`]) — by the launcher process forked before the sandbox
+//! ([`crate::launcher`]): [`RepairLink::set_spawner`]. Its thread attaches the helper it
+//! started ([`RepairLink::attach_spawned`]) and reports its hang-up
+//! ([`RepairLink::helper_gone`]); a helper that died is replaced at the next need.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use baton_repair_ipc::{ClientError, RepairClient, RepairListener};
@@ -80,6 +87,8 @@ struct LinkState {
     attachments: u64,
     /// The number of the helper connected now, if any.
     alive: Option<u64>,
+    /// A helper start through the spawner was asked for and is not over yet.
+    spawning: bool,
 }
 
 /// Shared between the link thread, the device (for `LOG_ALL`) and the engine.
@@ -91,6 +100,8 @@ pub struct RepairLink {
     spawned: bool,
     state: Mutex<LinkState>,
     changed: Condvar,
+    /// Starts helpers on request (`--helper`), see [`crate::launcher`].
+    spawner: OnceLock<Arc<crate::launcher::Spawner>>,
 }
 
 impl RepairLink {
@@ -101,6 +112,7 @@ impl RepairLink {
             spawned: false,
             state: Mutex::new(LinkState::default()),
             changed: Condvar::new(),
+            spawner: OnceLock::new(),
         })
     }
 
@@ -115,6 +127,7 @@ impl RepairLink {
             spawned: spawned.is_some(),
             state: Mutex::new(LinkState::default()),
             changed: Condvar::new(),
+            spawner: OnceLock::new(),
         });
         if listener.is_none() && spawned.is_none() {
             return Ok(link);
@@ -141,11 +154,97 @@ impl RepairLink {
         self.lock().alive.is_some()
     }
 
+    /// Start helpers through `spawner` from now on (once; later calls are ignored).
+    pub fn set_spawner(&self, spawner: Arc<crate::launcher::Spawner>) {
+        let _ = self.spawner.set(spawner);
+    }
+
+    /// Whether helpers can be started on demand (`--helper`).
+    pub fn can_spawn(&self) -> bool {
+        self.spawner.get().is_some()
+    }
+
+    /// A helper will be wanted soon (a LOAD begins): start one now if none is attached.
+    pub fn want_helper(&self) {
+        let mut state = self.lock();
+        let _ = self.request_spawn(&mut state);
+    }
+
+    /// Ask the spawner for a helper, unless one is attached, waiting to be picked up, or
+    /// being started. Returns whether a start was asked for (or is under way).
+    fn request_spawn(&self, state: &mut LinkState) -> bool {
+        let Some(spawner) = self.spawner.get() else {
+            return false;
+        };
+        if state.alive.is_some() || state.pending.is_some() {
+            return false;
+        }
+        if !state.spawning {
+            state.spawning = true;
+            spawner.wake();
+        }
+        true
+    }
+
+    /// For the spawner: whether a start is still wanted (nothing attached meanwhile).
+    pub(crate) fn spawn_wanted(&self) -> bool {
+        let state = self.lock();
+        state.spawning && state.alive.is_none()
+    }
+
+    /// For the spawner: the start asked for is over (attached or failed).
+    pub(crate) fn spawn_over(&self) {
+        self.lock().spawning = false;
+        self.changed.notify_all();
+    }
+
+    /// For the spawner: attach the helper it started, unless another one is alive (then
+    /// `None`, and dropping `client` makes the newcomer exit). Returns a duplicate of
+    /// its socket to watch, and its number.
+    pub(crate) fn attach_spawned(
+        &self,
+        client: RepairClient,
+    ) -> Option<std::io::Result<(OwnedFd, u64)>> {
+        let watch = match client.as_fd().try_clone_to_owned() {
+            Ok(watch) => watch,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut state = self.lock();
+        if state.alive.is_some() {
+            return None;
+        }
+        state.attachments += 1;
+        let number = state.attachments;
+        info!(
+            attachment = number,
+            "repair helper ready: {}",
+            client.helper_software().escape_debug()
+        );
+        state.pending = Some(client);
+        state.alive = Some(number);
+        drop(state);
+        self.changed.notify_all();
+        Some(Ok((watch, number)))
+    }
+
+    /// For the spawner: the helper it started (`number`) hung up.
+    pub(crate) fn helper_gone(&self, number: u64) {
+        self.gone(number);
+    }
+
     /// `LOG_ALL`: a migration starts. Say loudly what happens without a helper, and how
     /// to provide one; SAVE waits for it ([`SAVE_WAIT`]).
     pub fn migration_starting(&self) {
         if self.attached() {
             info!("migration starting: repair helper attached");
+            return;
+        }
+        if let Some(spawner) = self.spawner.get() {
+            info!(
+                "migration starting: starting the repair helper {}",
+                spawner.helper_path().display()
+            );
+            self.want_helper();
             return;
         }
         match &self.path {
@@ -174,6 +273,7 @@ impl RepairLink {
     pub fn update(&self, held: Option<u64>, wait: Duration) -> Update {
         let deadline = Instant::now() + wait;
         let mut state = self.lock();
+        let mut asked = false;
         loop {
             if let Some(client) = state.pending.take() {
                 return Update::Attached(client, state.attachments);
@@ -182,6 +282,15 @@ impl RepairLink {
                 Some(number) if state.alive == Some(number) => return Update::Unchanged,
                 Some(_) => return Update::Gone,
                 None => {}
+            }
+            // Nothing attached (a helper that died may still count as alive until the
+            // link notices): have one started (`--helper`), once per call; if that
+            // failed and no socket can bring another, there is nothing to wait for.
+            if !asked {
+                asked = self.request_spawn(&mut state);
+            }
+            if self.can_spawn() && state.alive.is_none() && !state.spawning && self.path.is_none() {
+                return Update::Unchanged;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -230,6 +339,14 @@ impl RepairLink {
         }
         drop(state);
         self.changed.notify_all();
+        if let Some(spawner) = self.spawner.get() {
+            warn!(
+                attachment = number,
+                "the repair helper went away; {} is started again when a migration needs it",
+                spawner.helper_path().display()
+            );
+            return;
+        }
         match &self.path {
             Some(path) => warn!(
                 attachment = number,
@@ -289,7 +406,8 @@ impl RepairLink {
             if !incoming.is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLERR)) {
                 continue;
             }
-            if watch.is_some() {
+            if watch.is_some() || self.attached() {
+                // `attached()`: a helper the spawner started is alive.
                 refuse_another(listener);
                 continue;
             }

@@ -31,18 +31,38 @@
 //!   its flow is reset the same way. Only when *nothing* could be restored because the
 //!   helper failed as a whole does LOAD fail (the source then resumes with everything):
 //!   sockets restored before a later failure are live and are kept.
+//!
+//! # Re-probing after the switch-over ([`Reprobe`])
+//!
+//! The source's address moves to this host late (only once the target VM runs). Until
+//! then every answer of the peer — to the window probe that leaving repair mode sends
+//! at LOAD, and its ACKs for whatever the restored socket sends — goes to the frozen,
+//! deaf source. Measured (`migrate_hosts`, packet capture at the peer): the restored
+//! socket sends a congestion window of data the peer receives, hears nothing, and then
+//! waits for its own loss probe / retransmission timeout, about 1 s after its last
+//! transmission (a restored socket has no RTT estimate), however early the address
+//! moved. So, once the guest runs, the helper takes every restored connection that
+//! still has unacknowledged data and has heard nothing from the peer since LOAD
+//! (`tcpi_segs_in` 0) briefly into repair mode and out again: leaving repair mode sends
+//! a window probe (an old sequence number), which the peer answers with an ACK for all
+//! it holds. Once the address has moved that ACK arrives, releases the congestion
+//! window, and the stream goes on without any retransmission. Rounds follow a bounded
+//! schedule ([`REPROBE_SCHEDULE`]); a connection leaves it as soon as it hears from the
+//! peer. The peer answers such probes (out-of-window segments without data) at most
+//! once per `tcp_invalid_ratelimit` (500 ms by default) per connection, so a move can
+//! still cost up to about that much; probing more often than the schedule buys little.
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::time::Instant;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use baton_proto::frame::MAX_FDS;
 use baton_proto::migration::TcpFlowRecord;
 use baton_proto::repair::RepairMode;
 use baton_proto::tcp::{SocketFamily, TcpConnState};
 use baton_repair_ipc::{ClientError, RepairClient};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::flow::FlowId;
 use crate::tcp::TcpFlows;
@@ -151,6 +171,9 @@ pub fn thaw_logged(helper: &mut RepairClient, fds: &[BorrowedFd<'_>], why: &str)
 
 /// Thaw the sockets of `ids` through the helper (used when SAVE fails after the dump).
 pub(crate) fn thaw_flows(tcp: &TcpFlows, helper: &mut RepairClient, ids: &[FlowId], why: &str) {
+    // A set: a failed SAVE thaws every flow, and a scan of `ids` per socket made that
+    // quadratic.
+    let ids: std::collections::HashSet<FlowId> = ids.iter().copied().collect();
     let fds: Vec<BorrowedFd<'_>> = tcp
         .flow_sockets()
         .into_iter()
@@ -290,7 +313,7 @@ pub(crate) fn restore_all(
         })
         .collect();
     let wanted = rebuilt.len();
-    outcome.restored = tcp.adopt(rebuilt, Instant::now());
+    outcome.restored = tcp.adopt_restored(rebuilt, helper.share(), Instant::now());
     outcome.failed += wanted - outcome.restored;
     info!(
         "device state LOAD: {} TCP connection(s) restored through baton-repair in {:.1} ms \
@@ -317,6 +340,259 @@ fn silence(helper: &mut RepairClient, socket: BorrowedFd<'_>) {
             warn!("SO_LINGER on a restored socket: {err}");
         }
     }
+}
+
+/// When the re-probe rounds run, counted from the first round of events after LOAD
+/// (the guest runs): dense at first (the address usually moves within a few hundred
+/// milliseconds, e.g. when QEMU announces the guest), then every 250 ms up to 3 s.
+/// Beyond that the kernel's own timers (retransmission timeout and its backoff) are no
+/// worse than what a probe could do.
+pub const REPROBE_SCHEDULE: [Duration; 20] = {
+    const fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+    [
+        ms(0),
+        ms(20),
+        ms(50),
+        ms(100),
+        ms(200),
+        ms(300),
+        ms(400),
+        ms(500),
+        ms(600),
+        ms(700),
+        ms(850),
+        ms(1000),
+        ms(1250),
+        ms(1500),
+        ms(1750),
+        ms(2000),
+        ms(2250),
+        ms(2500),
+        ms(2750),
+        ms(3000),
+    ]
+};
+
+/// Connections restored at LOAD that have not heard from their peer yet, re-probed
+/// through the helper on [`REPROBE_SCHEDULE`] (see the module documentation).
+#[derive(Debug)]
+pub(crate) struct Reprobe {
+    /// A handle on the helper connection that restored them.
+    helper: RepairClient,
+    /// The connections still watched.
+    flows: Vec<FlowId>,
+    /// When the first round ran (the guest runs); `None` before it.
+    started: Option<Instant>,
+    /// The index in [`REPROBE_SCHEDULE`] of the next round.
+    round: usize,
+    /// Probes sent, for the final log line.
+    probes: usize,
+    /// Where the next round starts among the connections to probe, when there are more
+    /// than [`MAX_PROBES_PER_ROUND`].
+    turn: usize,
+}
+
+/// At most this many probes per round (four helper requests of [`MAX_FDS`] sockets, two
+/// exchanges each): a round runs on the device's worker thread, which serves the guest
+/// meanwhile, so with thousands of restored connections waiting they take turns.
+const MAX_PROBES_PER_ROUND: usize = 4 * MAX_FDS;
+
+/// What a round found for one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeNeed {
+    /// Unacknowledged data and not a segment from the peer since LOAD: probe.
+    Probe,
+    /// Nothing in flight now (it may send later): keep watching, no probe this round.
+    Wait,
+    /// The peer reaches this host, or the socket is gone or not established: done.
+    Done,
+}
+
+/// Linux's `TCP_ESTABLISHED` (`include/net/tcp_states.h`): a window probe is sent only
+/// in this state.
+const TCP_STATE_ESTABLISHED: u8 = 1;
+
+fn probe_need(fd: BorrowedFd<'_>) -> ProbeNeed {
+    match tcp_info(fd) {
+        Ok(info) if info.tcpi_state != TCP_STATE_ESTABLISHED => ProbeNeed::Done,
+        Ok(info) if info.tcpi_segs_in > 0 => ProbeNeed::Done,
+        Ok(info) if info.tcpi_unacked > 0 => ProbeNeed::Probe,
+        Ok(_) => ProbeNeed::Wait,
+        Err(err) => {
+            debug!("TCP_INFO of a restored socket: {err}; no more re-probes for it");
+            ProbeNeed::Done
+        }
+    }
+}
+
+impl Reprobe {
+    pub(crate) fn new(helper: RepairClient, flows: Vec<FlowId>) -> Self {
+        Reprobe {
+            helper,
+            flows,
+            started: None,
+            round: 0,
+            probes: 0,
+            turn: 0,
+        }
+    }
+
+    /// When the next round is due (`None`: the schedule is over, drop it). Before the
+    /// first round: now.
+    pub(crate) fn next_round(&self, now: Instant) -> Option<Instant> {
+        if self.flows.is_empty() {
+            return None;
+        }
+        match self.started {
+            None => Some(now),
+            Some(started) => REPROBE_SCHEDULE
+                .get(self.round)
+                .map(|offset| started + *offset),
+        }
+    }
+
+    /// Run the round that is due at `now`, if any: probe every watched connection
+    /// (`socket` finds its socket) that still needs it, forget those that are done.
+    /// Returns whether the schedule goes on.
+    pub(crate) fn run_due<'a>(
+        &mut self,
+        now: Instant,
+        socket: impl Fn(FlowId) -> Option<BorrowedFd<'a>>,
+    ) -> bool {
+        let Some(due) = self.next_round(now) else {
+            return false;
+        };
+        if due > now {
+            return true;
+        }
+        let started = *self.started.get_or_insert(now);
+        // Skip rounds that are already past (a late wake-up): one probe now does.
+        while REPROBE_SCHEDULE
+            .get(self.round)
+            .is_some_and(|offset| started + *offset <= now)
+        {
+            self.round += 1;
+        }
+        let mut probe = Vec::new();
+        self.flows.retain(|id| {
+            let Some(fd) = socket(*id) else {
+                return false;
+            };
+            match probe_need(fd) {
+                ProbeNeed::Probe => {
+                    probe.push(fd);
+                    true
+                }
+                ProbeNeed::Wait => true,
+                ProbeNeed::Done => false,
+            }
+        });
+        if probe.len() > MAX_PROBES_PER_ROUND {
+            // Take turns: this round's share starts where the last one stopped.
+            let start = self.turn % probe.len();
+            probe.rotate_left(start);
+            probe.truncate(MAX_PROBES_PER_ROUND);
+            self.turn = start + MAX_PROBES_PER_ROUND;
+        }
+        if !probe.is_empty() {
+            self.probe(&probe);
+        }
+        let more = self.next_round(now).is_some();
+        if !more {
+            info!(
+                "restored TCP connections: re-probing over after {} probe(s); {} connection(s) \
+                 never heard from their peer",
+                self.probes,
+                self.flows.len()
+            );
+        }
+        more
+    }
+
+    /// Repair mode on and off again for each of `sockets` (in batches): the second step
+    /// sends the window probe. Both run back to back on this thread, so nothing else
+    /// uses a socket while it is in repair mode (a send there would fail with EINVAL).
+    fn probe(&mut self, sockets: &[BorrowedFd<'_>]) {
+        let into_repair = match self.helper.set_repair(sockets, RepairMode::On) {
+            Ok(results) => results,
+            Err(err) => {
+                warn!(
+                    "re-probing {} restored TCP connection(s): {err}",
+                    sockets.len()
+                );
+                // The helper failed as a whole (maybe half-way): make sure none is left
+                // in repair mode.
+                self.leave_repair(sockets);
+                self.flows.clear();
+                return;
+            }
+        };
+        let entered: Vec<BorrowedFd<'_>> = sockets
+            .iter()
+            .zip(&into_repair)
+            .filter(|(_, result)| result.is_ok())
+            .map(|(fd, _)| *fd)
+            .collect();
+        if let Some(Err(err)) = into_repair.iter().find(|r| r.is_err()) {
+            debug!(
+                "re-probe: {} restored socket(s) could not enter repair mode (first: {err})",
+                sockets.len() - entered.len()
+            );
+        }
+        self.probes += entered.len();
+        self.leave_repair(&entered);
+        debug!("re-probed {} restored TCP connection(s)", entered.len());
+    }
+
+    /// Repair mode off, with the window probe. A socket left in repair mode could not
+    /// carry data any more: say so loudly.
+    fn leave_repair(&mut self, sockets: &[BorrowedFd<'_>]) {
+        if sockets.is_empty() {
+            return;
+        }
+        match self.helper.set_repair(sockets, RepairMode::Off) {
+            Ok(results) => {
+                for (fd, result) in sockets.iter().zip(results) {
+                    if let Err(err) = result {
+                        error!(
+                            "re-probe: restored socket {} stays in repair mode: {err}; its \
+                             connection will fail",
+                            fd.as_raw_fd()
+                        );
+                    }
+                }
+            }
+            Err(err) => error!(
+                "re-probe: taking {} restored socket(s) out of repair mode failed: {err}; \
+                 their connections will fail",
+                sockets.len()
+            ),
+        }
+    }
+}
+
+/// `TCP_INFO` of a socket (no privilege needed).
+fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
+    // SAFETY: tcp_info is a plain C struct of integers; all-zero bytes are a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info` and updates `len`; both
+    // live across the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info)
 }
 
 /// A fresh non-blocking TCP socket of `family` that may bind an address this host does
@@ -351,7 +627,43 @@ pub fn fresh_socket(family: SocketFamily) -> io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn the_reprobe_schedule_is_increasing_and_bounded() {
+        assert_eq!(
+            REPROBE_SCHEDULE[0],
+            Duration::ZERO,
+            "the first round at once"
+        );
+        assert!(REPROBE_SCHEDULE.windows(2).all(|w| w[0] < w[1]));
+        let last = REPROBE_SCHEDULE[REPROBE_SCHEDULE.len() - 1];
+        assert!(last <= Duration::from_secs(3), "{last:?}");
+    }
+
+    /// A connection that heard from its peer, or a socket that is not connected, is done
+    /// with re-probing.
+    #[test]
+    fn connections_that_heard_from_their_peer_or_are_not_connected_are_not_probed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut theirs, _) = listener.accept().unwrap();
+        // Our end heard the SYN-ACK already; with data both ways it surely heard more.
+        ours.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        theirs.read_exact(&mut buf).unwrap();
+        theirs.write_all(b"pong").unwrap();
+        ours.read_exact(&mut buf).unwrap();
+        assert_eq!(probe_need(ours.as_fd()), ProbeNeed::Done);
+        let fresh = fresh_socket(SocketFamily::Inet).unwrap();
+        assert_eq!(
+            probe_need(fresh.as_fd()),
+            ProbeNeed::Done,
+            "not established"
+        );
+        let info = tcp_info(ours.as_fd()).unwrap();
+        assert!(info.tcpi_segs_in > 0 && info.tcpi_unacked == 0);
+    }
 
     #[test]
     fn fresh_sockets_bind_addresses_this_host_does_not_have() {

@@ -118,9 +118,9 @@ pub fn open_listener(
 ) -> Result<(Listener, Option<PathBuf>), RuntimeError> {
     match endpoint {
         VhostUserEndpoint::Listen(path) => {
-            let listener = Listener::new(path, true).map_err(|source| RuntimeError::Listen {
+            let listener = bind_listening(path).map_err(|source| RuntimeError::Listen {
                 path: path.clone(),
-                source,
+                source: vhost::vhost_user::Error::SocketError(source),
             })?;
             Ok((listener, Some(path.clone())))
         }
@@ -129,7 +129,7 @@ pub fn open_listener(
                 if path_in_use(&path) {
                     continue;
                 }
-                if let Ok(listener) = Listener::new(&path, true) {
+                if let Ok(listener) = bind_listening(&path) {
                     return Ok((listener, Some(path)));
                 }
             }
@@ -155,6 +155,32 @@ pub fn open_listener(
             Ok((listener, None))
         }
     }
+}
+
+/// A listening UNIX socket at `path`, which appears only once it listens: bound under a
+/// temporary name in the same directory, then renamed over `path` (replacing a stale
+/// socket file). A frontend or test that waits for the file and then connects could
+/// otherwise meet the moment between bind and listen ("connection refused").
+///
+/// The file is not removed when the listener is dropped (the caller removes it at exit,
+/// see `main`), unlike `Listener::new`'s.
+fn bind_listening(path: &Path) -> std::io::Result<Listener> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the socket path has no file name"))?;
+    let mut temporary_name = std::ffi::OsString::from(".");
+    temporary_name.push(name);
+    temporary_name.push(format!(".{}.binding", std::process::id()));
+    let temporary = path.with_file_name(temporary_name);
+    let _ = std::fs::remove_file(&temporary);
+    let bound = std::os::unix::net::UnixListener::bind(&temporary)?;
+    if let Err(e) = std::fs::rename(&temporary, path) {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e);
+    }
+    // SAFETY: the descriptor is a listening UNIX socket we own; the Listener takes it
+    // over (without a path, so it does not unlink anything on drop).
+    Ok(unsafe { Listener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(bound)) })
 }
 
 fn path_in_use(path: &Path) -> bool {

@@ -18,18 +18,20 @@
 //! * no helper: SAVE fails (the sockets cannot be frozen), the source carries on;
 //!   with `--migrate-drop-tcp` SAVE succeeds without the connections, the target
 //!   resets them towards the guest and still takes the guest's state;
-//! * the helper killed while SAVE dumps 600 connections;
+//! * the helper killed while SAVE dumps 600 connections: SAVE fails, a fresh helper
+//!   (baton starts one through its launcher) thaws the sockets, the source carries on;
 //! * a truncated, corrupted or too-new stream: the target refuses it and has nothing;
 //! * the target's LOAD fails (wrong handover token, foreign feature bits);
-//! * SAVE, then the source resumes without any LOAD;
+//! * SAVE, then the source resumes without any LOAD — also with a guest that only
+//!   receives (the rings starting, not a guest segment, thaw the connections), and
+//!   after the helper of the SAVE died (a fresh one ends repair mode);
+//! * a call fd installed on a running ring is signalled once (no interrupt lost at
+//!   ring start);
 //! * the source resumes after the target took the connections: the source resets only
 //!   the guest side, the target carries on;
 //! * twenty migrations back and forth under load.
 //!
-//! Two cases are `#[ignore]`d because they expose bugs that are not fixed yet (see
-//! their comments): a helper killed mid-dump, and a connection already closed on the
-//! host side at SAVE. And the workload sidesteps a third one, in the TCP data path: a
-//! retransmission timeout after baton sent its FIN forgets the FIN (`rewind` clears
+//! The workload sidesteps a bug in the TCP data path: a retransmission timeout after baton sent its FIN forgets the FIN (`rewind` clears
 //! `fin_to_guest`), so the guest's late ACK of that FIN counts one byte too many and
 //! baton resets the connection ("acknowledged data missing from the socket"). With
 //! hundreds of connections swamping the guest's receive ring that happens to a few
@@ -436,9 +438,13 @@ struct Workload {
 impl Workload {
     /// `n` connections of `len` bytes each way, opened on `dev` (dirty logging on: a
     /// migration is coming).
-    fn start(mut dev: NetFrontend, n: usize, len: u64) -> Self {
+    fn start(dev: NetFrontend, n: usize, len: u64) -> Self {
+        Self::start_plans(dev, vec![Plan { up: len, down: len }; n])
+    }
+
+    /// One connection per plan, opened on `dev` (dirty logging on).
+    fn start_plans(mut dev: NetFrontend, plans: Vec<Plan>) -> Self {
         dev.start_dirty_log().expect("LOG_ALL");
-        let plans = vec![Plan { up: len, down: len }; n];
         let peer = Peer::serve(plans.clone());
         let mut guest = Guest::new(dev);
         let conns = plans
@@ -691,20 +697,15 @@ fn without_helper_drop_tcp_migrates_the_rest_and_resets_the_connections() {
 }
 
 /// The helper dies while SAVE dumps 600 connections (in three requests): SAVE must
-/// fail and the source carry on with every connection.
-///
-/// Known bug (ignored until fixed): when the helper dies in the middle of a dump
-/// request, the sockets it had frozen before dying stay deaf and in repair mode —
-/// baton cannot thaw them without a helper ("thawing N socket(s) after a failed dump:
-/// … out of sync") — so those connections hang after the source resumes (the peer's
-/// read times out). It passes only when the kill lands before the helper touched a
-/// socket. Run with `--ignored`.
+/// fail and the source carry on with every connection. The sockets the helper froze
+/// before dying are deaf and in repair mode, which only a privileged process can end:
+/// baton has its launcher start a fresh helper and thaws every socket through it.
 #[test]
-#[ignore = "known bug: sockets frozen by a helper that dies mid-dump are never thawed"]
+#[cfg(target_arch = "x86_64")]
 fn helper_killed_during_save() {
     baton_testkit::netns::raise_nofile(16_384).expect("RLIMIT_NOFILE");
     let a = source("killhelper", true, &[]);
-    // Three dump requests (at most 253 sockets each): the helper dies after the first.
+    // Three dump requests (at most 253 sockets each): the helper dies inside one.
     let n = 600;
     let mut w = Workload::start(a.connect(), n, 16 << 10);
     let log = || a.log();
@@ -712,21 +713,27 @@ fn helper_killed_during_save() {
 
     let helper = helper_pid(a.pid()).expect("baton-repair runs as baton's child");
     let stop = Arc::new(AtomicBool::new(false));
+    let (attached, tracing) = std::sync::mpsc::channel();
     let killer = {
         let stop = Arc::clone(&stop);
-        std::thread::spawn(move || kill_when_busy(helper, &stop))
+        std::thread::spawn(move || kill_when_busy(helper, &stop, &attached))
     };
+    // SAVE only once the helper is traced: none of the dump may pass unseen.
+    tracing
+        .recv_timeout(TEST_TIMEOUT)
+        .expect("the helper could not be traced");
     let saved = w.save();
     stop.store(true, Ordering::SeqCst);
-    let killed_after = killer.join().expect("killer thread");
-    assert!(
-        killed_after.is_some(),
-        "the helper was not killed during SAVE"
-    );
+    let killed_after = killer.join().expect("killer thread").unwrap_or_else(|why| {
+        panic!(
+            "the helper was not killed during SAVE ({why}); SAVE {saved:?}; log:\n{}",
+            a.log()
+        )
+    });
     let text = a.log();
     eprintln!(
-        "helper killed after {} poll(s) in SAVE; SAVE {}",
-        killed_after.unwrap_or_default(),
+        "helper killed after {} system call stop(s) in SAVE; SAVE {}",
+        killed_after,
         if saved.is_ok() { "succeeded" } else { "failed" }
     );
     assert!(
@@ -734,43 +741,152 @@ fn helper_killed_during_save() {
         "SAVE must fail when the helper dies: {text}"
     );
     assert!(text.contains("device state SAVE failed"), "{text}");
+    assert!(
+        text.contains("the repair helper died during SAVE"),
+        "{text}"
+    );
+    assert!(
+        text.contains("thawed through a fresh baton-repair after the helper died"),
+        "{text}"
+    );
     w.resume_on(&a);
     w.finish("after SAVE failed (helper killed)", &log);
 }
 
-/// baton-repair's pid: the child of baton `pid`.
+/// baton-repair's pid: the live process of that name below baton `pid` (baton's
+/// launcher starts it when the migration starts).
 fn helper_pid(pid: u32) -> Option<i32> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    for task in tasks.flatten() {
-        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        if let Some(child) = children.split_whitespace().next() {
-            return child.parse().ok();
+    let mut queue = vec![pid as i32];
+    while let Some(parent) = queue.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                let comm =
+                    std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
+                let stat =
+                    std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+                let zombie = stat
+                    .rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('Z'));
+                if comm.trim_end() == "baton-repair" && !zombie {
+                    return Some(child);
+                }
+                queue.push(child);
+            }
         }
     }
     None
 }
 
-/// Kill `pid` with SIGKILL the first time it is seen running during SAVE (an idle
-/// helper sleeps in `recvmsg`; a running one is in the middle of a dump request, so
-/// part of the sockets are deaf and in repair mode), unless `stop` is set first.
-/// Returns how many polls it took.
-fn kill_when_busy(pid: i32, stop: &AtomicBool) -> Option<u64> {
-    let mut polls = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        polls += 1;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // The state follows the command name, which is in parentheses.
-        let state = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next());
-        if state == Some('R') {
-            // SAFETY: signalling the helper our baton started, by its PID.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            return Some(polls);
-        }
-        std::thread::sleep(Duration::from_micros(50));
+/// Kill `pid` with SIGKILL in the middle of a dump request of SAVE, unless `stop` is set
+/// first. Sampling a running helper races with it (a whole dump can pass between two
+/// samples on a busy machine), so the helper is traced (ptrace, system call stops): it
+/// reads a request with `recvmsg` and freezes sockets with `setsockopt`, several calls
+/// per socket; it is killed at its tenth `setsockopt` after it received a request, in
+/// the middle of a dump, with the first sockets deaf and in repair mode. `attached` is
+/// told once the helper is traced. Returns how many stops that took, or why it did not
+/// kill.
+///
+/// Attaching interrupts the helper's `poll`, which the kernel then resumes with
+/// `restart_syscall` — not on the helper's seccomp allow-list (it would die of SIGSYS,
+/// a different fault). The tracer turns that back into the `poll` it was: the
+/// registers still hold its arguments.
+#[cfg(target_arch = "x86_64")]
+fn kill_when_busy(
+    pid: i32,
+    stop: &AtomicBool,
+    attached: &std::sync::mpsc::Sender<()>,
+) -> Result<u64, String> {
+    // SAFETY (every ptrace and waitpid call below): requests on the helper our baton
+    // started, by its PID; the only memory passed is `status` and `regs`, owned here.
+    let seized = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SEIZE,
+            pid,
+            0usize,
+            libc::PTRACE_O_TRACESYSGOOD as usize,
+        )
+    };
+    if seized != 0 || unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0usize, 0usize) } != 0 {
+        return Err(format!("attach: {}", std::io::Error::last_os_error()));
     }
-    None
+    let mut stops = 0u64;
+    let mut attached = Some(attached);
+    let mut received = false;
+    // setsockopt stops (entry and exit) in the dump: well into it, some sockets done.
+    let mut freezing = 0u32;
+    loop {
+        let mut status = 0;
+        loop {
+            let waited = unsafe { libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG) };
+            if waited == pid {
+                break;
+            }
+            if waited < 0 {
+                return Err(format!("waitpid: {}", std::io::Error::last_os_error()));
+            }
+            if stop.load(Ordering::SeqCst) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                return Err(format!(
+                    "SAVE ended first ({stops} stops, recvmsg seen {received}, {freezing} \
+                     setsockopt stops)"
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        if !libc::WIFSTOPPED(status) {
+            return Err(format!(
+                "the helper ended: wait status {status:#x} after {stops} stops"
+            ));
+        }
+        // The first stop is PTRACE_INTERRUPT's: from here on every system call is seen.
+        if let Some(attached) = attached.take() {
+            let _ = attached.send(());
+        }
+        stops += 1;
+        let signal = libc::WSTOPSIG(status);
+        let mut inject = 0usize;
+        if signal == libc::SIGTRAP | 0x80 {
+            // SAFETY: zeroes are a valid user_regs_struct (plain integers).
+            let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+            let regs_ptr = &mut regs as *mut libc::user_regs_struct as usize;
+            if unsafe { libc::ptrace(libc::PTRACE_GETREGS, pid, 0usize, regs_ptr) } != 0 {
+                return Err(format!("GETREGS: {}", std::io::Error::last_os_error()));
+            }
+            let call = regs.orig_rax as i64;
+            if call == libc::SYS_restart_syscall {
+                regs.orig_rax = libc::SYS_poll as u64;
+                if unsafe { libc::ptrace(libc::PTRACE_SETREGS, pid, 0usize, regs_ptr) } != 0 {
+                    return Err(format!("SETREGS: {}", std::io::Error::last_os_error()));
+                }
+            } else if call == libc::SYS_recvmsg {
+                received = true;
+            } else if call == libc::SYS_setsockopt && received {
+                freezing += 1;
+                if freezing == 20 {
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return Ok(stops);
+                }
+            }
+        } else if status >> 16 == 0 {
+            // A signal for the helper: pass it on. (Event stops, such as the one
+            // PTRACE_INTERRUPT causes, carry the event above bit 16.)
+            inject = signal as usize;
+        }
+        if unsafe { libc::ptrace(libc::PTRACE_SYSCALL, pid, 0usize, inject) } != 0 {
+            return Err(format!(
+                "PTRACE_SYSCALL: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
 }
 
 /// Damaged streams (truncated, one byte flipped, a version from the future): the
@@ -1066,4 +1182,144 @@ fn a_connection_closing_at_save_does_not_fail_the_migration() {
     loaded.unwrap_or_else(|e| panic!("LOAD: {e}; log:\n{}", b.log()));
     w.switch_to(dev);
     w.finish("the closing connection on the target", &|| b.log());
+}
+
+/// SAVE, then the source VM resumes without any LOAD, and its guest has nothing to say:
+/// it only receives, and what it received it has acknowledged. Nothing from the guest
+/// will thaw the frozen connections, so the rings starting again must: data reaches
+/// the guest's receive ring before the guest transmits a single frame.
+#[test]
+fn a_receive_only_guest_gets_its_data_again_when_the_source_resumes() {
+    use vm_memory::Bytes;
+    let a = source("recvonly", true, &[]);
+    let n = 4;
+    let plans = vec![
+        Plan {
+            up: 0,
+            down: 4 << 20,
+        };
+        n
+    ];
+    let mut w = Workload::start_plans(a.connect(), plans);
+    // Acknowledge at once: no delayed ACK may be left for after the resume.
+    for c in &w.conns {
+        w.guest
+            .sockets
+            .get_mut::<tcp::Socket>(c.handle)
+            .set_ack_delay(None);
+    }
+    let log = || a.log();
+    w.run_to(0.2, "before SAVE", &log);
+    let stream = w
+        .save()
+        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", a.log()));
+    assert_eq!(decode_stream(&stream).expect("valid").tcp_flows.len(), n);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The VM resumes; the guest stack is not polled (so it sends nothing) until frames
+    // arrive in its receive ring.
+    drop(w.guest.stop());
+    let mut dev = a.connect();
+    dev.start_dirty_log().expect("LOG_ALL");
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    loop {
+        let used: u16 = dev
+            .ram
+            .mem
+            .load(
+                vm_memory::GuestAddress(dev.rx.used_ring + 2),
+                std::sync::atomic::Ordering::Acquire,
+            )
+            .expect("used idx");
+        if u16::from_le(used) != dev.rx.last_used() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing reached the guest after the resume; log:\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let text = a.log();
+    assert!(
+        text.contains(&format!("TCP: {n} connection(s) thawed, carrying on here")),
+        "{text}"
+    );
+    w.guest.start(dev);
+    w.finish("after the resume (receive only)", &log);
+}
+
+/// QEMU starts a ring with SET_VRING_KICK and installs the guest's notifier with
+/// SET_VRING_CALL afterwards, discarding what was signalled in between; the backend may
+/// already use the ring at the kick (a resumed source thaws its connections then). So a
+/// call fd installed on a running ring gets one notification (patched
+/// vhost-user-backend, see third_party/README.md); without it, an EVENT_IDX guest would
+/// never be interrupted for that queue again.
+#[test]
+fn a_new_call_fd_of_a_running_ring_is_signalled() {
+    let a = source("callfd", false, &[]);
+    let dev = a.connect();
+    for ring in [0usize, 1] {
+        let call = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+            .expect("eventfd");
+        vhost::VhostBackend::set_vring_call(&dev.fe, ring, &call).expect("SET_VRING_CALL");
+        // SAFETY: the eventfd outlives this borrow.
+        let fd =
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&call)) };
+        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5000u16)).expect("poll");
+        assert_eq!(
+            ready,
+            1,
+            "ring {ring}: the new call fd was not signalled; log:\n{}",
+            a.log()
+        );
+    }
+}
+
+/// SAVE went through, then the helper that dumped the connections dies, then the source
+/// VM resumes (no LOAD). The dumped sockets are in repair mode, which the dead helper
+/// can no longer end: a fresh one (baton's launcher starts it) thaws them, and every
+/// connection carries on.
+#[test]
+fn the_source_resumes_after_the_helper_of_its_save_died() {
+    let a = source("deadafter", true, &[]);
+    let n = 6;
+    let mut w = Workload::start(a.connect(), n, 1 << 20);
+    let log = || a.log();
+    w.run_to(0.3, "before SAVE", &log);
+    let stream = w
+        .save()
+        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", a.log()));
+    let state = decode_stream(&stream).expect("valid");
+    assert_eq!(state.tcp_flows.len(), n);
+    assert!(
+        state.tcp_flows.iter().all(|f| f.kernel.is_some()),
+        "the helper dumped every connection; log:\n{}",
+        a.log()
+    );
+    let helper = helper_pid(a.pid()).expect("baton-repair runs below baton");
+    // SAFETY: signalling the helper our baton started, by its PID.
+    unsafe { libc::kill(helper, libc::SIGKILL) };
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    while !a.log().contains("the repair helper went away") {
+        assert!(
+            Instant::now() < deadline,
+            "no hang-up noticed:\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    w.resume_on(&a);
+    w.finish("after the resume without the helper of SAVE", &log);
+    let text = a.log();
+    assert!(
+        text.contains(&format!(
+            "{n} TCP socket(s) thawed through a fresh baton-repair after the VM resumed \
+             without the helper of its SAVE"
+        )),
+        "{text}"
+    );
 }

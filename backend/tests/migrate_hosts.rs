@@ -27,7 +27,7 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -124,6 +124,24 @@ impl Netns {
         let values: Vec<&str> = tcp.next().expect("Tcp values").split_whitespace().collect();
         let at = names.iter().position(|n| *n == "OutRsts").expect("OutRsts");
         values[at].parse().expect("OutRsts value")
+    }
+
+    /// How often this namespace's TCP had to fall back on a timer to recover data
+    /// nobody acknowledged: `(TcpExtTCPLossProbes, TcpExtTCPTimeouts)` — tail-loss probes
+    /// and retransmission timeouts.
+    fn timer_recoveries(&self) -> (u64, u64) {
+        let out = self.run(&["nstat", "-asz", "TcpExtTCPLossProbes", "TcpExtTCPTimeouts"]);
+        let counter = |name: &str| -> u64 {
+            out.lines()
+                .find_map(|line| {
+                    let mut fields = line.split_whitespace();
+                    (fields.next() == Some(name)).then(|| fields.next())?
+                })
+                .unwrap_or_else(|| panic!("{name} missing from nstat: {out}"))
+                .parse()
+                .expect("counter value")
+        };
+        (counter("TcpExtTCPLossProbes"), counter("TcpExtTCPTimeouts"))
     }
 }
 
@@ -278,15 +296,25 @@ fn down_pattern(index: u32) -> Pattern {
 #[derive(Debug)]
 struct PeerReport {
     index: u32,
-    /// Longest time between two successive reads (the peer-visible gap).
+    /// Longest time between two successive reads (the peer-visible gap), the time the
+    /// peer held its reads excepted.
     longest_gap: Duration,
+    /// The same, counted only from when the peer stopped holding (in a migration: after
+    /// the address moved) — the part a restore can lengthen. Zero for a connection
+    /// that never held.
+    longest_gap_after_hold: Duration,
 }
 
 /// Accept `plans.len()` connections; serve each on its own threads. Every failure
 /// (RST, wrong byte, short stream) comes back as an error string. While `hold` is set,
 /// the peer stops reading after 40 % of a long stream, so that the guest's later bytes
-/// pile up in the host sockets' send queues (data in flight at SAVE).
-fn serve(plans: Vec<Plan>, hold: Arc<AtomicBool>) -> JoinHandle<Vec<Result<PeerReport, String>>> {
+/// pile up in the host sockets' send queues (data in flight at SAVE). `received`
+/// counts the guest's bytes the peer read, over all connections.
+fn serve(
+    plans: Vec<Plan>,
+    hold: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
+) -> JoinHandle<Vec<Result<PeerReport, String>>> {
     let listener = TcpListener::bind(SocketAddr::from((PEER, SERVER_PORT))).expect("server bind");
     std::thread::spawn(move || {
         let mut workers = Vec::new();
@@ -297,7 +325,10 @@ fn serve(plans: Vec<Plan>, hold: Arc<AtomicBool>) -> JoinHandle<Vec<Result<PeerR
             };
             let plans = plans.clone();
             let hold = Arc::clone(&hold);
-            workers.push(std::thread::spawn(move || serve_one(stream, &plans, &hold)));
+            let received = Arc::clone(&received);
+            workers.push(std::thread::spawn(move || {
+                serve_one(stream, &plans, &hold, &received)
+            }));
         }
         workers
             .into_iter()
@@ -313,6 +344,7 @@ fn serve_one(
     mut stream: TcpStream,
     plans: &[Plan],
     hold: &AtomicBool,
+    progress: &AtomicU64,
 ) -> Result<PeerReport, String> {
     stream
         .set_read_timeout(Some(TEST_TIMEOUT))
@@ -345,8 +377,11 @@ fn serve_one(
     let mut buf = vec![0u8; 65536];
     let mut last = Instant::now();
     let mut longest_gap = Duration::ZERO;
+    let mut longest_gap_after_hold = Duration::ZERO;
+    let mut held = false;
     loop {
         while hold.load(Ordering::SeqCst) && plan.up > 1000 && received >= plan.up * 4 / 10 {
+            held = true;
             std::thread::sleep(Duration::from_millis(5));
             last = Instant::now();
         }
@@ -355,6 +390,9 @@ fn serve_one(
             .map_err(|e| format!("connection {index}: peer read at {received}: {e}"))?;
         let now = Instant::now();
         longest_gap = longest_gap.max(now - last);
+        if held {
+            longest_gap_after_hold = longest_gap_after_hold.max(now - last);
+        }
         last = now;
         if n == 0 {
             break;
@@ -363,6 +401,7 @@ fn serve_one(
             .verify(received, &buf[..n])
             .map_err(|m| format!("connection {index}: peer received corrupt data: {m}"))?;
         received += n as u64;
+        progress.fetch_add(n as u64, Ordering::SeqCst);
     }
     if received != plan.up {
         return Err(format!(
@@ -371,7 +410,11 @@ fn serve_one(
         ));
     }
     sender.join().map_err(|_| "sender panicked".to_string())??;
-    Ok(PeerReport { index, longest_gap })
+    Ok(PeerReport {
+        index,
+        longest_gap,
+        longest_gap_after_hold,
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -668,12 +711,28 @@ fn migrate_to_another_host(name: &str, n: usize, len: u64) {
     migrate(name, plans(n, len), Target::OtherHost);
 }
 
+/// What [`migrate_checking`] checks besides every byte at both ends and the source's
+/// silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Bytes,
+    /// Once the address moved, the guest's stream goes on without the target's TCP
+    /// falling back on a timer (tail-loss probe or retransmission timeout) for the
+    /// data it sent while the peer's ACKs still went to the source.
+    NoTimerRecovery,
+}
+
 fn migrate(name: &str, plans: Vec<Plan>, target_kind: Target) {
+    migrate_checking(name, plans, target_kind, Check::Bytes);
+}
+
+fn migrate_checking(name: &str, plans: Vec<Plan>, target_kind: Target, check: Check) {
     let n = plans.len();
     let len = plans.iter().map(|p| p.up.max(p.down)).max().unwrap_or(0);
     let mut hosts = build_hosts(name, target_kind);
     let hold = Arc::new(AtomicBool::new(true));
-    let server = serve(plans.clone(), Arc::clone(&hold));
+    let peer_received = Arc::new(AtomicU64::new(0));
+    let server = serve(plans.clone(), Arc::clone(&hold), Arc::clone(&peer_received));
 
     let mut dev = hosts.a().connect();
     dev.start_dirty_log().expect("LOG_ALL");
@@ -751,6 +810,7 @@ fn migrate(name: &str, plans: Vec<Plan>, target_kind: Target) {
     if target_kind != Target::SameNamespace {
         hosts.move_address();
     }
+    let moved_at = Instant::now();
     assert_eq!(
         hosts.source.out_rsts(),
         rsts_before,
@@ -759,7 +819,34 @@ fn migrate(name: &str, plans: Vec<Plan>, target_kind: Target) {
     // The source backend goes away before the streams end: its frozen sockets must
     // close without a sound (repair mode), or the peer would see a FIN or RST.
     drop(hosts.a.take());
+    let timers_before = (check == Check::NoTimerRecovery).then(|| hosts.target.timer_recoveries());
     hold.store(false, Ordering::SeqCst);
+    if let Some(timers_before) = timers_before {
+        // Everything the guest had written by now, and then some: more than the target
+        // can have sent before an ACK reached it (one congestion window; a loss probe
+        // adds one segment).
+        let goal = conns.iter().map(GuestConn::up_done).sum::<u64>() + (256 << 10);
+        run_guest(
+            &mut guest,
+            &mut conns,
+            "after the address moved, until the stream goes on",
+            |_, _| peer_received.load(Ordering::SeqCst) >= goal,
+            &b_log,
+        );
+        println!(
+            "{name}: 256 KiB beyond what the guest had written reached the peer {:.0} ms \
+             after the address moved",
+            moved_at.elapsed().as_secs_f64() * 1e3
+        );
+        let timers = hosts.target.timer_recoveries();
+        assert_eq!(
+            (timers.0 - timers_before.0, timers.1 - timers_before.1),
+            (0, 0),
+            "(loss probes, retransmission timeouts) in the target's namespace before the \
+             stream went on; the target's sockets:\n{}",
+            hosts.target.run(&["ss", "-tinoH"])
+        );
+    }
 
     run_guest(
         &mut guest,
@@ -770,23 +857,26 @@ fn migrate(name: &str, plans: Vec<Plan>, target_kind: Target) {
     );
     let reports = server.join().expect("server");
     let mut longest = Duration::ZERO;
+    let mut longest_after_move = Duration::ZERO;
     for report in reports {
         let report = report.unwrap_or_else(|e| panic!("{e}; target log:\n{}", hosts.b.log()));
         longest = longest.max(report.longest_gap);
+        longest_after_move = longest_after_move.max(report.longest_gap_after_hold);
         let _ = report.index;
     }
     println!(
         "{name}: {n} connection(s), {len} bytes each way: SAVE {:.1} ms, LOAD {:.1} ms, \
-         longest peer-visible gap {:.0} ms",
+         longest peer-visible gap {:.0} ms, after the address moved {:.0} ms",
         save_time.as_secs_f64() * 1e3,
         load_time.as_secs_f64() * 1e3,
-        longest.as_secs_f64() * 1e3
+        longest.as_secs_f64() * 1e3,
+        longest_after_move.as_secs_f64() * 1e3
     );
     for line in hosts
         .b
         .log()
         .lines()
-        .filter(|l| l.contains("baton-repair in"))
+        .filter(|l| l.contains("baton-repair in") || l.contains("re-probing over"))
     {
         println!("target: {line}");
     }
@@ -807,7 +897,11 @@ fn a_target_without_helper_fails_load_and_the_source_carries_on() {
     let hosts = build_hosts("nohelper", Target::OtherHostNoHelper);
     let plans = plans(4, 1 << 20);
     let hold = Arc::new(AtomicBool::new(true));
-    let server = serve(plans.clone(), Arc::clone(&hold));
+    let server = serve(
+        plans.clone(),
+        Arc::clone(&hold),
+        Arc::new(AtomicU64::new(0)),
+    );
     let mut dev = hosts.a().connect();
     dev.start_dirty_log().expect("LOG_ALL");
     let mut guest = Guest::new(dev);
@@ -921,5 +1015,27 @@ fn a_connection_with_the_peers_window_closed_moves_to_another_host() {
             beyond_hold: 256 << 10,
         }],
         Target::OtherHost,
+    );
+}
+
+/// The peer's ACKs for what the restored socket sends are lost at the switch-over: the
+/// address moves only after the target VM runs, and until then they go to the frozen
+/// source. The peer's own direction is finished before the migration, so nothing but
+/// the target can get the stream going again. A restored socket has no RTT estimate:
+/// left alone it waits for its tail-loss probe or retransmission timeout (about 1 s
+/// after its last transmission) however early the address moved. Re-probed through the
+/// helper (`restore::Reprobe`), the peer's answer acknowledges everything and the
+/// stream goes on with no timer involved.
+#[test]
+fn in_flight_data_is_acknowledged_without_a_timer_once_the_address_moves() {
+    migrate_checking(
+        "reprobe",
+        vec![Plan {
+            up: 4 << 20,
+            down: 1000,
+            beyond_hold: IN_FLIGHT,
+        }],
+        Target::OtherHost,
+        Check::NoTimerRecovery,
     );
 }

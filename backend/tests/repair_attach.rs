@@ -5,6 +5,8 @@
 //! * `LOG_ALL` without a helper is a loud warning, and SAVE says which connections are
 //!   lost;
 //! * a helper with another uid is refused; one that dies is noticed and may be replaced;
+//! * with `--helper`, the helper is started through the launcher when a migration
+//!   starts (not before), and a helper that was killed is replaced at the next one;
 //! * after the VM migrated away (no target took the sockets here: the "other host"
 //!   case), the frozen sockets linger — the peer's segments get neither ACK nor RST —
 //!   and are then closed without a FIN or RST; `--migrate-exit` exits after that.
@@ -555,4 +557,138 @@ fn a_migrated_source_exits_only_with_migrate_exit_or_one_off() {
             baton.log()
         );
     }
+}
+
+/// The processes below `pid` (children, grandchildren …) whose name is `comm`.
+fn descendants_named(pid: u32, comm: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    let mut queue = vec![pid as i32];
+    while let Some(parent) = queue.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                let name =
+                    std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
+                let stat =
+                    std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+                let zombie = stat
+                    .rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('Z'));
+                if name.trim_end() == comm && !zombie {
+                    found.push(child);
+                }
+                queue.push(child);
+            }
+        }
+    }
+    found
+}
+
+/// Wait until exactly one live `baton-repair` runs below baton; its pid.
+fn the_helper(baton: &Baton) -> i32 {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let helpers = descendants_named(baton.pid(), "baton-repair");
+        if let [pid] = helpers.as_slice() {
+            return *pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "helpers below baton: {helpers:?}; log:\n{}",
+            baton.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SAVE's stream carries the connection's kernel state: the helper dumped it.
+fn assert_dumped(stream: &[u8], flows: usize, baton: &Baton) {
+    let state = baton_proto::migration::decode_stream(stream).expect("valid stream");
+    assert_eq!(state.tcp_flows.len(), flows, "log:\n{}", baton.log());
+    assert!(
+        state.tcp_flows.iter().all(|f| f.kernel.is_some()),
+        "SAVE did not dump through the helper; log:\n{}",
+        baton.log()
+    );
+}
+
+#[test]
+fn the_helper_named_with_helper_starts_when_a_migration_starts_not_before() {
+    let helper = helper_binary();
+    let baton = Baton::start("lazy", &["--helper", helper.to_str().expect("UTF-8 path")]);
+    wait_for_log(&baton, "helper launcher started");
+    let mut guest = Guest::new(baton.connect());
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let _peer = guest.connect(&listener, 40011, &baton);
+    // Serving, with a TCP connection, before any migration: the launcher waits, no
+    // helper runs.
+    assert_eq!(
+        descendants_named(baton.pid(), baton::launcher::LAUNCHER_NAME).len(),
+        1,
+        "one launcher; log:\n{}",
+        baton.log()
+    );
+    assert!(
+        descendants_named(baton.pid(), "baton-repair").is_empty(),
+        "a helper runs before the migration; log:\n{}",
+        baton.log()
+    );
+    assert!(
+        !baton.log().contains("repair helper ready"),
+        "{}",
+        baton.log()
+    );
+
+    guest.nic.dev.start_dirty_log().expect("LOG_ALL");
+    wait_for_log(&baton, "migration starting: starting the repair helper");
+    wait_for_log(&baton, "repair helper ready");
+    the_helper(&baton);
+    let stream = save(&mut guest.nic.dev, &baton);
+    assert_dumped(&stream, 1, &baton);
+}
+
+#[test]
+fn a_killed_helper_is_replaced_when_the_next_migration_starts() {
+    let helper = helper_binary();
+    let baton = Baton::start(
+        "respawn",
+        &["--helper", helper.to_str().expect("UTF-8 path")],
+    );
+    let mut guest = Guest::new(baton.connect());
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let _peer = guest.connect(&listener, 40012, &baton);
+    guest.nic.dev.start_dirty_log().expect("LOG_ALL");
+    wait_for_log(&baton, "attachment=1");
+    let first = the_helper(&baton);
+
+    // SAFETY: signalling the helper our baton started, by its PID.
+    unsafe { libc::kill(first, libc::SIGKILL) };
+    wait_for_log(&baton, "the repair helper went away");
+    let deadline = Instant::now() + TIMEOUT;
+    while !descendants_named(baton.pid(), "baton-repair").is_empty() {
+        assert!(Instant::now() < deadline, "the dead helper lingers");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!baton.log().contains("attachment=2"), "{}", baton.log());
+
+    // That migration was cancelled (dirty logging off); the next one starts.
+    let dev = &mut guest.nic.dev;
+    let without_log_all =
+        dev.acked_features & !vhost::vhost_user::message::VhostUserVirtioFeatures::LOG_ALL.bits();
+    vhost::VhostBackend::set_features(&dev.fe, without_log_all).expect("SET_FEATURES");
+    dev.acked_features = without_log_all;
+    wait_for_log(&baton, "dirty logging off");
+    dev.start_dirty_log().expect("LOG_ALL again");
+    wait_for_log(&baton, "attachment=2");
+    let second = the_helper(&baton);
+    assert_ne!(first, second);
+    let stream = save(&mut guest.nic.dev, &baton);
+    assert_dumped(&stream, 1, &baton);
 }

@@ -317,6 +317,16 @@ fn sandboxed_baton_serves_a_frontend_and_exits_cleanly() {
     assert_exit_0(&mut baton);
     let log = baton.log();
     assert!(log.contains("vhost-user frontend disconnected"), "{log}");
+    // The socket appears under a temporary name first, renamed once it listens: no
+    // temporary name is left behind. (The socket itself stays here: started as root,
+    // baton runs as nobody and may not remove it from this root-owned directory.)
+    let left: Vec<_> = std::fs::read_dir(&baton.dir)
+        .expect("read the directory")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".binding"))
+        .collect();
+    assert!(left.is_empty(), "temporary socket names left behind: {left:?}");
 }
 
 /// Run `body` in a forked child and return how the child ended; `body`'s result is the
@@ -675,6 +685,115 @@ fn the_log_file_is_capped_under_the_sandbox() {
         "no DHCP answer after {connections} connections:\n{}",
         baton.log()
     );
+    drop(dev);
+    assert_exit_0(&mut baton);
+}
+
+/// The launcher's process below baton (`--helper`), once it runs.
+fn launcher_of(baton: &Baton) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let children = std::fs::read_dir(format!("/proc/{}/task", baton.child.id()))
+            .map(|tasks| {
+                tasks
+                    .flatten()
+                    .flat_map(|t| {
+                        std::fs::read_to_string(t.path().join("children"))
+                            .unwrap_or_default()
+                            .split_whitespace()
+                            .filter_map(|c| c.parse::<i32>().ok())
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        if let Some(pid) = children.into_iter().find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .unwrap_or_default()
+                .trim_end()
+                == baton::launcher::LAUNCHER_NAME
+        }) {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no launcher below baton:\n{}",
+            baton.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_helper_launcher_keeps_only_what_starting_the_helper_needs() {
+    let helper = Path::new(env!("CARGO_BIN_EXE_baton")).with_file_name("baton-repair");
+    let mut baton = Baton::start_with(
+        "launcher",
+        &["--helper", helper.to_str().expect("UTF-8 path")],
+    );
+    let launcher = launcher_of(&baton);
+    let status = std::fs::read_to_string(format!("/proc/{launcher}/status")).expect("status");
+    let nobody = User::from_name("nobody")
+        .expect("user database")
+        .expect("a nobody user");
+    let uid = nobody.uid.to_string();
+    let uids: Vec<&str> = field(&status, "Uid:").split_whitespace().collect();
+    assert_eq!(uids, [uid.as_str(); 4], "the launcher runs as baton will");
+    assert_eq!(field(&status, "Groups:"), "", "no supplementary groups");
+    // CAP_NET_ADMIN, to pass on through the ambient set; nothing else, not even in
+    // the bounding set; not effective (the launcher never uses it itself).
+    let net_admin = format!("{:016x}", 1u64 << CAP_NET_ADMIN);
+    for set in ["CapPrm:", "CapInh:", "CapAmb:", "CapBnd:"] {
+        assert_eq!(field(&status, set), net_admin, "{set}");
+    }
+    assert_eq!(field(&status, "CapEff:"), "0000000000000000");
+    assert_eq!(field(&status, "NoNewPrivs:"), "1");
+    // Standard descriptors and its socket to baton: no listener, log or pid file.
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{launcher}/fd"))
+        .expect("fd directory")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    assert_eq!(fds, [0, 1, 2, 3], "the launcher's descriptors");
+
+    // It dies with baton, even when baton cannot say goodbye.
+    kill(baton.pid(), Signal::SIGKILL).expect("SIGKILL baton");
+    let _ = baton.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{launcher}/stat")).unwrap_or_default();
+        let alive = stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'));
+        if !alive {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the launcher outlived baton: {stat}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_stopped_and_continued_baton_keeps_serving() {
+    // SIGSTOP interrupts the threads' waits (poll, epoll_wait, futex); SIGCONT resumes
+    // them through restart_syscall, which seccomp must let through.
+    let mut baton = Baton::start("stopcont");
+    kill(baton.pid(), Signal::SIGSTOP).expect("SIGSTOP");
+    std::thread::sleep(Duration::from_millis(200));
+    kill(baton.pid(), Signal::SIGCONT).expect("SIGCONT");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        matches!(baton.child.try_wait(), Ok(None)),
+        "baton died after SIGSTOP/SIGCONT:\n{}",
+        baton.log()
+    );
+    let mut dev = NetFrontend::connect(&baton.socket, FrontendOptions::default())
+        .unwrap_or_else(|e| panic!("frontend after SIGCONT: {e}\n{}", baton.log()));
+    dev.stop_rings().expect("served");
     drop(dev);
     assert_exit_0(&mut baton);
 }

@@ -50,31 +50,56 @@ impl From<(Uid, Gid)> for Identity {
 
 /// Whom to become: `None` keeps the current user.
 pub fn target_identity(runas: Option<&RunAs>) -> Result<Option<Identity>, SandboxError> {
+    let (identity, why) = choose_identity(runas)?;
+    match (identity, why) {
+        (Some(id), Why::RunAs) => tracing::info!(
+            "--runas {}: switching to uid {} gid {}",
+            runas.map(ToString::to_string).unwrap_or_default(),
+            id.uid,
+            id.gid
+        ),
+        (Some(id), Why::RootToNobody) => tracing::info!(
+            "started as root: switching to nobody (uid {} gid {})",
+            id.uid,
+            id.gid
+        ),
+        (None, Why::RootInUserNamespace) => tracing::info!(
+            "running as root in a user namespace: staying uid 0 there, without capabilities"
+        ),
+        _ => {}
+    }
+    Ok(identity)
+}
+
+/// [`target_identity`] without the log line (for the helper launcher, which must end up
+/// as the same user as the sandboxed backend, see [`crate::launcher`]).
+pub fn target_identity_quiet(runas: Option<&RunAs>) -> Result<Option<Identity>, SandboxError> {
+    Ok(choose_identity(runas)?.0)
+}
+
+/// Why [`choose_identity`] chose what it chose (for the log line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    RunAs,
+    RootToNobody,
+    RootInUserNamespace,
+    NotRoot,
+}
+
+fn choose_identity(runas: Option<&RunAs>) -> Result<(Option<Identity>, Why), SandboxError> {
     if let Some(runas) = runas {
-        let identity = Identity::from(runas.resolve()?);
-        tracing::info!(
-            "--runas {runas}: switching to uid {} gid {}",
-            identity.uid,
-            identity.gid
-        );
-        return Ok(Some(identity));
+        return Ok((Some(Identity::from(runas.resolve()?)), Why::RunAs));
     }
     if !geteuid().is_root() {
-        return Ok(None);
+        return Ok((None, Why::NotRoot));
     }
     if !in_initial_user_namespace() {
-        tracing::info!(
-            "running as root in a user namespace: staying uid 0 there, without capabilities"
-        );
-        return Ok(None);
+        return Ok((None, Why::RootInUserNamespace));
     }
-    let identity = Identity::from(RunAs::nobody().resolve()?);
-    tracing::info!(
-        "started as root: switching to nobody (uid {} gid {})",
-        identity.uid,
-        identity.gid
-    );
-    Ok(Some(identity))
+    Ok((
+        Some(Identity::from(RunAs::nobody().resolve()?)),
+        Why::RootToNobody,
+    ))
 }
 
 /// Whether `/proc/self/uid_map` is the identity map of the initial user namespace. When
@@ -158,7 +183,16 @@ fn capset(data: &[CapData; 2], step: Step) -> Result<(), StepFailure> {
 
 /// Drop every capability the kernel knows from the calling thread's bounding set.
 fn drop_bounding_set() -> Result<(), StepFailure> {
+    drop_bounding_set_except(None)
+}
+
+/// Drop every capability the kernel knows but `keep` from the calling thread's bounding
+/// set.
+fn drop_bounding_set_except(keep: Option<u32>) -> Result<(), StepFailure> {
     for number in 0..64 as libc::c_ulong {
+        if keep.is_some_and(|keep| libc::c_ulong::from(keep) == number) {
+            continue;
+        }
         // SAFETY: PR_CAPBSET_READ takes a capability number and no pointers; it fails
         // with EINVAL past the last capability the kernel knows.
         let present = unsafe { libc::prctl(libc::PR_CAPBSET_READ, number, 0, 0, 0) };
@@ -242,6 +276,93 @@ pub fn enter_thread(identity: Option<Identity>) -> Result<(), StepFailure> {
             step: Step::CapabilitiesLeft,
             errno: 0,
         });
+    }
+    Ok(())
+}
+
+/// `CAP_NET_ADMIN`: the one capability `baton-repair` needs.
+pub const CAP_NET_ADMIN: u32 = 12;
+
+/// How the helper launcher ([`crate::launcher`]) passes `CAP_NET_ADMIN` on to the
+/// helpers it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassOn {
+    /// Through the ambient set: the launcher holds `CAP_NET_ADMIN` in its permitted,
+    /// inheritable and ambient sets (and nothing else anywhere, bounding set included),
+    /// so a plain `baton-repair` binary gets exactly that capability at exec.
+    Ambient,
+    /// The launcher had no `CAP_NET_ADMIN` and holds no capability now: the helper must
+    /// get it from the file (`setcap cap_net_admin+ep`, or setuid root), which needs
+    /// exec to be able to grant privilege (no `no_new_privs` in the launcher).
+    FromFile,
+}
+
+/// The launcher's privileges: what starting `baton-repair` with `CAP_NET_ADMIN` needs,
+/// and nothing more. The bounding set loses every capability but `CAP_NET_ADMIN` (with
+/// `CAP_SETPCAP`); the process becomes `identity` (the backend's user after its
+/// sandbox) keeping its permitted set across the switch; then `CAP_NET_ADMIN`, if it
+/// was permitted, stays permitted, inheritable and ambient (not effective: the launcher
+/// itself never uses it), and every other capability goes. Single-threaded callers only
+/// (the launcher process), so the raw per-thread calls cover the whole process.
+pub fn keep_net_admin_for_exec(identity: Option<Identity>) -> Result<PassOn, StepFailure> {
+    let mut caps = capget()?;
+    let setpcap = 1u32 << CAP_SETPCAP;
+    let net_admin = 1u32 << CAP_NET_ADMIN;
+    if caps[0].permitted & setpcap != 0 {
+        if caps[0].effective & setpcap == 0 {
+            caps[0].effective |= setpcap;
+            capset(&caps, Step::RaiseSetpcap)?;
+        }
+        drop_bounding_set_except(Some(CAP_NET_ADMIN))?;
+    }
+    let keep = caps[0].permitted & net_admin != 0;
+    if let Some(identity) = identity {
+        // Leaving uid 0 clears the permitted set unless KEEPCAPS is set.
+        set_keepcaps(keep)?;
+        switch_identity(identity)?;
+        set_keepcaps(false)?;
+    }
+    let kept = if keep {
+        CapData {
+            effective: 0,
+            permitted: net_admin,
+            inheritable: net_admin,
+        }
+    } else {
+        CapData::default()
+    };
+    capset(&[kept, CapData::default()], Step::ClearCapabilities)?;
+    if !keep {
+        return Ok(PassOn::FromFile);
+    }
+    // SAFETY: PR_CAP_AMBIENT_RAISE takes a capability number and no pointers.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+            libc::c_ulong::from(CAP_NET_ADMIN),
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if rc != 0 {
+        return Err(StepFailure::last(Step::AmbientSet));
+    }
+    let now = capget()?;
+    let expected = [kept, CapData::default()];
+    if now != expected {
+        return Err(StepFailure {
+            step: Step::CapabilitiesLeft,
+            errno: 0,
+        });
+    }
+    Ok(PassOn::Ambient)
+}
+
+fn set_keepcaps(on: bool) -> Result<(), StepFailure> {
+    // SAFETY: PR_SET_KEEPCAPS takes an integer and no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, libc::c_ulong::from(on), 0, 0, 0) } != 0 {
+        return Err(StepFailure::last(Step::Setresuid));
     }
     Ok(())
 }

@@ -206,6 +206,7 @@ pub const ALLOWED_SYSCALLS: &[AllowedSyscall] = &[
     allow!(SYS_rt_sigtimedwait, "runtime: the signal thread waits for SIGTERM/SIGINT/SIGHUP"),
     allow!(SYS_rt_sigaction, only Args::OneOf(0, SIGACTIONS), "std: a crash resets the SIGSEGV/SIGBUS handler so the process dies of that signal"),
     allow!(SYS_rt_sigreturn, "kernel: return from a signal handler"),
+    allow!(SYS_restart_syscall, "kernel: resume a poll, epoll_wait or futex wait interrupted by SIGSTOP/SIGCONT (a stopped baton must survive SIGCONT)"),
     allow!(SYS_futex, "std: mutexes, condition variables, thread join"),
     allow!(SYS_exit, "std/glibc: thread exit"),
     allow!(SYS_exit_group, "main: exit after SIGTERM or the last connection (--one-off)"),

@@ -18,7 +18,9 @@ use vhost::vhost_user::message::{
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::bindings::virtio_net::{VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_bindings::bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF,
+};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -36,10 +38,12 @@ pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
 /// One virtqueue as the library hands it to us.
 pub type Vring = VringRwLock<GuestMem>;
 
-/// Virtio features baton offers. No checksum or segmentation offloads: frames in both
-/// directions carry complete checksums. MTU and STATUS are left out on purpose: QEMU
-/// implements them itself, and vhost 0.18 would drop the connection on their messages.
+/// Virtio features baton offers. Checksum offload both ways (see [`super`]), no
+/// segmentation offloads. MTU and STATUS are left out on purpose: QEMU implements them
+/// itself, and vhost 0.18 would drop the connection on their messages.
 pub const OFFERED_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_NET_F_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_CSUM)
     | (1 << VIRTIO_NET_F_MRG_RXBUF)
     | (1 << VIRTIO_RING_F_EVENT_IDX)
     | (1 << VIRTIO_NET_F_GUEST_ANNOUNCE)
@@ -77,6 +81,10 @@ pub struct NetBackend {
     /// A migration SAVE was checked successfully and the guest has not run here since:
     /// this connection's VM has moved away (see [`NetBackend::migrated_away`]).
     migrated: AtomicBool,
+    /// The rings have not run since the connection came up or since `GET_VRING_BASE`
+    /// stopped them: the next ring event tells the engine that they run
+    /// ([`NetworkEngine::rings_started`]).
+    rings_stopped: AtomicBool,
 }
 
 impl NetBackend {
@@ -99,6 +107,7 @@ impl NetBackend {
             repair,
             saving_for_migration: AtomicBool::new(false),
             migrated: AtomicBool::new(false),
+            rings_stopped: AtomicBool::new(true),
         }
     }
 
@@ -148,8 +157,10 @@ impl NetBackend {
         let Some(rx) = vrings.get(RX_QUEUE) else {
             return;
         };
-        let mrg_rxbuf = self.acked() & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
-        let mut sink = RxQueueSink::new(rx, &mem, mrg_rxbuf);
+        let acked = self.acked();
+        let mrg_rxbuf = acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let guest_csum = acked & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0;
+        let mut sink = RxQueueSink::new(rx, &mem, mrg_rxbuf, guest_csum);
         self.with_engine(|engine| f(engine, &mut sink));
         // Buffers the guest posted while the queue was full, just before notifications
         // were re-enabled, bring no kick: use them now (bounded, the guest may keep
@@ -157,7 +168,7 @@ impl NetBackend {
         let mut retries = 0;
         while sink.finish() && retries < RX_STARVED_RETRIES {
             retries += 1;
-            sink = RxQueueSink::new(rx, &mem, mrg_rxbuf);
+            sink = RxQueueSink::new(rx, &mem, mrg_rxbuf, guest_csum);
             self.with_engine(|engine| engine.handle_host_events(&mut sink));
         }
     }
@@ -180,7 +191,16 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.acked_features.store(features, Ordering::Relaxed);
+        let before = self.acked_features.swap(features, Ordering::Relaxed);
+        let log_all_bit = VhostUserVirtioFeatures::LOG_ALL.bits();
+        if (before ^ features) & !log_all_bit != 0 {
+            info!(
+                features = format_args!("{features:#x}"),
+                csum = features & (1 << VIRTIO_NET_F_CSUM) != 0,
+                guest_csum = features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0,
+                "virtio features negotiated"
+            );
+        }
         let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
         if self.logging.swap(log_all, Ordering::Relaxed) != log_all {
             if log_all {
@@ -223,6 +243,11 @@ impl VhostUserBackend for NetBackend {
         };
         let migration_save =
             matches!(direction, VhostTransferStateDirection::SAVE) && self.logging();
+        if matches!(direction, VhostTransferStateDirection::LOAD) {
+            // Restoring connections from another host needs the helper: have it started
+            // (`--helper`) while QEMU sends the stream.
+            self.repair.want_helper();
+        }
         let started = self.device_state.start(direction, phase, file, device);
         self.saving_for_migration
             .store(migration_save && started.is_ok(), Ordering::SeqCst);
@@ -238,6 +263,12 @@ impl VhostUserBackend for NetBackend {
             self.migrated.store(true, Ordering::SeqCst);
         }
         result
+    }
+
+    /// `GET_VRING_BASE`: the ring stops (before a SAVE, or when QEMU stops the VM).
+    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+        self.rings_stopped.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -266,6 +297,16 @@ impl VhostUserBackend for NetBackend {
             if self.migrated.swap(false, Ordering::SeqCst) {
                 info!("the VM runs here again after its migration completed");
             }
+            // The first ring event after a start is vhost-user-backend's own (it reports
+            // a ring that becomes ready as an event), so this does not wait for the
+            // guest to kick: a guest with nothing to send gets its connections back too.
+            if self.rings_stopped.swap(false, Ordering::SeqCst) {
+                let mut done = true;
+                self.with_engine(|engine| done = engine.rings_started());
+                if !done {
+                    self.rings_stopped.store(true, Ordering::SeqCst);
+                }
+            }
         }
         match device_event {
             e if e as usize == TX_QUEUE => {
@@ -276,6 +317,7 @@ impl VhostUserBackend for NetBackend {
                 let Some(tx_ring) = vrings.get(TX_QUEUE) else {
                     return Ok(());
                 };
+                let csum_offload = self.acked() & (1 << VIRTIO_NET_F_CSUM) != 0;
                 loop {
                     // With EVENT_IDX, keep draining until re-enabling notifications finds
                     // no new buffers (the guest may add some in between).
@@ -283,7 +325,9 @@ impl VhostUserBackend for NetBackend {
                         let _ = tx_ring.disable_notification();
                     }
                     self.with_rx_sink(vrings, |engine, sink| {
-                        tx::drain(tx_ring, &mem, |frame| engine.handle_frame(frame, sink));
+                        tx::drain(tx_ring, &mem, csum_offload, |frame, checksum| {
+                            engine.handle_frame(frame, checksum, sink)
+                        });
                     });
                     // A ring stopped by GET_VRING_BASE is not drained, so its pending
                     // buffers would make this loop spin forever.

@@ -563,10 +563,20 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
+        // baton patch: a ring that already runs (started at SET_VRING_KICK) may have
+        // used buffers while it had no call fd, or one the frontend discards (QEMU clears
+        // its masked notifier after the kick, then installs the guest's): signal the new
+        // call fd once, so the driver looks at the used ring. A spurious notification
+        // is harmless; a lost one silences an EVENT_IDX queue for good.
+        let running = vring.get_ref().get_queue().ready() && file.is_some();
         vring.set_call(file);
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
+        } else if running {
+            vring
+                .signal_used_queue()
+                .map_err(VhostUserError::ReqHandlerError)?;
         }
 
         Ok(())
