@@ -825,9 +825,11 @@ impl HandoverOffer {
                     fds.len()
                 );
             }
-            Err(err) => tracing::error!(
-                "TCP: thawing {} dumped socket(s) through baton-repair: {err}; those \
-                 connections fail",
+            // Not final: when the source resumes, the engine gets a fresh helper
+            // (through the launcher, or the next one attached) and thaws again.
+            Err(err) => tracing::warn!(
+                "TCP: thawing {} dumped socket(s) through baton-repair: {err}; they \
+                 stay frozen until a working helper thaws them",
                 fds.len()
             ),
         }

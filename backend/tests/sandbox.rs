@@ -326,7 +326,10 @@ fn sandboxed_baton_serves_a_frontend_and_exits_cleanly() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|name| name.ends_with(".binding"))
         .collect();
-    assert!(left.is_empty(), "temporary socket names left behind: {left:?}");
+    assert!(
+        left.is_empty(),
+        "temporary socket names left behind: {left:?}"
+    );
 }
 
 /// Run `body` in a forked child and return how the child ended; `body`'s result is the

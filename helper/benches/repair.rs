@@ -16,11 +16,14 @@
 //! reported, with the number of helper round trips (requests; the client batches at
 //! most 253 descriptors per request). A second table does the same in-process
 //! (`baton_tcp_repair` called directly, no helper, no IPC) to separate the kernel work
-//! from the transport.
+//! from the transport, and another one goes through a helper started with
+//! `--single-thread`, to show what splitting batches over two threads brings.
 //!
 //! Besides wall time per connection, the table shows the CPU time the helper process
-//! and the client thread spent in each phase (from `/proc/.../schedstat`), which tells
-//! the kernel work in the helper from the transport and decoding in the client.
+//! (both its threads) and the client thread spent in each phase (from
+//! `/proc/.../schedstat`), which tells the kernel work in the helper from the transport
+//! and decoding in the client, and stays meaningful when other work shares the machine
+//! (wall time then does not). The total is also given as best and worst of the runs.
 //!
 //! Optional arguments: the list of N to run (e.g. `cargo bench ... -- 1000 10000`).
 
@@ -65,8 +68,20 @@ struct Sample {
     restore_client_cpu: Duration,
 }
 
-/// Time on CPU so far, from the first field of a `schedstat` file (nanoseconds). The
-/// helper is single-threaded, so its process file is its one thread.
+/// Time on CPU so far of every thread of process `pid` (the helper has a worker thread
+/// besides its main one), from their `schedstat` files.
+fn process_cpu_time(pid: u32) -> Duration {
+    let tasks = format!("/proc/{pid}/task");
+    std::fs::read_dir(&tasks)
+        .unwrap_or_else(|e| panic!("read {tasks}: {e}"))
+        .map(|entry| {
+            let entry = entry.unwrap_or_else(|e| panic!("read {tasks}: {e}"));
+            cpu_time(&format!("{}/schedstat", entry.path().display()))
+        })
+        .sum()
+}
+
+/// Time on CPU so far, from the first field of a `schedstat` file (nanoseconds).
 fn cpu_time(schedstat: &str) -> Duration {
     let text =
         std::fs::read_to_string(schedstat).unwrap_or_else(|e| panic!("read {schedstat}: {e}"));
@@ -86,9 +101,9 @@ struct Clocks {
 }
 
 impl Clocks {
-    fn now(helper_stat: &str) -> Self {
+    fn now(helper: u32) -> Self {
         Clocks {
-            helper: cpu_time(helper_stat),
+            helper: process_cpu_time(helper),
             client: cpu_time("/proc/thread-self/schedstat"),
         }
     }
@@ -107,7 +122,7 @@ fn fresh_socket() -> TcpStream {
 }
 
 /// One full cycle for `n` connections; returns the timings.
-fn run_once(client: &mut RepairClient, helper_stat: &str, n: usize, via: Via) -> Sample {
+fn run_once(client: &mut RepairClient, helper: u32, n: usize, via: Via) -> Sample {
     let listener = peer::listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).expect("listener");
     let addr = listener.local_addr().expect("listener address");
     let mut peer = PeerProcess::spawn(addr, n, K, SEEDS, &[]).expect("spawn the peer process");
@@ -120,7 +135,7 @@ fn run_once(client: &mut RepairClient, helper_stat: &str, n: usize, via: Via) ->
         "A's data was not transmitted"
     );
 
-    let c0 = Clocks::now(helper_stat);
+    let c0 = Clocks::now(helper);
     let t = Instant::now();
     let states: Vec<TcpConnState> = match via {
         Via::Helper => {
@@ -138,7 +153,7 @@ fn run_once(client: &mut RepairClient, helper_stat: &str, n: usize, via: Via) ->
             .collect(),
     };
     let dump = t.elapsed();
-    let (dump_helper_cpu, dump_client_cpu) = Clocks::now(helper_stat).since(c0);
+    let (dump_helper_cpu, dump_client_cpu) = Clocks::now(helper).since(c0);
     for s in &states {
         assert_eq!(s.recv_queue.len(), HEADER_LEN + K);
         assert_eq!(s.send_queue.len(), K);
@@ -147,7 +162,7 @@ fn run_once(client: &mut RepairClient, helper_stat: &str, n: usize, via: Via) ->
     drop(a);
     peer.hear(STEP).expect("peer hears");
 
-    let c0 = Clocks::now(helper_stat);
+    let c0 = Clocks::now(helper);
     let t = Instant::now();
     let b: Vec<TcpStream> = states.iter().map(|_| fresh_socket()).collect();
     let sockets = t.elapsed();
@@ -169,7 +184,7 @@ fn run_once(client: &mut RepairClient, helper_stat: &str, n: usize, via: Via) ->
             .collect(),
     };
     let restore = t.elapsed();
-    let (restore_helper_cpu, restore_client_cpu) = Clocks::now(helper_stat).since(c0);
+    let (restore_helper_cpu, restore_client_cpu) = Clocks::now(helper).since(c0);
 
     // Untimed: finish the send queues and check every byte both ways.
     peer::write_many(&b, STEP, |i| {
@@ -215,13 +230,15 @@ struct Row {
     restore_client_us: f64,
     sockets_us: f64,
     total_us: f64,
+    total_best_us: f64,
+    total_worst_us: f64,
     round_trips: usize,
 }
 
-fn measure(client: &mut RepairClient, helper_stat: &str, n: usize, via: Via) -> Row {
+fn measure(client: &mut RepairClient, helper: u32, n: usize, via: Via) -> Row {
     let reps = if n >= 10_000 { 3 } else { 5 };
     let samples: Vec<Sample> = (0..reps)
-        .map(|_| run_once(client, helper_stat, n, via))
+        .map(|_| run_once(client, helper, n, via))
         .collect();
     let per_conn = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
     let med =
@@ -245,28 +262,37 @@ fn measure(client: &mut RepairClient, helper_stat: &str, n: usize, via: Via) -> 
         restore_client_us: med(&|s| s.restore_client_cpu),
         sockets_us: med(&|s| s.sockets),
         total_us: med(&|s| s.dump + s.restore),
+        total_best_us: samples
+            .iter()
+            .map(|s| per_conn(s.dump + s.restore))
+            .fold(f64::INFINITY, f64::min),
+        total_worst_us: samples
+            .iter()
+            .map(|s| per_conn(s.dump + s.restore))
+            .fold(0.0, f64::max),
         round_trips,
     }
 }
 
 fn print_table(title: &str, rows: &[Row]) {
     println!("{title}");
-    let head = |a: [&str; 11]| {
+    let head = |a: [&str; 13]| {
         println!(
-            "{:>6} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} | {:>8} | {:>6} | {:>4}",
-            a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10]
+            "{:>6} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>6} | {:>4}",
+            a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12]
         )
     };
     head([
         "", "dump", "helper", "client", "restore", "helper", "client", "socket()", "total",
-        "round", "",
+        "total", "total", "round", "",
     ]);
     head([
-        "N", "µs/conn", "cpu", "cpu", "µs/conn", "cpu", "cpu", "part", "µs/conn", "trips", "reps",
+        "N", "µs/conn", "cpu", "cpu", "µs/conn", "cpu", "cpu", "part", "µs/conn", "best", "worst",
+        "trips", "reps",
     ]);
     for r in rows {
         println!(
-            "{:>6} | {:>8.2} {:>8.2} {:>8.2} | {:>8.2} {:>8.2} {:>8.2} {:>8.2} | {:>8.2} | {:>6} | {:>4}",
+            "{:>6} | {:>8.2} {:>8.2} {:>8.2} | {:>8.2} {:>8.2} {:>8.2} {:>8.2} | {:>8.2} {:>8.2} {:>8.2} | {:>6} | {:>4}",
             r.n,
             r.dump_us,
             r.dump_helper_us,
@@ -276,6 +302,8 @@ fn print_table(title: &str, rows: &[Row]) {
             r.restore_client_us,
             r.sockets_us,
             r.total_us,
+            r.total_best_us,
+            r.total_worst_us,
             r.round_trips,
             r.reps
         );
@@ -308,21 +336,37 @@ fn main() {
         RepairClient::spawn(env!("CARGO_BIN_EXE_baton-repair"), ["--quiet"])
             .expect("spawn baton-repair");
     client.set_timeout(STEP);
-    let helper_stat = format!("/proc/{}/schedstat", helper.id());
+    let helper_pid = helper.id();
 
     let rows: Vec<Row> = sizes
         .iter()
-        .map(|&n| measure(&mut client, &helper_stat, n, Via::Helper))
+        .map(|&n| measure(&mut client, helper_pid, n, Via::Helper))
         .collect();
     let local: Vec<Row> = sizes
         .iter()
         .filter(|&&n| n >= 1_000)
-        .map(|&n| measure(&mut client, &helper_stat, n, Via::InProcess))
+        .map(|&n| measure(&mut client, helper_pid, n, Via::InProcess))
         .collect();
-
     drop(client);
     let status = helper.wait().expect("wait for the helper");
     assert!(status.success(), "baton-repair: {status}");
+
+    // The same through a helper that does not split batches over two threads.
+    let (mut client, mut helper) = RepairClient::spawn(
+        env!("CARGO_BIN_EXE_baton-repair"),
+        ["--quiet", "--single-thread"],
+    )
+    .expect("spawn baton-repair");
+    client.set_timeout(STEP);
+    let helper_pid = helper.id();
+    let single: Vec<Row> = sizes
+        .iter()
+        .filter(|&&n| n >= 1_000)
+        .map(|&n| measure(&mut client, helper_pid, n, Via::Helper))
+        .collect();
+    drop(client);
+    let status = helper.wait().expect("wait for the helper");
+    assert!(status.success(), "baton-repair --single-thread: {status}");
 
     println!();
     print_table(
@@ -342,6 +386,13 @@ fn main() {
             } else {
                 "NOT met"
             }
+        );
+    }
+    if !single.is_empty() {
+        println!();
+        print_table(
+            "for comparison, baton-repair --single-thread (batches not split over two threads)",
+            &single,
         );
     }
     if !local.is_empty() {

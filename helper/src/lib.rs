@@ -8,7 +8,8 @@
 //!    socket, wait in a directory for one to appear, or adopt an inherited `--fd`.
 //! 3. Check the peer ([`peer`]): its `SO_PEERCRED` uid must be ours or allowed.
 //! 4. Enter the sandbox ([`sandbox`]): own uid, `CAP_NET_ADMIN` only, no_new_privs, not
-//!    dumpable, Landlock with no filesystem access, seccomp allow-list.
+//!    dumpable, Landlock with no filesystem access; start the [`worker`] thread (unless
+//!    `--single-thread`); then the seccomp allow-list, on every thread.
 //! 5. Serve requests ([`server`]) until the backend closes the connection.
 //!
 //! Nothing is read from the peer before step 4 is complete.
@@ -21,6 +22,7 @@ pub mod connect;
 pub mod peer;
 pub mod sandbox;
 pub mod server;
+pub mod worker;
 
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -47,6 +49,8 @@ pub enum HelperError {
     #[error(transparent)]
     Sandbox(#[from] sandbox::SandboxError),
     #[error(transparent)]
+    Worker(#[from] worker::WorkerError),
+    #[error(transparent)]
     Serve(#[from] server::ServeError),
 }
 
@@ -64,6 +68,8 @@ impl HelperError {
 /// Everything after argument parsing and logging set-up. `Ok` means that the peer closed
 /// the connection cleanly.
 pub fn run(cli: &Cli) -> Result<(), HelperError> {
+    // While the process has one thread (see `worker` for why).
+    let allocator_ready = worker::tune_allocator();
     sandbox::require_net_admin()?;
 
     let stream = match (&cli.path, cli.fd) {
@@ -79,12 +85,23 @@ pub fn run(cli: &Cli) -> Result<(), HelperError> {
     let creds = peer::check_peer(stream.as_fd(), &cli.allow_uids)?;
     tracing::info!(uid = creds.uid, pid = creds.pid, "connected to the backend");
 
-    sandbox::enter()?;
+    sandbox::restrict()?;
+    let worker = match (cli.single_thread, allocator_ready) {
+        (true, _) => worker::Worker::none(),
+        (false, true) => worker::Worker::spawn()?,
+        (false, false) => {
+            // A second thread would allocate in an arena that grows with mprotect, which
+            // the filter forbids: work on one thread instead.
+            tracing::warn!("the allocator refused a setting; serving on one thread");
+            worker::Worker::none()
+        }
+    };
+    sandbox::lock_syscalls()?;
 
     let options = server::ServeOptions {
         check_netns: !cli.any_netns,
     };
-    server::serve(stream.as_fd(), &options)?;
+    server::serve(stream.as_fd(), &options, &worker)?;
     tracing::info!("backend closed the connection");
     Ok(())
 }

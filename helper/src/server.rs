@@ -36,6 +36,8 @@ use baton_proto::tcp::{SocketFamily, TcpConnState, MAX_BATCH_QUEUE_BYTES};
 use baton_repair_ipc::transport::{self, ReceivedFrame, TransportError};
 use baton_tcp_repair::Expect;
 
+use crate::worker::Worker;
+
 /// How the server checks sockets.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
@@ -75,6 +77,8 @@ enum NetnsCheck {
 /// The state of one connection to a backend.
 struct Session<'a> {
     sock: BorrowedFd<'a>,
+    /// Takes half of each larger batch.
+    worker: &'a Worker,
     /// The version agreed in the hello, once it happened.
     version: Option<u16>,
     netns: NetnsCheck,
@@ -82,10 +86,14 @@ struct Session<'a> {
 
 /// Serve the backend on `sock` until it closes the connection (`Ok`) or something fatal
 /// happens.
-pub fn serve(sock: BorrowedFd<'_>, options: &ServeOptions) -> Result<(), ServeError> {
-    let mut session = Session::new(sock, options);
+pub fn serve(
+    sock: BorrowedFd<'_>,
+    options: &ServeOptions,
+    worker: &Worker,
+) -> Result<(), ServeError> {
+    let mut session = Session::new(sock, options, worker);
     loop {
-        let frame = match transport::recv_frame(sock, None) {
+        let mut frame = match transport::recv_frame(sock, None) {
             Ok(Some(frame)) => frame,
             Ok(None) => return Ok(()),
             Err(TransportError::BadHeader(e)) => {
@@ -100,7 +108,7 @@ pub fn serve(sock: BorrowedFd<'_>, options: &ServeOptions) -> Result<(), ServeEr
             }
             Err(e) => return Err(ServeError::Receive(e)),
         };
-        let (reply, next) = session.handle(&frame);
+        let (reply, next) = session.handle(&mut frame);
         // Close our copies of the request's descriptors before replying: once the backend
         // has the reply, its own descriptor must be the last reference, so that closing
         // a frozen socket really releases its 4-tuple (a restore of the same connection
@@ -120,9 +128,10 @@ fn refuse(kind: ProtocolErrorKind, message: impl Into<String>) -> (Reply, Next) 
 }
 
 impl<'a> Session<'a> {
-    fn new(sock: BorrowedFd<'a>, options: &ServeOptions) -> Self {
+    fn new(sock: BorrowedFd<'a>, options: &ServeOptions, worker: &'a Worker) -> Self {
         Session {
             sock,
+            worker,
             version: None,
             netns: if options.check_netns {
                 NetnsCheck::NotReadYet
@@ -136,8 +145,9 @@ impl<'a> Session<'a> {
         transport::send_message(self.sock, reply, &[], None)
     }
 
-    /// Turn one well-framed request into its reply.
-    fn handle(&mut self, frame: &ReceivedFrame) -> (Reply, Next) {
+    /// Turn one well-framed request into its reply. The frame's descriptors are closed
+    /// before this returns.
+    fn handle(&mut self, frame: &mut ReceivedFrame) -> (Reply, Next) {
         if !frame.fd_count_matches() {
             return refuse(
                 ProtocolErrorKind::FdCountMismatch,
@@ -184,39 +194,41 @@ impl<'a> Session<'a> {
             "request"
         );
 
-        match (&request, self.version) {
-            (Request::Hello(hello), None) => self.hello(hello),
+        let fds = std::mem::take(&mut frame.fds);
+        match (request, self.version) {
+            (Request::Hello(hello), None) => self.hello(&hello),
             (Request::Hello(_), Some(_)) => refuse(ProtocolErrorKind::OutOfOrder, "a second Hello"),
-            (_, None) => refuse(
+            (request, None) => refuse(
                 ProtocolErrorKind::OutOfOrder,
                 format!("{} before Hello", request.name()),
             ),
-            (Request::Dump, Some(_)) => (Reply::Dumped(self.dump(&frame.fds)), Next::Continue),
+            (Request::Dump, Some(_)) => (Reply::Dumped(self.dump(fds)), Next::Continue),
             (Request::Thaw, Some(_)) => {
                 let results =
-                    self.each_socket("thaw", &frame.fds, Expect::Connected, |fd, _, _| {
+                    self.each_socket("thaw", fds, Expect::Connected, |fd, _, _, _: &()| {
                         Ok(baton_tcp_repair::thaw(fd)?)
                     });
                 (Reply::Thawed(results), Next::Continue)
             }
             (Request::SetRepair(mode), Some(_)) => {
-                let results =
-                    self.each_socket("set repair", &frame.fds, Expect::Connected, |fd, _, _| {
-                        Ok(baton_tcp_repair::set_repair(fd, *mode)?)
-                    });
+                let results = self.each_socket(
+                    "set repair",
+                    fds,
+                    Expect::Connected,
+                    move |fd, _, _, _: &()| Ok(baton_tcp_repair::set_repair(fd, mode)?),
+                );
                 (Reply::RepairSet(results), Next::Continue)
             }
             (Request::Freeze, Some(_)) => {
                 let results =
-                    self.each_socket("freeze", &frame.fds, Expect::Connected, |fd, _, _| {
+                    self.each_socket("freeze", fds, Expect::Connected, |fd, _, _, _: &()| {
                         Ok(baton_tcp_repair::attach_deaf_filter(fd)?)
                     });
                 (Reply::Frozen(results), Next::Continue)
             }
-            (Request::Restore(states), Some(_)) => (
-                Reply::Restored(self.restore(&frame.fds, states)),
-                Next::Continue,
-            ),
+            (Request::Restore(states), Some(_)) => {
+                (Reply::Restored(self.restore(fds, states)), Next::Continue)
+            }
         }
     }
 
@@ -266,78 +278,109 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Validate each socket as `expect`, then run `operation(fd, index, family)` on it.
-    fn each_socket<T>(
+    /// Validate each socket as `expect`, then run `operation(fd, index, family, &())` on
+    /// it, half of a larger batch on the worker thread. The descriptors are closed on
+    /// return.
+    fn each_socket<X, T, F>(
         &mut self,
         op: &'static str,
-        fds: &[OwnedFd],
+        fds: Vec<OwnedFd>,
         expect: Expect,
-        mut operation: impl FnMut(BorrowedFd<'_>, usize, SocketFamily) -> Result<T, SocketError>,
-    ) -> Vec<SocketResult<T>> {
-        if fds.is_empty() {
-            return Vec::new();
-        }
-        let cookie = self.netns_cookie();
-        fds.iter()
-            .enumerate()
-            .map(|(index, fd)| {
-                let result = cookie.clone().and_then(|cookie| {
-                    let family = baton_tcp_repair::validate_tcp_socket(fd.as_fd(), expect, cookie)
-                        .map_err(SocketError::from)?;
-                    operation(fd.as_fd(), index, family)
-                });
-                if let Err(e) = &result {
-                    tracing::warn!(op, index, "{e}");
-                }
-                result
-            })
-            .collect()
+        operation: F,
+    ) -> Vec<SocketResult<T>>
+    where
+        X: Default + Send + 'static,
+        T: Send + 'static,
+        F: Fn(BorrowedFd<'_>, usize, SocketFamily, &X) -> Result<T, SocketError>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let items = fds.into_iter().map(|fd| (fd, X::default())).collect();
+        self.each_socket_with(op, items, expect, operation).1
     }
 
-    fn dump(&mut self, fds: &[OwnedFd]) -> Vec<SocketResult<TcpConnState>> {
-        let mut queue_bytes = 0usize;
-        self.each_socket("dump", fds, Expect::Connected, |fd, _, _| {
-            let state = baton_tcp_repair::dump(fd)?;
-            let size = state.send_queue.len() + state.recv_queue.len();
-            if queue_bytes.saturating_add(size) > MAX_BATCH_QUEUE_BYTES {
-                // The reply would not fit in a frame: give this socket back live.
-                if let Err(e) = baton_tcp_repair::thaw(fd) {
-                    tracing::warn!("thaw after an oversized dump: {e}");
-                }
-                return Err(SocketError {
-                    step: "dump: batch".into(),
-                    errno: None,
-                    detail: format!(
-                        "{size} queued bytes would take the reply over {MAX_BATCH_QUEUE_BYTES} \
-                         bytes; socket left live, retry it in a smaller batch"
-                    ),
-                });
+    /// [`Self::each_socket`] with an `extra` per socket; returns the items, so that the
+    /// caller can still act on the sockets, and the results.
+    fn each_socket_with<X, T, F>(
+        &mut self,
+        op: &'static str,
+        items: Vec<(OwnedFd, X)>,
+        expect: Expect,
+        operation: F,
+    ) -> (Vec<(OwnedFd, X)>, Vec<SocketResult<T>>)
+    where
+        X: Send + 'static,
+        T: Send + 'static,
+        F: Fn(BorrowedFd<'_>, usize, SocketFamily, &X) -> Result<T, SocketError>
+            + Send
+            + Sync
+            + 'static,
+    {
+        if items.is_empty() {
+            return (items, Vec::new());
+        }
+        let cookie = self.netns_cookie();
+        self.worker.map(items, move |index, (fd, extra)| {
+            let result = cookie.clone().and_then(|cookie| {
+                let family = baton_tcp_repair::validate_tcp_socket(fd.as_fd(), expect, cookie)
+                    .map_err(SocketError::from)?;
+                operation(fd.as_fd(), index, family, extra)
+            });
+            if let Err(e) = &result {
+                tracing::warn!(op, index, "{e}");
             }
-            queue_bytes += size;
-            Ok(state)
+            result
         })
+    }
+
+    fn dump(&mut self, fds: Vec<OwnedFd>) -> Vec<SocketResult<TcpConnState>> {
+        let items = fds.into_iter().map(|fd| (fd, ())).collect();
+        let (items, mut results) =
+            self.each_socket_with("dump", items, Expect::Connected, |fd, _, family, _: &()| {
+                Ok(baton_tcp_repair::dump_as(fd, family)?)
+            });
+        // The reply must fit in a frame: sockets whose queues would take it over the
+        // limit are given back live, in order, as if the batch had been dumped one by one.
+        let mut queue_bytes = 0usize;
+        for ((fd, _), result) in items.iter().zip(results.iter_mut()) {
+            let Ok(state) = result else { continue };
+            let size = state.send_queue.len() + state.recv_queue.len();
+            if queue_bytes.saturating_add(size) <= MAX_BATCH_QUEUE_BYTES {
+                queue_bytes += size;
+                continue;
+            }
+            if let Err(e) = baton_tcp_repair::thaw(fd.as_fd()) {
+                tracing::warn!("thaw after an oversized dump: {e}");
+            }
+            tracing::warn!("dump: {size} queued bytes do not fit in this batch's reply");
+            *result = Err(SocketError {
+                step: "dump: batch".into(),
+                errno: None,
+                detail: format!(
+                    "{size} queued bytes would take the reply over {MAX_BATCH_QUEUE_BYTES} \
+                     bytes; socket left live, retry it in a smaller batch"
+                ),
+            });
+        }
+        results
     }
 
     fn restore(
         &mut self,
-        fds: &[OwnedFd],
-        states: &[TcpConnState],
+        fds: Vec<OwnedFd>,
+        states: Vec<TcpConnState>,
     ) -> Vec<SocketResult<RestoreReport>> {
-        self.each_socket("restore", fds, Expect::Fresh, |fd, index, family| {
-            // `validate` guaranteed one state per socket.
-            let state = states.get(index).ok_or_else(|| SocketError {
-                step: "restore".into(),
-                errno: None,
-                detail: format!("no state for socket {index}"),
-            })?;
-            if family != state.family {
-                return Err(SocketError {
-                    step: "restore: socket family".into(),
-                    errno: None,
-                    detail: format!("socket is {family:?}, state is {:?}", state.family),
-                });
-            }
-            Ok(baton_tcp_repair::restore(fd, state)?)
-        })
+        // `validate` guaranteed one state per socket.
+        let items = fds.into_iter().zip(states).collect();
+        let (_, results) = self.each_socket_with(
+            "restore",
+            items,
+            Expect::Fresh,
+            |fd, _, family, state: &TcpConnState| {
+                Ok(baton_tcp_repair::restore_as(fd, family, state)?)
+            },
+        );
+        results
     }
 }

@@ -21,20 +21,37 @@ fn serving_helper_holds_net_admin_only_under_seccomp_and_no_new_privs() {
     let mut helper = spawn_on_socketpair(&["--debug"]);
     hello(&helper.stream);
 
-    let status = std::fs::read_to_string(format!("/proc/{}/status", helper.child.id()))
-        .expect("read /proc/<pid>/status");
-    const NET_ADMIN_ONLY: &str = "0000000000001000";
-    assert_eq!(
-        status_field(&status, "Seccomp:"),
-        "2",
-        "seccomp filter mode"
-    );
-    assert_eq!(status_field(&status, "NoNewPrivs:"), "1");
-    assert_eq!(status_field(&status, "CapEff:"), NET_ADMIN_ONLY);
-    assert_eq!(status_field(&status, "CapPrm:"), NET_ADMIN_ONLY);
-    assert_eq!(status_field(&status, "CapBnd:"), NET_ADMIN_ONLY);
-    assert_eq!(status_field(&status, "CapInh:"), "0000000000000000");
-    assert_eq!(status_field(&status, "CapAmb:"), "0000000000000000");
+    // Every thread, not only the main one: credentials and Landlock are per thread, and
+    // the worker thread runs repair operations too.
+    let tasks = format!("/proc/{}/task", helper.child.id());
+    let mut threads = 0;
+    for task in std::fs::read_dir(&tasks).expect("read /proc/<pid>/task") {
+        let path = task.expect("task entry").path().join("status");
+        let status = std::fs::read_to_string(&path).expect("read task status");
+        const NET_ADMIN_ONLY: &str = "0000000000001000";
+        let name = status_field(&status, "Name:");
+        assert_eq!(
+            status_field(&status, "Seccomp:"),
+            "2",
+            "{name}: seccomp mode"
+        );
+        assert_eq!(status_field(&status, "NoNewPrivs:"), "1", "{name}");
+        assert_eq!(status_field(&status, "CapEff:"), NET_ADMIN_ONLY, "{name}");
+        assert_eq!(status_field(&status, "CapPrm:"), NET_ADMIN_ONLY, "{name}");
+        assert_eq!(status_field(&status, "CapBnd:"), NET_ADMIN_ONLY, "{name}");
+        assert_eq!(
+            status_field(&status, "CapInh:"),
+            "0000000000000000",
+            "{name}"
+        );
+        assert_eq!(
+            status_field(&status, "CapAmb:"),
+            "0000000000000000",
+            "{name}"
+        );
+        threads += 1;
+    }
+    assert_eq!(threads, 2, "the serve loop and its worker thread");
 
     // The exit path works under the filter too: peer gone => exit 0.
     drop(helper.stream);
@@ -44,6 +61,45 @@ fn serving_helper_holds_net_admin_only_under_seccomp_and_no_new_privs() {
         stderr.contains("landlock"),
         "the Landlock level is logged:\n{stderr}"
     );
+}
+
+#[test]
+fn single_thread_helper_serves_on_one_thread() {
+    let mut helper = spawn_on_socketpair(&["--single-thread"]);
+    hello(&helper.stream);
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", helper.child.id()))
+        .expect("read /proc/<pid>/task")
+        .count();
+    assert_eq!(tasks, 1);
+    drop(helper.stream);
+    let (exit, stderr) = wait_exit(&mut helper.child);
+    assert_eq!(exit.code(), Some(0), "{stderr}");
+}
+
+/// A helper stopped and continued (SIGSTOP/SIGCONT, a debugger or a job-control shell)
+/// while it waits for a request resumes its wait through `restart_syscall`, which the
+/// filter must allow: it used to die of SIGSYS.
+#[test]
+fn a_stopped_and_continued_helper_keeps_serving() {
+    use nix::sys::signal::kill;
+    use nix::unistd::Pid;
+    let mut helper = spawn_on_socketpair(&[]);
+    hello(&helper.stream);
+    let pid = Pid::from_raw(helper.child.id() as i32);
+    // Let it block in its wait for the next request.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        helper.child.try_wait().expect("try_wait").is_none(),
+        "the helper died after SIGCONT"
+    );
+    // Still serving: the peer going away ends it with 0 (not SIGSYS).
+    drop(helper.stream);
+    let (exit, stderr) = wait_exit(&mut helper.child);
+    assert_eq!(exit.code(), Some(0), "{stderr}");
 }
 
 /// Apply the helper's filter in a forked child, run `forbidden` there, and return how

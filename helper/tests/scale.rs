@@ -66,6 +66,8 @@ fn ten_thousand_connections_through_the_helper() {
         .expect("A writes to the deaf peer");
     let setup = started.elapsed();
 
+    // Every batch is split: the worker thread's half of the dumps and restores runs
+    // under the seccomp filter too.
     let (mut client, mut helper) = RepairClient::spawn(
         env!("CARGO_BIN_EXE_baton-repair"),
         std::iter::empty::<&str>(),

@@ -17,7 +17,9 @@
 //!   [`RepairClient::restore`], [`RepairClient::set_repair`]) takes any number of sockets,
 //!   splits them into batches the protocol accepts (at most [`MAX_FDS`] descriptors and at
 //!   most [`MAX_BATCH_QUEUE_BYTES`] of queue data per frame), sends one request per batch
-//!   and concatenates the per-socket results in the caller's order.
+//!   and concatenates the per-socket results in the caller's order. Dump and restore
+//!   keep two requests in flight, so that the helper works on the next batch while we
+//!   decode the last reply (`exchange_pipelined` says why that cannot deadlock).
 //! * One request, one reply. A transport failure (timeout, closed, undecodable reply)
 //!   leaves the stream in an unknown position, so the client then refuses further use
 //!   ([`ClientError::Broken`]); a well-formed but wrong reply does not.
@@ -327,17 +329,19 @@ impl RepairClient {
     ) -> Result<Vec<SocketResult<TcpConnState>>, ClientError> {
         self.require(caps::DUMP, "Dump")?;
         let sizes: Vec<usize> = sockets.iter().map(|fd| queued_bytes(*fd)).collect();
+        let batches: Vec<(RequestOnWire<'_>, &[BorrowedFd<'_>])> = plan_batches(&sizes)
+            .into_iter()
+            .map(|batch| (RequestOnWire::Dump, &sockets[batch]))
+            .collect();
         let mut results = Vec::with_capacity(sockets.len());
-        for batch in plan_batches(&sizes) {
-            let fds = &sockets[batch];
-            match self.exchange(&RequestOnWire::Dump, fds)? {
-                Reply::Dumped(states) => {
-                    check_count("Dump", fds.len(), states.len())?;
-                    results.extend(states);
-                }
-                other => return Err(wrong_reply("Dump", other)),
+        self.exchange_pipelined(&batches, |fds, reply| match reply {
+            Reply::Dumped(states) => {
+                check_count("Dump", fds, states.len())?;
+                results.extend(states);
+                Ok(())
             }
-        }
+            other => Err(wrong_reply("Dump", other)),
+        })?;
         Ok(results)
     }
 
@@ -376,19 +380,23 @@ impl RepairClient {
             .iter()
             .map(|(_, s)| s.send_queue.len() + s.recv_queue.len())
             .collect();
+        let fds: Vec<BorrowedFd<'_>> = items.iter().map(|(fd, _)| *fd).collect();
+        let batches: Vec<(RequestOnWire<'_>, &[BorrowedFd<'_>])> = plan_batches(&sizes)
+            .into_iter()
+            .map(|batch| {
+                let states = items[batch.clone()].iter().map(|(_, s)| *s).collect();
+                (RequestOnWire::Restore(states), &fds[batch])
+            })
+            .collect();
         let mut results = Vec::with_capacity(items.len());
-        for batch in plan_batches(&sizes) {
-            let batch = &items[batch];
-            let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|(fd, _)| *fd).collect();
-            let states: Vec<&TcpConnState> = batch.iter().map(|(_, s)| *s).collect();
-            match self.exchange(&RequestOnWire::Restore(states), &fds)? {
-                Reply::Restored(reports) => {
-                    check_count("Restore", fds.len(), reports.len())?;
-                    results.extend(reports);
-                }
-                other => return Err(wrong_reply("Restore", other)),
+        self.exchange_pipelined(&batches, |fds, reply| match reply {
+            Reply::Restored(reports) => {
+                check_count("Restore", fds, reports.len())?;
+                results.extend(reports);
+                Ok(())
             }
-        }
+            other => Err(wrong_reply("Restore", other)),
+        })?;
         Ok(results)
     }
 
@@ -449,6 +457,32 @@ impl RepairClient {
         request: &RequestOnWire<'_>,
         fds: &[BorrowedFd<'_>],
     ) -> Result<Reply, ClientError> {
+        let mut reply = None;
+        self.exchange_pipelined(&[(request, fds)], |_, r| {
+            reply = Some(r);
+            Ok(())
+        })?;
+        reply.ok_or(ClientError::HelperClosed {
+            request: request.name(),
+        })
+    }
+
+    /// Send `batches` (requests with their descriptors) and hand each reply, in order,
+    /// to `on_reply` with the batch's descriptor count. Two requests are kept in flight:
+    /// the helper starts on batch k+1 as soon as it has answered batch k, while we decode
+    /// that answer. This cannot deadlock on full socket buffers because no request kind
+    /// has both a large request and a large reply: dump requests are a few bytes (and
+    /// their replies large), restore requests large (and their replies a few KiB, far
+    /// below a socket buffer), so whichever side writes the large message finds the
+    /// other side's small one already buffered. After the first error (from `on_reply`
+    /// or a refusal) nothing more is sent, the reply to the request still in flight is
+    /// read (and dropped, like the results of earlier batches) so that the stream stays
+    /// in sync, and the error is returned.
+    fn exchange_pipelined<'w, R: std::borrow::Borrow<RequestOnWire<'w>>>(
+        &mut self,
+        batches: &[(R, &[BorrowedFd<'_>])],
+        mut on_reply: impl FnMut(usize, Reply) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
         // A poisoned lock only means another handle panicked between two frames; the
         // `broken` flag says whether the stream is still in sync.
         let shared = Arc::clone(&self.shared);
@@ -459,7 +493,30 @@ impl RepairClient {
         if self.shared.broken.load(Ordering::SeqCst) {
             return Err(ClientError::Broken);
         }
-        let result = self.exchange_once(request, fds);
+        let mut sent = 0;
+        let mut received = 0;
+        let mut failed: Option<ClientError> = None;
+        let result = 'exchange: loop {
+            while failed.is_none() && sent < batches.len() && sent < received + 2 {
+                let (request, fds) = &batches[sent];
+                if let Err(e) = self.send_request(request.borrow(), fds) {
+                    break 'exchange Err(e);
+                }
+                sent += 1;
+            }
+            if received == sent {
+                break failed.map_or(Ok(()), Err);
+            }
+            let (request, fds) = &batches[received];
+            let reply = match self.recv_reply(request.borrow().name()) {
+                Ok(reply) => reply,
+                Err(e) => break Err(e),
+            };
+            received += 1;
+            if failed.is_none() {
+                failed = on_reply(fds.len(), reply).err();
+            }
+        };
         if let Err(e) = &result {
             if matches!(
                 e,
@@ -474,27 +531,30 @@ impl RepairClient {
         result
     }
 
-    fn exchange_once(
-        &mut self,
+    fn transport_error(request: &'static str) -> impl Fn(TransportError) -> ClientError {
+        move |source: TransportError| {
+            if source.is_peer_gone() {
+                ClientError::HelperClosed { request }
+            } else {
+                ClientError::Transport { request, source }
+            }
+        }
+    }
+
+    fn send_request(
+        &self,
         request: &RequestOnWire<'_>,
         fds: &[BorrowedFd<'_>],
-    ) -> Result<Reply, ClientError> {
-        let name = request.name();
+    ) -> Result<(), ClientError> {
         let deadline = deadline_after(self.timeout);
-        let sock = self.shared.stream.as_fd();
-        let transport_error = |source: TransportError| {
-            if source.is_peer_gone() {
-                ClientError::HelperClosed { request: name }
-            } else {
-                ClientError::Transport {
-                    request: name,
-                    source,
-                }
-            }
-        };
-        transport::send_message(sock, request, fds, deadline).map_err(transport_error)?;
-        let frame = transport::recv_frame(sock, deadline)
-            .map_err(transport_error)?
+        transport::send_message(self.shared.stream.as_fd(), request, fds, deadline)
+            .map_err(Self::transport_error(request.name()))
+    }
+
+    fn recv_reply(&self, name: &'static str) -> Result<Reply, ClientError> {
+        let deadline = deadline_after(self.timeout);
+        let frame = transport::recv_frame(self.shared.stream.as_fd(), deadline)
+            .map_err(Self::transport_error(name))?
             .ok_or(ClientError::HelperClosed { request: name })?;
         if frame.fds_received() != 0 || frame.header.fd_count != 0 || frame.control_truncated {
             return Err(ClientError::UnexpectedFds {
@@ -955,6 +1015,63 @@ mod tests {
         assert!(last.thaw(&[s.as_fd()]).is_err());
         assert!(matches!(last.thaw(&[s.as_fd()]), Err(ClientError::Broken)));
         assert_eq!(helper.join().expect("join"), 1 + 4 * 50 + 1);
+    }
+
+    #[test]
+    fn pipelined_batches_stay_in_order_and_in_sync_after_a_refusal() {
+        use std::sync::atomic::AtomicUsize;
+        // Dump number k (from 0) is refused when k == 1, else each socket fails with a
+        // detail naming the dump and the index, so that order and batching show.
+        let dumps = AtomicUsize::new(0);
+        let (stream, helper) = fake_helper(move |request, fds| match request {
+            Request::Hello(_) => hello_reply(),
+            Request::Dump => {
+                let k = dumps.fetch_add(1, Ordering::SeqCst);
+                if k == 1 {
+                    return Reply::Error(ProtocolError::new(ProtocolErrorKind::Unsupported, "k1"));
+                }
+                Reply::Dumped(
+                    (0..fds)
+                        .map(|i| {
+                            Err(SocketError {
+                                step: "dump".into(),
+                                errno: None,
+                                detail: format!("{k}/{i}"),
+                            })
+                        })
+                        .collect(),
+                )
+            }
+            Request::Thaw => Reply::Thawed(vec![Ok(()); fds]),
+            _ => Reply::Error(ProtocolError::new(ProtocolErrorKind::Unsupported, "test")),
+        });
+        let mut client = RepairClient::from_stream(stream, Duration::from_secs(5)).expect("hello");
+        let sockets: Vec<UnixStream> = (0..600)
+            .map(|_| UnixStream::pair().expect("pair").0)
+            .collect();
+        let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|s| s.as_fd()).collect();
+        // Three batches (253, 253, 94): the second is refused. The third was already in
+        // flight when that reply came (two requests are), so its reply must be read
+        // before returning, or the next exchange would get it.
+        let err = client.dump(&fds).expect_err("second batch refused");
+        assert!(
+            matches!(err, ClientError::Refused(ref e) if e.message == "k1"),
+            "{err}"
+        );
+        // In sync: the next exchanges get their own replies.
+        assert_eq!(client.thaw(&fds[..3]).expect("thaw").len(), 3);
+        let results = client.dump(&fds[..300]).expect("dump");
+        assert_eq!(results.len(), 300);
+        for (i, r) in results.iter().enumerate() {
+            let (k, index) = if i < 253 { (3, i) } else { (4, i - 253) };
+            assert_eq!(
+                r.as_ref().expect_err("fails").detail,
+                format!("{k}/{index}")
+            );
+        }
+        drop(client);
+        // Hello, three dumps, thaw, two dumps.
+        assert_eq!(helper.join().expect("join"), 7);
     }
 
     #[test]

@@ -5,32 +5,38 @@
 //!    (SK_FORCE_REUSE), and the latter shifts every peek.
 //! 2. Attach the drop-all filter, *then* enter repair mode. From here on no incoming
 //!    segment is processed, so nothing we read can change under us and the kernel
-//!    acknowledges nothing more (repair mode alone would keep ACKing, E5). Select the
-//!    send queue at once (step 7: it keeps the socket's timers from transmitting new
-//!    data).
+//!    acknowledges nothing more (repair mode alone would keep ACKing, E5).
 //! 3. `TCP_INFO` gives the state and the negotiated options; `SIOCINQ` the receive
-//!    queue length; `TCP_MAXSEG` in repair mode gives the MSS clamp; `TCP_TIMESTAMP` the
-//!    TS clock with its µs flag; `TCP_REPAIR_WINDOW` the window.
+//!    queue length. Neither changes when a timer transmits (step 6).
 //! 4. Receive queue: select it, read `rcv_nxt` with `TCP_QUEUE_SEQ`, peek `SIOCINQ` bytes.
 //!    `SIOCINQ` does not count a received FIN (E7), so nothing is subtracted for it.
-//! 5. Send queue: select it again, *then* read its lengths (`SIOCOUTQ`, `SIOCOUTQNSD`:
-//!    anything a timer transmitted while the receive queue was selected is counted),
-//!    `write_seq`, and peek. The peek returns the whole queue
-//!    length even when the buffer is smaller (E18) and may start with bytes the peer has
-//!    already acknowledged (a partially acked head skb is not trimmed, E21), so grow the
-//!    buffer if needed and drop the surplus at the *front*.
-//! 6. Urgent data cannot be restored (no API sets urg_seq/urg_data): refuse the flow.
-//! 7. Leave the *send* queue selected and put `SO_PEEK_OFF` back. A frozen socket still
-//!    runs its timers, and its tail-loss probe sends *new* data when the window allows
+//! 5. Send queue: select it, *then* read everything a transmission can change: its
+//!    lengths (`SIOCOUTQ`, `SIOCOUTQNSD`), `write_seq`, the window (`TCP_REPAIR_WINDOW`:
+//!    every segment sent updates rcv_wnd/rcv_wup), and peek the queue. Also `TCP_MAXSEG`
+//!    (in repair mode: the MSS clamp) and `TCP_TIMESTAMP` (the TS clock with its µs
+//!    flag). The peek returns the whole queue length even when the buffer is smaller
+//!    (E18) and may start with bytes the peer has already acknowledged (a partially
+//!    acked head skb is not trimmed, E21), so grow the buffer if needed and drop the
+//!    surplus at the *front*.
+//! 6. Why the send queue is selected last and stays selected. A frozen socket still runs
+//!    its timers, and its tail-loss probe sends *new* data when the window allows
 //!    (kernel-facts suite `kernel_facts_inflight`): the peer would then hold bytes beyond
 //!    the dumped SND.NXT, and a socket restored from the dump would have every answer of
 //!    the peer discarded as an ACK of unsent data — a stall for good. With the send
-//!    queue selected, `tcp_write_xmit` only marks such data sent, nothing leaves. (If
-//!    the socket is thawed instead, bytes marked that way are recovered like any lost
-//!    segment.) The selection grants nothing while the socket is in repair mode (any
+//!    queue selected, `tcp_write_xmit` only marks such data sent, nothing leaves. Before
+//!    step 5 (no queue or the receive queue selected) a timer may still transmit; that
+//!    is harmless because everything such a transmission changes is read in step 5.
+//!    (If the socket is thawed instead, bytes marked sent that way are recovered like any
+//!    lost segment.) The selection grants nothing while the socket is in repair mode (any
 //!    holder may select a queue then), and every way out of repair mode — thaw,
 //!    set-repair, rollback — selects no queue first (a stale selection after repair off
 //!    lets an unprivileged holder read or set sequence numbers, E16).
+//! 7. Urgent data cannot be restored (no API sets urg_seq/urg_data): refuse the flow.
+//! 8. Put `SO_PEEK_OFF` back; read the endpoints and the plain socket options.
+//!
+//! Each step is one system call per socket and batches hold thousands of sockets, so the
+//! sequence reads nothing twice: the caller that validated the socket passes its family
+//! ([`dump_as`]), the queue is selected twice, not more.
 //!
 //! The socket stays frozen (filter attached, repair on) after a successful dump. On any
 //! error it is rolled back to live, so a failed dump never leaves a deaf socket behind.
@@ -51,6 +57,11 @@ use crate::{set_repair_in, sockopts};
 
 /// See [`crate::dump`].
 pub fn dump(fd: BorrowedFd<'_>) -> Result<TcpConnState> {
+    dump_as(fd, sys::family(fd, "dump: SO_DOMAIN")?)
+}
+
+/// See [`crate::dump_as`]: `family` is the socket's, as its validation found it.
+pub fn dump_as(fd: BorrowedFd<'_>, family: SocketFamily) -> Result<TcpConnState> {
     let reuseaddr = sys::get_int(
         fd,
         libc::SOL_SOCKET,
@@ -63,7 +74,7 @@ pub fn dump(fd: BorrowedFd<'_>) -> Result<TcpConnState> {
         rollback(fd, reuseaddr, peek_off, false);
         return Err(e);
     }
-    match dump_frozen(fd, peek_off) {
+    match dump_frozen(fd, family, peek_off) {
         Ok(mut state) => {
             state.sockopts.reuseaddr = reuseaddr;
             state.sockopts.peek_off = peek_off;
@@ -104,7 +115,7 @@ fn rollback(fd: BorrowedFd<'_>, reuseaddr: bool, peek_off: i32, repair_on: bool)
     let _ = sys::set_int(fd, libc::SOL_SOCKET, sys::SO_PEEK_OFF, peek_off, "rollback");
 }
 
-fn dump_frozen(fd: BorrowedFd<'_>, peek_off: i32) -> Result<TcpConnState> {
+fn dump_frozen(fd: BorrowedFd<'_>, family: SocketFamily, peek_off: i32) -> Result<TcpConnState> {
     let info = sys::tcp_info_head(fd, "dump: TCP_INFO")?;
     let state = match info.state {
         sys::TCP_ESTABLISHED => TcpState::Established,
@@ -119,41 +130,11 @@ fn dump_frozen(fd: BorrowedFd<'_>, peek_off: i32) -> Result<TcpConnState> {
             ))
         }
     };
-    // First of all: nothing new may leave from here on (step 7).
-    select_queue(fd, sys::TCP_SEND_QUEUE, "dump: TCP_REPAIR_QUEUE(send)")?;
     refuse_urgent_data(fd)?;
-
     let inq = sys::ioctl_int(fd, sys::SIOCINQ, "dump: SIOCINQ")? as usize;
-    let mss_clamp =
-        sys::get_int(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "dump: TCP_MAXSEG")? as u32;
-    let timestamp = sys::get::<u32>(
-        fd,
-        libc::IPPROTO_TCP,
-        sys::TCP_TIMESTAMP,
-        "dump: TCP_TIMESTAMP",
-    )?;
-    let window = match sys::get::<TcpRepairWindow>(
-        fd,
-        libc::IPPROTO_TCP,
-        sys::TCP_REPAIR_WINDOW,
-        "dump: TCP_REPAIR_WINDOW",
-    ) {
-        Ok(w) => Some(RepairWindow {
-            snd_wl1: w.snd_wl1,
-            snd_wnd: w.snd_wnd,
-            max_window: w.max_window,
-            rcv_wnd: w.rcv_wnd,
-            rcv_wup: w.rcv_wup,
-        }),
-        // Kernels before 4.8 have no window repair: restore then falls back to a probe.
-        Err(RepairError::Sys {
-            errno: Errno::ENOPROTOOPT,
-            ..
-        }) => None,
-        Err(e) => return Err(e),
-    };
     let options = NegotiatedOptions {
-        mss_clamp,
+        // Read with the send queue selected (below); the clamp does not depend on it.
+        mss_clamp: 0,
         sack: info.options & sys::TCPI_OPT_SACK != 0,
         wscale: (info.options & sys::TCPI_OPT_WSCALE != 0).then_some(WindowScale {
             snd: info.snd_wscale,
@@ -171,9 +152,8 @@ fn dump_frozen(fd: BorrowedFd<'_>, peek_off: i32) -> Result<TcpConnState> {
             "dump: SO_PEEK_OFF",
         )?;
     }
+    // Ends with the send queue selected, where it stays while frozen (step 6).
     let queues = read_queues(fd, state, inq);
-    // Parked on the send queue while frozen: see step 7 of the module comment.
-    let parked = select_queue(fd, sys::TCP_SEND_QUEUE, "dump: TCP_REPAIR_QUEUE(send)");
     if peek_off >= 0 {
         sys::set_int(
             fd,
@@ -184,12 +164,7 @@ fn dump_frozen(fd: BorrowedFd<'_>, peek_off: i32) -> Result<TcpConnState> {
         )?;
     }
     let queues = queues?;
-    parked?;
 
-    let family = match sys::get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, "dump: SO_DOMAIN")? {
-        libc::AF_INET => SocketFamily::Inet,
-        _ => SocketFamily::Inet6,
-    };
     let v6only = family == SocketFamily::Inet6
         && sys::get_int(
             fd,
@@ -217,9 +192,12 @@ fn dump_frozen(fd: BorrowedFd<'_>, peek_off: i32) -> Result<TcpConnState> {
         send_queue: queues.send,
         send_unsent: queues.send_unsent,
         recv_queue: queues.recv,
-        options,
-        timestamp,
-        window,
+        options: NegotiatedOptions {
+            mss_clamp: queues.mss_clamp,
+            ..options
+        },
+        timestamp: queues.timestamp,
+        window: queues.window,
         sockopts,
     };
     state
@@ -257,6 +235,7 @@ fn refuse_urgent_data(fd: BorrowedFd<'_>) -> Result<()> {
     Ok(())
 }
 
+/// What is read with a queue selected (steps 4 and 5 of the module comment).
 struct Queues {
     rcv_nxt: u32,
     /// SIOCOUTQ: write_seq − snd_una, our FIN included.
@@ -265,15 +244,41 @@ struct Queues {
     recv: Vec<u8>,
     send: Vec<u8>,
     send_unsent: u32,
+    mss_clamp: u32,
+    timestamp: u32,
+    window: Option<RepairWindow>,
 }
 
 fn select_queue(fd: BorrowedFd<'_>, queue: i32, step: &'static str) -> Result<()> {
     sys::set_int(fd, libc::IPPROTO_TCP, sys::TCP_REPAIR_QUEUE, queue, step)
 }
 
-fn read_queues(fd: BorrowedFd<'_>, state: TcpState, inq: usize) -> Result<Queues> {
-    let peek_flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+/// Peek up to `len` bytes into a new buffer of that capacity (not zeroed first: the
+/// kernel writes what it reports, and zeroing a buffer per queue costs more than the
+/// peek itself). Returns the buffer, holding what was copied, and what the kernel
+/// returned, which for the send queue may be larger (E18).
+fn peek(fd: BorrowedFd<'_>, len: usize, step: &'static str) -> Result<(Vec<u8>, usize)> {
+    let mut buf = Vec::with_capacity(len);
+    let room = buf.capacity();
+    match sys::recv_uninit(
+        fd,
+        buf.spare_capacity_mut(),
+        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+    ) {
+        Ok(reported) => {
+            // SAFETY: the kernel initialised the first min(reported, room) bytes of the
+            // spare capacity, which is `room` bytes long (it copies at most the buffer
+            // length; `reported` may exceed it for the repair send-queue peek, E18).
+            unsafe { buf.set_len(reported.min(room)) };
+            Ok((buf, reported))
+        }
+        // An empty receive queue peeks as EAGAIN (E4).
+        Err(Errno::EAGAIN) => Ok((buf, 0)),
+        Err(e) => Err(RepairError::sys(step, e)),
+    }
+}
 
+fn read_queues(fd: BorrowedFd<'_>, state: TcpState, inq: usize) -> Result<Queues> {
     select_queue(fd, sys::TCP_RECV_QUEUE, "dump: TCP_REPAIR_QUEUE(recv)")?;
     let rcv_nxt = sys::get::<u32>(
         fd,
@@ -281,23 +286,16 @@ fn read_queues(fd: BorrowedFd<'_>, state: TcpState, inq: usize) -> Result<Queues
         sys::TCP_QUEUE_SEQ,
         "dump: TCP_QUEUE_SEQ(recv)",
     )?;
-    let mut recv = vec![0u8; inq + 1];
-    let got = match sys::recv(fd, &mut recv, peek_flags) {
-        Ok(n) => n,
-        // An empty receive queue peeks as EAGAIN (E4).
-        Err(Errno::EAGAIN) => 0,
-        Err(e) => return Err(RepairError::sys("dump: peek(recv)", e)),
-    };
+    // One byte of room beyond SIOCINQ, so that a queue that grew shows as a mismatch.
+    let (recv, got) = peek(fd, inq + 1, "dump: peek(recv)")?;
     if got != inq {
         return Err(RepairError::invalid(
             "dump: peek(recv)",
             format!("peeked {got} bytes but SIOCINQ says {inq}"),
         ));
     }
-    recv.truncate(got);
 
-    // Back to the send queue before its lengths are read: while the receive queue was
-    // selected a timer may have transmitted new data (step 7), which is then counted.
+    // From here on nothing leaves (step 6), so what follows is final.
     select_queue(fd, sys::TCP_SEND_QUEUE, "dump: TCP_REPAIR_QUEUE(send)")?;
     let outq = sys::ioctl_int(fd, sys::SIOCOUTQ, "dump: SIOCOUTQ")? as u32;
     let nsd = sys::ioctl_int(fd, sys::SIOCOUTQNSD, "dump: SIOCOUTQNSD")? as u32;
@@ -316,16 +314,10 @@ fn read_queues(fd: BorrowedFd<'_>, state: TcpState, inq: usize) -> Result<Queues
     // Peek into a buffer of exactly the expected size: the kernel reports the whole
     // queue length even when the buffer is smaller (E18), so a partially acked head (E21)
     // shows up as a larger return value, and only then is a second, larger peek needed.
-    // (A zeroed buffer with slack for every socket cost more than the rest of the dump.)
-    let mut send = vec![0u8; send_len.max(1)];
-    let mut got = sys::recv(fd, &mut send, peek_flags)
-        .map_err(|e| RepairError::sys("dump: peek(send)", e))?;
-    if got > send.len() {
-        // The kernel reports the queue length, not what it copied (E18): grow and retry.
-        send = vec![0u8; got];
-        got = sys::recv(fd, &mut send, peek_flags)
-            .map_err(|e| RepairError::sys("dump: peek(send)", e))?;
-        if got > send.len() {
+    let (mut send, mut got) = peek(fd, send_len.max(1), "dump: peek(send)")?;
+    if got > send.capacity() {
+        (send, got) = peek(fd, got, "dump: peek(send)")?;
+        if got > send.capacity() {
             return Err(RepairError::invalid(
                 "dump: peek(send)",
                 format!("send queue kept growing ({got} bytes) while frozen"),
@@ -340,8 +332,36 @@ fn read_queues(fd: BorrowedFd<'_>, state: TcpState, inq: usize) -> Result<Queues
     }
     // Bytes in front of snd_una that the kernel has not trimmed yet (E21).
     let acked_head = got - send_len;
-    send.truncate(got);
     send.drain(..acked_head);
+
+    let mss_clamp =
+        sys::get_int(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "dump: TCP_MAXSEG")? as u32;
+    let timestamp = sys::get::<u32>(
+        fd,
+        libc::IPPROTO_TCP,
+        sys::TCP_TIMESTAMP,
+        "dump: TCP_TIMESTAMP",
+    )?;
+    let window = match sys::get::<TcpRepairWindow>(
+        fd,
+        libc::IPPROTO_TCP,
+        sys::TCP_REPAIR_WINDOW,
+        "dump: TCP_REPAIR_WINDOW",
+    ) {
+        Ok(w) => Some(RepairWindow {
+            snd_wl1: w.snd_wl1,
+            snd_wnd: w.snd_wnd,
+            max_window: w.max_window,
+            rcv_wnd: w.rcv_wnd,
+            rcv_wup: w.rcv_wup,
+        }),
+        // Kernels before 4.8 have no window repair: restore then falls back to a probe.
+        Err(RepairError::Sys {
+            errno: Errno::ENOPROTOOPT,
+            ..
+        }) => None,
+        Err(e) => return Err(e),
+    };
     Ok(Queues {
         rcv_nxt,
         outq,
@@ -349,6 +369,9 @@ fn read_queues(fd: BorrowedFd<'_>, state: TcpState, inq: usize) -> Result<Queues
         recv,
         send,
         send_unsent: send_unsent.min(send_len as u32),
+        mss_clamp,
+        timestamp,
+        window,
     })
 }
 

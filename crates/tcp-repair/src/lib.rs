@@ -30,7 +30,7 @@ pub enum Expect {
     Fresh,
 }
 
-/// Check that `fd` is a plain TCP socket of the expected kind: a socket (fstat), domain
+/// Check that `fd` is a plain TCP socket of the expected kind: a socket, domain
 /// AF_INET or AF_INET6, type SOCK_STREAM, protocol IPPROTO_TCP (MPTCP is refused), no
 /// upper-layer protocol (kTLS) attached, in the network namespace whose cookie is
 /// `netns_cookie` when given. Returns the socket's family.
@@ -56,6 +56,12 @@ pub fn dump(fd: BorrowedFd<'_>) -> Result<TcpConnState> {
     dump::dump(fd)
 }
 
+/// [`dump`] of a socket whose family the caller already knows (from
+/// [`validate_tcp_socket`]): one system call less per socket.
+pub fn dump_as(fd: BorrowedFd<'_>, family: SocketFamily) -> Result<TcpConnState> {
+    dump::dump_as(fd, family)
+}
+
 /// Undo [`dump`]: detach the filter, select no queue, leave repair mode with a window
 /// probe, and put back `SO_REUSEADDR`/`SO_PEEK_OFF` as the dump found them.
 pub fn thaw(fd: BorrowedFd<'_>) -> Result<()> {
@@ -69,6 +75,17 @@ pub fn thaw(fd: BorrowedFd<'_>) -> Result<()> {
 /// `send_queue_written` counts both, and the caller still owns the rest.
 pub fn restore(fd: BorrowedFd<'_>, state: &TcpConnState) -> Result<RestoreReport> {
     restore::restore(fd, state)
+}
+
+/// [`restore`] into a socket whose family the caller already knows (from
+/// [`validate_tcp_socket`]): one system call less per socket. A state of another
+/// family is refused.
+pub fn restore_as(
+    fd: BorrowedFd<'_>,
+    family: SocketFamily,
+    state: &TcpConnState,
+) -> Result<RestoreReport> {
+    restore::restore_as(fd, family, state)
 }
 
 /// Set `TCP_REPAIR` to `mode`. Leaving repair mode first selects no queue again, so

@@ -75,7 +75,7 @@
 use std::os::fd::BorrowedFd;
 
 use baton_proto::repair::{RepairMode, RestoreReport};
-use baton_proto::tcp::TcpConnState;
+use baton_proto::tcp::{SocketFamily, TcpConnState};
 use nix::errno::Errno;
 use tracing::warn;
 
@@ -95,8 +95,23 @@ const MAXSEG_RANGE: std::ops::RangeInclusive<u32> = 88..=32767;
 
 /// See [`crate::restore`].
 pub fn restore(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<RestoreReport> {
+    restore_as(fd, sys::family(fd, "restore: SO_DOMAIN")?, s)
+}
+
+/// See [`crate::restore_as`]: `family` is the socket's, as its validation found it.
+pub fn restore_as(
+    fd: BorrowedFd<'_>,
+    family: SocketFamily,
+    s: &TcpConnState,
+) -> Result<RestoreReport> {
     s.validate()
         .map_err(|e| RepairError::invalid("restore: state", e.to_string()))?;
+    if family != s.family {
+        return Err(RepairError::invalid(
+            "restore: socket family",
+            format!("socket is {family:?}, state is {:?}", s.family),
+        ));
+    }
     pre_bind(fd, s)?;
     set_repair_in(fd, RepairMode::On, "restore")?;
     // On error the socket stays in repair mode: the caller closes it, and a socket
@@ -121,17 +136,7 @@ pub fn restore(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<RestoreReport> {
 
 fn pre_bind(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<()> {
     use libc::SOL_SOCKET;
-    let family = match sys::get_int(fd, SOL_SOCKET, libc::SO_DOMAIN, "restore: SO_DOMAIN")? {
-        libc::AF_INET => baton_proto::tcp::SocketFamily::Inet,
-        _ => baton_proto::tcp::SocketFamily::Inet6,
-    };
-    if family != s.family {
-        return Err(RepairError::invalid(
-            "restore: socket family",
-            format!("socket is {family:?}, state is {:?}", s.family),
-        ));
-    }
-    if s.family == baton_proto::tcp::SocketFamily::Inet6 {
+    if s.family == SocketFamily::Inet6 {
         sys::set_int(
             fd,
             libc::IPPROTO_IPV6,
@@ -189,15 +194,15 @@ fn pre_bind(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<()> {
 /// lets the bind through, but the repair `connect` then finds no route from a foreign
 /// source (ENETUNREACH, reference E6) unless the socket is also transparent, which only
 /// the helper may set (CAP_NET_ADMIN). Other sockets are left alone.
-fn allow_foreign_source(fd: BorrowedFd<'_>, family: baton_proto::tcp::SocketFamily) -> Result<()> {
+fn allow_foreign_source(fd: BorrowedFd<'_>, family: SocketFamily) -> Result<()> {
     let (level, freebind, transparent, step) = match family {
-        baton_proto::tcp::SocketFamily::Inet => (
+        SocketFamily::Inet => (
             libc::IPPROTO_IP,
             libc::IP_FREEBIND,
             libc::IP_TRANSPARENT,
             "restore: IP_TRANSPARENT",
         ),
-        baton_proto::tcp::SocketFamily::Inet6 => (
+        SocketFamily::Inet6 => (
             libc::IPPROTO_IPV6,
             libc::IPV6_FREEBIND,
             libc::IPV6_TRANSPARENT,

@@ -10,6 +10,7 @@ use std::mem::{size_of, MaybeUninit};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+use baton_proto::tcp::SocketFamily;
 use nix::errno::Errno;
 
 use crate::error::{RepairError, Result};
@@ -250,6 +251,34 @@ pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> std::result::Resu
         return Err(last_errno());
     }
     Ok(rc as usize)
+}
+
+/// recv(2) with flags into uninitialised memory; returns what the kernel returned, of
+/// which at most `buf.len()` bytes at the start of `buf` are initialised (the repair
+/// send-queue peek reports the whole queue length, E18).
+pub fn recv_uninit(
+    fd: BorrowedFd<'_>,
+    buf: &mut [MaybeUninit<u8>],
+    flags: i32,
+) -> std::result::Result<usize, Errno> {
+    // SAFETY: `buf` is writable for its length for the duration of the call; the kernel
+    // only writes to it.
+    let rc = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
+    if rc < 0 {
+        return Err(last_errno());
+    }
+    Ok(rc as usize)
+}
+
+/// The socket's family from `SO_DOMAIN` (anything but AF_INET is taken as AF_INET6:
+/// callers have validated the socket or will find out at the next call).
+pub fn family(fd: BorrowedFd<'_>, step: &'static str) -> Result<SocketFamily> {
+    Ok(
+        match get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, step)? {
+            libc::AF_INET => SocketFamily::Inet,
+            _ => SocketFamily::Inet6,
+        },
+    )
 }
 
 /// send(2) with flags; returns the bytes accepted.

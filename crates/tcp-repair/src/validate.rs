@@ -1,13 +1,14 @@
 //! Checks on every descriptor the helper is handed, before anything else touches it.
 //!
 //! The backend may be compromised, so the helper must not become a "toggle repair on
-//! anything" primitive. An fd passes only if it is a socket (fstat), of domain AF_INET
-//! or AF_INET6, type SOCK_STREAM, protocol IPPROTO_TCP (MPTCP sockets report 262 and are
-//! refused: TCP_REPAIR does not work on them), has no upper-layer protocol attached
-//! (kTLS would need its crypto state migrated), lives in the expected network namespace,
-//! and is in a state that suits the operation.
+//! anything" primitive. An fd passes only if it is a socket (its first getsockopt does
+//! not fail with ENOTSOCK), of domain AF_INET or AF_INET6, type SOCK_STREAM, protocol
+//! IPPROTO_TCP (MPTCP sockets report 262 and are refused: TCP_REPAIR does not work on
+//! them), has no upper-layer protocol attached (kTLS would need its crypto state
+//! migrated), lives in the expected network namespace, and is in a state that suits the
+//! operation.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 
 use baton_proto::tcp::SocketFamily;
 use nix::errno::Errno;
@@ -24,12 +25,16 @@ pub fn validate_tcp_socket(
     expect: Expect,
     netns_cookie: Option<u64>,
 ) -> Result<SocketFamily> {
-    let stat = nix::sys::stat::fstat(fd.as_raw_fd())
-        .map_err(|e| RepairError::sys("validate: fstat", e))?;
-    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(RepairError::invalid(STEP, "not a socket"));
-    }
-    let domain = sys::get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, "validate: SO_DOMAIN")?;
+    // No fstat first: a getsockopt on anything that is not a socket fails with ENOTSOCK
+    // before it looks at the level or option, which answers the same question for one
+    // system call less per socket (batches hold thousands).
+    let domain = match sys::get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, "validate: SO_DOMAIN") {
+        Err(RepairError::Sys {
+            errno: Errno::ENOTSOCK,
+            ..
+        }) => return Err(RepairError::invalid(STEP, "not a socket")),
+        other => other?,
+    };
     let family = match domain {
         libc::AF_INET => SocketFamily::Inet,
         libc::AF_INET6 => SocketFamily::Inet6,

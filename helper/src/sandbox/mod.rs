@@ -13,7 +13,9 @@
 //!    The helper's only path-based action, connecting to the backend, is already done.
 //! 4. [`seccomp`]: an allow-list of the system calls the serve loop and the repair
 //!    library make; anything else kills the process. Last, because the steps above need
-//!    calls that are not on the list.
+//!    calls that are not on the list. It is installed on every thread (TSYNC); the
+//!    helper's worker thread is started just before it, after steps 1–3, which it
+//!    inherits (see `crate::worker`).
 
 pub mod caps;
 pub mod landlock;
@@ -57,6 +59,15 @@ pub fn require_net_admin() -> Result<(), SandboxError> {
 
 /// Enter the whole sandbox (steps 1–4 above).
 pub fn enter() -> Result<(), SandboxError> {
+    restrict()?;
+    lock_syscalls()
+}
+
+/// Steps 1–3. They act on the calling thread only (credentials, Landlock domain), so
+/// the process must be single-threaded here; a thread started after this inherits them.
+/// Threads the serve loop needs (they cannot be created under the filter, which forbids
+/// `clone`) are started between this and [`lock_syscalls`].
+pub fn restrict() -> Result<(), SandboxError> {
     caps::keep_only_net_admin()?;
     nix::sys::prctl::set_no_new_privs().map_err(|errno| SandboxError::Sys {
         step: "PR_SET_NO_NEW_PRIVS",
@@ -67,6 +78,11 @@ pub fn enter() -> Result<(), SandboxError> {
         errno,
     })?;
     landlock::deny_filesystem()?;
+    Ok(())
+}
+
+/// Step 4: the seccomp filter, on every thread of the process at once.
+pub fn lock_syscalls() -> Result<(), SandboxError> {
     seccomp::apply()?;
     tracing::debug!("sandbox entered");
     Ok(())
