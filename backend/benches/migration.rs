@@ -25,26 +25,21 @@
 //! keeps both backends' logs there.
 
 use std::io::Write;
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use baton_proto::migration::decode_stream;
-use baton_vu_harness::smol::GuestNic;
 use baton_vu_harness::{FrontendOptions, NetFrontend};
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+use common::guest::{helper_binary, Guest, GW_V4};
 use common::{Baton, V4_ONLY};
 
-const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-const GW_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-const GUEST_MTU: usize = 9014;
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// Guest-side ports: connection `i` uses `FIRST_PORT + i`.
 const FIRST_PORT: u16 = 10000;
@@ -52,64 +47,6 @@ const FIRST_PORT: u16 = 10000;
 const WAVE: usize = 250;
 /// How long the backends get to move the peer's data towards the (silent) guest.
 const SETTLE: Duration = Duration::from_millis(500);
-
-struct Guest {
-    nic: GuestNic,
-    iface: Interface,
-    sockets: SocketSet<'static>,
-}
-
-impl Guest {
-    fn new(dev: NetFrontend) -> Self {
-        let mut nic = GuestNic::new(dev, GUEST_MTU);
-        let mut iface = Interface::new(
-            Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
-            &mut nic,
-            smoltcp::time::Instant::now(),
-        );
-        iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::Ipv4(GUEST_V4), 24))
-                .expect("v4");
-        });
-        iface
-            .routes_mut()
-            .add_default_ipv4_route(GW_V4)
-            .expect("v4 route");
-        Guest {
-            nic,
-            iface,
-            sockets: SocketSet::new(vec![]),
-        }
-    }
-
-    fn poll(&mut self) {
-        self.iface.poll(
-            smoltcp::time::Instant::now(),
-            &mut self.nic,
-            &mut self.sockets,
-        );
-    }
-
-    fn wait(&mut self) {
-        let delay = self
-            .iface
-            .poll_delay(smoltcp::time::Instant::now(), &self.sockets)
-            .map(|d| Duration::from_micros(d.total_micros()))
-            .unwrap_or(Duration::from_millis(5))
-            .min(Duration::from_millis(5));
-        self.nic.wait(delay);
-    }
-}
-
-fn helper_binary() -> String {
-    let path = std::path::PathBuf::from(env!("CARGO_BIN_EXE_baton")).with_file_name("baton-repair");
-    assert!(
-        path.exists(),
-        "{} missing: cargo build --release -p baton-repair",
-        path.display()
-    );
-    path.display().to_string()
-}
 
 /// Accept `n` connections; keep them open.
 fn accept_all(listener: TcpListener, n: usize) -> JoinHandle<Vec<TcpStream>> {
@@ -159,17 +96,8 @@ fn measure(conns: usize, inflight: usize, keep_logs: Option<&str>) -> Result<Row
         let wave = (conns - handles.len()).min(WAVE);
         for _ in 0..wave {
             let i = handles.len();
-            let socket = tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0; inflight.max(1024) * 2]),
-                tcp::SocketBuffer::new(vec![0; 1024]),
-            );
-            let handle = guest.sockets.add(socket);
-            let cx = guest.iface.context();
-            guest
-                .sockets
-                .get_mut::<tcp::Socket>(handle)
-                .connect(cx, (IpAddress::Ipv4(GW_V4), port), FIRST_PORT + i as u16)
-                .expect("connect");
+            let handle = guest.socket(inflight.max(1024) * 2, 1024);
+            guest.connect(handle, (GW_V4, port), FIRST_PORT + i as u16);
             handles.push(handle);
         }
         loop {
@@ -202,7 +130,7 @@ fn measure(conns: usize, inflight: usize, keep_logs: Option<&str>) -> Result<Row
     }
     std::thread::sleep(SETTLE);
 
-    let dev = &mut guest.nic.dev;
+    let dev = guest.dev();
     dev.stop_rings().expect("GET_VRING_BASE");
     let started = Instant::now();
     let stream = match dev.save_state() {

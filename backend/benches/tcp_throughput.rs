@@ -16,98 +16,30 @@
 //! reordered segment shows) and every received byte is compared with it.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use baton_testkit::pattern::Pattern;
-use baton_vu_harness::smol::GuestNic;
-use baton_vu_harness::NetFrontend;
-
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+use common::guest::{Guest, GW_V4};
 use common::{Baton, V4_ONLY};
 
-const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-const GW_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-const GUEST_MTU: usize = 9014;
 const TIMEOUT: Duration = Duration::from_secs(300);
 const STREAM_BUFFER: usize = 4 << 20;
 const PERIOD: usize = 65521;
 const CHUNK: usize = 65536;
 
-struct Guest {
-    nic: GuestNic,
-    iface: Interface,
-    sockets: SocketSet<'static>,
+/// Polling the common guest until a condition holds.
+trait RunUntil {
+    /// Poll until `done`, panicking after `TIMEOUT`.
+    fn run_until(&mut self, what: &str, done: impl FnMut(&mut Guest) -> bool);
 }
 
-impl Guest {
-    fn new(dev: NetFrontend) -> Self {
-        let mut nic = GuestNic::new(dev, GUEST_MTU);
-        let mut iface = Interface::new(
-            Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
-            &mut nic,
-            smoltcp::time::Instant::now(),
-        );
-        iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::Ipv4(GUEST_V4), 24))
-                .expect("v4");
-        });
-        iface
-            .routes_mut()
-            .add_default_ipv4_route(GW_V4)
-            .expect("v4 route");
-        Guest {
-            nic,
-            iface,
-            sockets: SocketSet::new(vec![]),
-        }
-    }
-
-    fn socket(&mut self, buffer: usize) -> SocketHandle {
-        self.sockets.add(tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; buffer]),
-            tcp::SocketBuffer::new(vec![0; buffer]),
-        ))
-    }
-
-    fn poll(&mut self) {
-        self.iface.poll(
-            smoltcp::time::Instant::now(),
-            &mut self.nic,
-            &mut self.sockets,
-        );
-    }
-
-    fn wait(&mut self) {
-        let delay = self
-            .iface
-            .poll_delay(smoltcp::time::Instant::now(), &self.sockets)
-            .map(|d| Duration::from_micros(d.total_micros()))
-            .unwrap_or(Duration::from_millis(5))
-            .min(Duration::from_millis(5));
-        self.nic.wait(delay);
-    }
-
-    fn connect(&mut self, handle: SocketHandle, port: u16, local_port: u16) {
-        let cx = self.iface.context();
-        self.sockets
-            .get_mut::<tcp::Socket>(handle)
-            .connect(cx, (IpAddress::Ipv4(GW_V4), port), local_port)
-            .expect("connect");
-    }
-
-    fn tcp(&mut self, handle: SocketHandle) -> &mut tcp::Socket<'static> {
-        self.sockets.get_mut::<tcp::Socket>(handle)
-    }
-
-    /// Poll until `done`, panicking after `TIMEOUT`.
+impl RunUntil for Guest {
     fn run_until(&mut self, what: &str, mut done: impl FnMut(&mut Guest) -> bool) {
         let deadline = Instant::now() + TIMEOUT;
         loop {
@@ -219,9 +151,9 @@ fn guest_to_host(guest: &mut Guest, total: u64) -> Duration {
         (received, end)
     });
     let data = Periodic::new(1);
-    let handle = guest.socket(STREAM_BUFFER);
+    let handle = guest.socket(STREAM_BUFFER, STREAM_BUFFER);
     let start = Instant::now();
-    guest.connect(handle, port, 40000);
+    guest.connect(handle, (GW_V4, port), 40000);
     let mut sent = 0u64;
     let mut closed = false;
     let mut stall = Stall::new("guest->host");
@@ -250,7 +182,7 @@ fn guest_to_host(guest: &mut Guest, total: u64) -> Duration {
 /// Host -> guest through the forward: time from the host's connect until the guest has
 /// every byte and the host's FIN.
 fn host_to_guest(guest: &mut Guest, total: u64) -> Duration {
-    let handle = guest.socket(STREAM_BUFFER);
+    let handle = guest.socket(STREAM_BUFFER, STREAM_BUFFER);
     // smoltcp delays ACKs by 10 ms by default; a Linux guest acknowledges a bulk stream
     // at once (quick ACKs). With the delay: 256-837 MiB/s in three runs, without it
     // 880-1130 MiB/s (2 cores, release).
@@ -311,8 +243,8 @@ fn connection_rate(guest: &mut Guest, count: u16) -> Duration {
     });
     let start = Instant::now();
     for i in 0..count {
-        let handle = guest.socket(4096);
-        guest.connect(handle, port, 20000 + i);
+        let handle = guest.socket(4096, 4096);
+        guest.connect(handle, (GW_V4, port), 20000 + i);
         guest.run_until("establishment", |g| g.tcp(handle).may_send());
         guest.tcp(handle).close();
         guest.run_until("close", |g| {

@@ -38,51 +38,33 @@
 //! percent of them; so here the peer sends its FIN only after the guest's.
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use baton_proto::migration::{decode_stream, encode_stream};
+use baton_testkit::hostflows::{self, FlowPlan, HostFlows, Report, Running};
 use baton_testkit::pattern::Pattern;
-use baton_vu_harness::smol::GuestNic;
-use baton_vu_harness::{FrontendOptions, HarnessError, NetFrontend};
+use baton_vu_harness::{HarnessError, NetFrontend};
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
 mod common;
+use common::guest::{
+    connect_loading, helper_binary, recv_verified, send_indexed, Guest, GUEST_MAC, GUEST_V4, GW_V4,
+    OUR_MAC,
+};
 use common::{Baton, DUAL_STACK};
 
-const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-/// baton's default MAC towards the guest.
-const OUR_MAC: [u8; 6] = [0x9a, 0x55, 0x9a, 0x55, 0x9a, 0x55];
-const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-const GW_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-const GUEST_MTU: usize = 9014;
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
 /// Guest-side ports: connection `i` uses `FIRST_PORT + i`.
 const FIRST_PORT: u16 = 20000;
-/// Host peer threads move one connection's data each: a small stack is plenty.
-const PEER_THREAD_STACK: usize = 128 << 10;
 
 // ---------------------------------------------------------------------------------------
 // Backends
 // ---------------------------------------------------------------------------------------
-
-fn helper_binary() -> String {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_baton")).with_file_name("baton-repair");
-    assert!(
-        path.exists(),
-        "{} missing: cargo build -p baton-repair",
-        path.display()
-    );
-    path.display().to_string()
-}
 
 /// The source: a private namespace for this thread, then baton with `extra` options
 /// (and the helper if `helper`).
@@ -104,17 +86,6 @@ fn target(name: &str, helper: bool) -> Baton {
         args.extend(["--helper", path.as_str()]);
     }
     Baton::spawn(&format!("faults-{name}-b"), &args)
-}
-
-/// Connect as a migration target: LOAD `state` before the rings, as QEMU does.
-fn connect_loading(baton: &Baton, state: &[u8]) -> (NetFrontend, Result<(), HarnessError>) {
-    let mut loaded = None;
-    let dev = NetFrontend::connect_with(&baton.socket(), FrontendOptions::default(), |dev| {
-        loaded = Some(dev.load_state(state));
-        Ok(())
-    })
-    .unwrap_or_else(|e| panic!("frontend: {e}; log:\n{}", baton.log()));
-    (dev, loaded.expect("the hook ran"))
 }
 
 /// How many times `needle` occurs in `baton`'s log.
@@ -141,186 +112,58 @@ fn down_pattern(index: u32) -> Pattern {
     Pattern::new(0x6_0000 + u64::from(index))
 }
 
-/// The peer's verdict on one connection: `Ok` only if the guest's whole stream arrived
-/// intact followed by its FIN, and the peer's own stream went out completely.
-type PeerResult = Result<u32, String>;
-
 /// The host peer: a listener on the loopback (the guest reaches it through the
-/// gateway address) serving `plans.len()` connections, each on its own threads.
+/// gateway address) serving `plans.len()` connections, all from one thread
+/// (`hostflows`). A connection's verdict is good only if the guest's whole stream
+/// arrived intact followed by its FIN, and the peer's own stream went out completely.
+/// The peer closes only after the guest did: every FIN then travels at the end, when
+/// the guest is no longer swamped (see the FIN bug in the module comment).
 struct Peer {
     port: u16,
-    accepted: JoinHandle<Vec<JoinHandle<PeerResult>>>,
+    run: Running,
 }
 
 impl Peer {
     fn serve(plans: Vec<Plan>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("peer bind");
+        let listener =
+            hostflows::listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("peer listen");
         let port = listener.local_addr().expect("peer address").port();
-        let accepted = std::thread::spawn(move || {
-            let mut workers = Vec::new();
-            for _ in 0..plans.len() {
-                let Ok((stream, _)) = listener.accept() else {
-                    break;
-                };
-                let plans = plans.clone();
-                workers.push(
-                    std::thread::Builder::new()
-                        .stack_size(PEER_THREAD_STACK)
-                        .spawn(move || serve_one(stream, &plans))
-                        .expect("peer thread"),
-                );
+        let count = plans.len();
+        let run = HostFlows::new(move |index| {
+            // An index without a plan expects nothing: the guest's data fails it.
+            let plan = plans
+                .get(index as usize)
+                .copied()
+                .unwrap_or(Plan { up: 0, down: 0 });
+            FlowPlan {
+                send: down_pattern(index),
+                send_len: plan.down,
+                recv: up_pattern(index),
+                recv_len: plan.up,
             }
-            workers
-        });
-        Peer { port, accepted }
-    }
-
-    /// Every connection's verdict, by index (sorted).
-    fn results(self) -> Vec<PeerResult> {
-        let workers = self.accepted.join().expect("peer accept thread");
-        let mut results: Vec<PeerResult> = workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err("peer thread panicked".into()))
-            })
-            .collect();
-        results.sort_by_key(|r| match r {
-            Ok(i) => *i,
-            Err(_) => u32::MAX,
-        });
-        results
-    }
-}
-
-fn serve_one(mut stream: TcpStream, plans: &[Plan]) -> PeerResult {
-    stream
-        .set_read_timeout(Some(TEST_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    let mut index = [0u8; 4];
-    stream
-        .read_exact(&mut index)
-        .map_err(|e| format!("reading the index: {e}"))?;
-    let index = u32::from_be_bytes(index);
-    let plan = *plans
-        .get(index as usize)
-        .ok_or_else(|| format!("unknown index {index}"))?;
-    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
-    // The peer closes only after the guest did: every FIN then travels at the end,
-    // when the guest is no longer swamped (see the FIN bug in the module comment).
-    let (guest_done, wait_guest) = std::sync::mpsc::channel::<()>();
-    let sender = std::thread::Builder::new()
-        .stack_size(PEER_THREAD_STACK)
-        .spawn(move || -> Result<(), String> {
-            let pattern = down_pattern(index);
-            let mut sent = 0u64;
-            while sent < plan.down {
-                let n = (plan.down - sent).min(32768) as usize;
-                writer
-                    .write_all(&pattern.bytes(sent, n))
-                    .map_err(|e| format!("connection {index}: peer write at {sent}: {e}"))?;
-                sent += n as u64;
-            }
-            let _ = wait_guest.recv();
-            writer
-                .shutdown(Shutdown::Write)
-                .map_err(|e| format!("connection {index}: peer shutdown: {e}"))
         })
-        .map_err(|e| e.to_string())?;
-    let pattern = up_pattern(index);
-    let mut received = 0u64;
-    let mut buf = vec![0u8; 65536];
-    let read = loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break Ok(()),
-            Ok(n) => {
-                if let Err(m) = pattern.verify(received, &buf[..n]) {
-                    break Err(format!(
-                        "connection {index}: peer received corrupt data: {m}"
-                    ));
-                }
-                received += n as u64;
-            }
-            Err(e) => break Err(format!("connection {index}: peer read at {received}: {e}")),
-        }
-    };
-    drop(guest_done);
-    let sent = sender.join().map_err(|_| "sender panicked".to_string());
-    read?;
-    if received != plan.up {
-        return Err(format!(
-            "connection {index}: end of stream after {received} of {} bytes",
-            plan.up
-        ));
+        .accept(listener, count)
+        .close_after_peer(true)
+        .stall_timeout(TEST_TIMEOUT)
+        .spawn()
+        .expect("peer thread");
+        Peer { port, run }
     }
-    sent??;
-    Ok(index)
+
+    /// Connections accepted so far.
+    fn accepted(&self) -> u64 {
+        self.run.progress().accepted
+    }
+
+    /// Every connection's fate, once all are over.
+    fn results(self) -> Report {
+        self.run.join()
+    }
 }
 
 // ---------------------------------------------------------------------------------------
 // The guest (smoltcp)
 // ---------------------------------------------------------------------------------------
-
-struct Guest {
-    /// `None` while the VM is stopped between two backends.
-    nic: Option<GuestNic>,
-    iface: Interface,
-    sockets: SocketSet<'static>,
-}
-
-impl Guest {
-    fn new(dev: NetFrontend) -> Self {
-        let mut nic = GuestNic::new(dev, GUEST_MTU);
-        let mut iface = Interface::new(
-            Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
-            &mut nic,
-            smoltcp::time::Instant::now(),
-        );
-        iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::Ipv4(GUEST_V4), 24))
-                .expect("v4");
-        });
-        iface
-            .routes_mut()
-            .add_default_ipv4_route(GW_V4)
-            .expect("v4 route");
-        Guest {
-            nic: Some(nic),
-            iface,
-            sockets: SocketSet::new(vec![]),
-        }
-    }
-
-    fn dev(&mut self) -> &mut NetFrontend {
-        &mut self.nic.as_mut().expect("the VM runs").dev
-    }
-
-    /// The VM stops: its device goes away, the stack and its sockets stay.
-    fn stop(&mut self) -> NetFrontend {
-        self.nic.take().expect("the VM runs").dev
-    }
-
-    /// The VM runs (again) on `dev`.
-    fn start(&mut self, dev: NetFrontend) {
-        self.nic = Some(GuestNic::new(dev, GUEST_MTU));
-    }
-
-    fn poll(&mut self) {
-        let nic = self.nic.as_mut().expect("the VM runs");
-        self.iface
-            .poll(smoltcp::time::Instant::now(), nic, &mut self.sockets);
-    }
-
-    fn wait(&mut self) {
-        let delay = self
-            .iface
-            .poll_delay(smoltcp::time::Instant::now(), &self.sockets)
-            .map(|d| Duration::from_micros(d.total_micros()))
-            .unwrap_or(Duration::from_millis(5))
-            .min(Duration::from_millis(5));
-        self.nic.as_mut().expect("the VM runs").wait(delay);
-    }
-}
 
 /// The guest's end of one connection.
 struct GuestConn {
@@ -339,22 +182,7 @@ struct GuestConn {
 
 impl GuestConn {
     fn open(guest: &mut Guest, port: u16, index: u32, plan: Plan) -> Self {
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; 65536]),
-            tcp::SocketBuffer::new(vec![0; 65536]),
-        );
-        socket.set_nagle_enabled(false);
-        let handle = guest.sockets.add(socket);
-        let cx = guest.iface.context();
-        guest
-            .sockets
-            .get_mut::<tcp::Socket>(handle)
-            .connect(
-                cx,
-                (IpAddress::Ipv4(GW_V4), port),
-                FIRST_PORT + index as u16,
-            )
-            .expect("connect");
+        let handle = guest.open_stream((GW_V4, port), FIRST_PORT + index as u16);
         GuestConn {
             index,
             handle,
@@ -382,39 +210,27 @@ impl GuestConn {
             return;
         }
         let total = self.plan.up + 4;
-        while socket.can_send() && self.sent < total {
-            let chunk = if self.sent < 4 {
-                self.index.to_be_bytes()[self.sent as usize..].to_vec()
-            } else {
-                let want = (total - self.sent).min(16384) as usize;
-                up_pattern(self.index).bytes(self.sent - 4, want)
-            };
-            match socket.send_slice(&chunk) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => self.sent += n as u64,
-            }
-        }
+        send_indexed(
+            socket,
+            self.index,
+            &up_pattern(self.index),
+            &mut self.sent,
+            total,
+        );
         // The guest closes once both streams are through (the peer then closes too).
         let through = self.sent == total && self.received == self.plan.down;
         if through && !self.closed && !self.hold_close {
             socket.close();
             self.closed = true;
         }
-        let mut buf = [0u8; 16384];
-        while socket.can_recv() {
-            match socket.recv_slice(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if let Err(m) = down_pattern(self.index).verify(self.received, &buf[..n]) {
-                        panic!(
-                            "connection {}: guest received corrupt data: {m}",
-                            self.index
-                        );
-                    }
-                    self.received += n as u64;
-                }
-            }
-        }
+        // Everything that comes is read: surplus data fails the check below.
+        recv_verified(
+            socket,
+            self.index,
+            &down_pattern(self.index),
+            &mut self.received,
+            u64::MAX,
+        );
         assert!(self.received <= self.plan.down, "guest received too much");
     }
 
@@ -522,11 +338,13 @@ impl Workload {
             log,
         );
         let n = self.conns.len();
-        let results = self.peer.results();
-        assert_eq!(results.len(), n, "the peer served every connection");
-        for result in results {
-            result.unwrap_or_else(|e| panic!("{what}: {e}; log:\n{}", log()));
-        }
+        let report = self.peer.results();
+        assert_eq!(
+            report.flows.len(),
+            n,
+            "the peer served every connection: {report}"
+        );
+        assert!(report.is_ok(), "{what}: {report}; log:\n{}", log());
     }
 
     /// Bytes moved so far over all connections, both ways.
@@ -682,17 +500,20 @@ fn without_helper_drop_tcp_migrates_the_rest_and_resets_the_connections() {
         w.guest.poll();
         w.guest.wait();
     }
-    let results = fresh.results();
-    assert!(matches!(results.as_slice(), [Ok(0)]), "{results:?}");
+    let report = fresh.results();
+    assert!(
+        report.is_ok() && matches!(report.flows.as_slice(), [f] if f.index == Some(0)),
+        "{report}"
+    );
 
     // The old connections never finish at the peer: the source still holds their
     // sockets (unfrozen, left behind) until it exits.
     drop(a);
-    let results = w.peer.results();
-    assert_eq!(results.len(), n);
+    let report = w.peer.results();
+    assert_eq!(report.flows.len(), n, "{report}");
     assert!(
-        results.iter().all(Result::is_err),
-        "a dropped connection cannot complete: {results:?}"
+        report.flows.iter().all(|f| f.error.is_some()),
+        "a dropped connection cannot complete: {report}"
     );
 }
 
@@ -1169,7 +990,7 @@ fn a_connection_closing_at_save_does_not_fail_the_migration() {
         &|| a.log(),
     );
     let deadline = Instant::now() + TEST_TIMEOUT;
-    while !w.peer.accepted.is_finished() {
+    while w.peer.accepted() < w.conns.len() as u64 {
         assert!(Instant::now() < deadline, "the peer did not accept");
         std::thread::sleep(Duration::from_millis(10));
     }

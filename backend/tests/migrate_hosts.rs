@@ -22,37 +22,28 @@
 //! (a new frontend connection to A), A thaws its sockets and every connection carries on.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use baton_proto::migration::decode_stream;
+use baton_testkit::hostflows::{self, FlowPlan, HostFlows, Running};
 use baton_testkit::pattern::Pattern;
-use baton_vu_harness::smol::GuestNic;
-use baton_vu_harness::{FrontendOptions, HarnessError, NetFrontend};
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+use smoltcp::wire::IpAddress;
 
 mod common;
+use common::guest::{connect_loading, helper_binary, recv_verified, send_indexed, Guest};
 use common::{Baton, V4_ONLY};
 
-const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-const GW_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const PEER: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
 /// The source host's address: the connections' local address, moved to T late.
 const MOVING: &str = "10.88.0.2";
 /// The target host's own address.
 const TARGET_OWN: &str = "10.88.0.3";
 const SERVER_PORT: u16 = 5000;
-const GUEST_MTU: usize = 9014;
 const TEST_TIMEOUT: Duration = Duration::from_secs(180);
 
 // ---------------------------------------------------------------------------------------
@@ -151,9 +142,8 @@ fn host_with_baton(name: &str, helper: bool) -> (Netns, Baton) {
     std::thread::spawn(move || {
         baton_testkit::netns::enter_private_netns().expect("netns (run as root)");
         let ns = Netns::current();
-        let helper_path = helper_binary();
+        let helper_arg = helper_binary();
         let mut args: Vec<&str> = V4_ONLY.iter().copied().chain(["-d"]).collect();
-        let helper_arg = helper_path.to_string_lossy().into_owned();
         if helper {
             args.extend(["--helper", helper_arg.as_str()]);
         }
@@ -162,16 +152,6 @@ fn host_with_baton(name: &str, helper: bool) -> (Netns, Baton) {
     })
     .join()
     .expect("host thread")
-}
-
-fn helper_binary() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_baton")).with_file_name("baton-repair");
-    assert!(
-        path.exists(),
-        "{} missing: cargo build -p baton-repair",
-        path.display()
-    );
-    path
 }
 
 /// Two hosts and the peer (the calling thread's new namespace), wired as in the module
@@ -201,7 +181,7 @@ fn baton_in(ns: &Netns, name: &str) -> Baton {
     let name = name.to_string();
     std::thread::spawn(move || {
         nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let helper = helper_binary().to_string_lossy().into_owned();
+        let helper = helper_binary();
         let args: Vec<&str> = V4_ONLY
             .iter()
             .copied()
@@ -292,195 +272,49 @@ fn down_pattern(index: u32) -> Pattern {
     Pattern::new(0x2000 + u64::from(index))
 }
 
-/// What the peer saw on one connection.
-#[derive(Debug)]
-struct PeerReport {
-    index: u32,
-    /// Longest time between two successive reads (the peer-visible gap), the time the
-    /// peer held its reads excepted.
-    longest_gap: Duration,
-    /// The same, counted only from when the peer stopped holding (in a migration: after
-    /// the address moved) — the part a restore can lengthen. Zero for a connection
-    /// that never held.
-    longest_gap_after_hold: Duration,
-}
-
-/// Accept `plans.len()` connections; serve each on its own threads. Every failure
-/// (RST, wrong byte, short stream) comes back as an error string. While `hold` is set,
-/// the peer stops reading after 40 % of a long stream, so that the guest's later bytes
-/// pile up in the host sockets' send queues (data in flight at SAVE). `received`
-/// counts the guest's bytes the peer read, over all connections.
-fn serve(
-    plans: Vec<Plan>,
-    hold: Arc<AtomicBool>,
-    received: Arc<AtomicU64>,
-) -> JoinHandle<Vec<Result<PeerReport, String>>> {
-    let listener = TcpListener::bind(SocketAddr::from((PEER, SERVER_PORT))).expect("server bind");
-    std::thread::spawn(move || {
-        let mut workers = Vec::new();
-        for _ in 0..plans.len() {
-            let (stream, _) = match listener.accept() {
-                Ok(accepted) => accepted,
-                Err(e) => return vec![Err(format!("accept: {e}"))],
-            };
-            let plans = plans.clone();
-            let hold = Arc::clone(&hold);
-            let received = Arc::clone(&received);
-            workers.push(std::thread::spawn(move || {
-                serve_one(stream, &plans, &hold, &received)
-            }));
+/// Accept `plans.len()` connections and serve them all from one thread (`hostflows`):
+/// every failure (RST, wrong byte, short stream) is in the report it returns, with the
+/// longest time between two successive reads of each connection (the peer-visible
+/// gap), the time the peer held its reads excepted, and the same counted only from
+/// when the peer stopped holding (in a migration: after the address moved) — the part
+/// a restore can lengthen. While the receive hold is on (it starts on;
+/// [`Running::set_recv_held`]), the peer stops reading after 40 % of a long stream, so
+/// that the guest's later bytes pile up in the host sockets' send queues (data in
+/// flight at SAVE). `progress().bytes_received` counts the guest's bytes the peer
+/// read, over all connections.
+fn serve(plans: Vec<Plan>) -> Running {
+    let listener = hostflows::listen(SocketAddr::from((PEER, SERVER_PORT))).expect("server bind");
+    let count = plans.len();
+    let holds: Vec<Option<u64>> = plans
+        .iter()
+        .map(|p| (p.up > 1000).then_some(p.up * 4 / 10))
+        .collect();
+    HostFlows::new(move |index| {
+        // An index without a plan expects nothing: the guest's data fails it.
+        let plan = plans.get(index as usize).copied().unwrap_or(Plan {
+            up: 0,
+            down: 0,
+            beyond_hold: 0,
+        });
+        FlowPlan {
+            send: down_pattern(index),
+            send_len: plan.down,
+            recv: up_pattern(index),
+            recv_len: plan.up,
         }
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err("server thread panicked".into()))
-            })
-            .collect()
     })
-}
-
-fn serve_one(
-    mut stream: TcpStream,
-    plans: &[Plan],
-    hold: &AtomicBool,
-    progress: &AtomicU64,
-) -> Result<PeerReport, String> {
-    stream
-        .set_read_timeout(Some(TEST_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    let mut index = [0u8; 4];
-    stream
-        .read_exact(&mut index)
-        .map_err(|e| format!("reading the index: {e}"))?;
-    let index = u32::from_be_bytes(index);
-    let plan = *plans
-        .get(index as usize)
-        .ok_or_else(|| format!("unknown index {index}"))?;
-    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
-    let sender = std::thread::spawn(move || -> Result<(), String> {
-        let pattern = down_pattern(index);
-        let mut sent = 0u64;
-        while sent < plan.down {
-            let n = (plan.down - sent).min(32768) as usize;
-            writer
-                .write_all(&pattern.bytes(sent, n))
-                .map_err(|e| format!("connection {index}: peer write at {sent}: {e}"))?;
-            sent += n as u64;
-        }
-        writer
-            .shutdown(Shutdown::Write)
-            .map_err(|e| format!("connection {index}: peer shutdown: {e}"))
-    });
-    let pattern = up_pattern(index);
-    let mut received = 0u64;
-    let mut buf = vec![0u8; 65536];
-    let mut last = Instant::now();
-    let mut longest_gap = Duration::ZERO;
-    let mut longest_gap_after_hold = Duration::ZERO;
-    let mut held = false;
-    loop {
-        while hold.load(Ordering::SeqCst) && plan.up > 1000 && received >= plan.up * 4 / 10 {
-            held = true;
-            std::thread::sleep(Duration::from_millis(5));
-            last = Instant::now();
-        }
-        let n = stream
-            .read(&mut buf)
-            .map_err(|e| format!("connection {index}: peer read at {received}: {e}"))?;
-        let now = Instant::now();
-        longest_gap = longest_gap.max(now - last);
-        if held {
-            longest_gap_after_hold = longest_gap_after_hold.max(now - last);
-        }
-        last = now;
-        if n == 0 {
-            break;
-        }
-        pattern
-            .verify(received, &buf[..n])
-            .map_err(|m| format!("connection {index}: peer received corrupt data: {m}"))?;
-        received += n as u64;
-        progress.fetch_add(n as u64, Ordering::SeqCst);
-    }
-    if received != plan.up {
-        return Err(format!(
-            "connection {index}: peer received {received} of {} bytes",
-            plan.up
-        ));
-    }
-    sender.join().map_err(|_| "sender panicked".to_string())??;
-    Ok(PeerReport {
-        index,
-        longest_gap,
-        longest_gap_after_hold,
+    .accept(listener, count)
+    .recv_hold(true, move |index| {
+        holds.get(index as usize).copied().flatten()
     })
+    .stall_timeout(TEST_TIMEOUT)
+    .spawn()
+    .expect("server thread")
 }
 
 // ---------------------------------------------------------------------------------------
 // The guest (smoltcp)
 // ---------------------------------------------------------------------------------------
-
-struct Guest {
-    /// `None` while the VM is stopped between two backends.
-    nic: Option<GuestNic>,
-    iface: Interface,
-    sockets: SocketSet<'static>,
-}
-
-impl Guest {
-    fn new(dev: NetFrontend) -> Self {
-        let mut nic = GuestNic::new(dev, GUEST_MTU);
-        let mut iface = Interface::new(
-            Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
-            &mut nic,
-            smoltcp::time::Instant::now(),
-        );
-        iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::Ipv4(GUEST_V4), 24))
-                .expect("v4");
-        });
-        iface
-            .routes_mut()
-            .add_default_ipv4_route(GW_V4)
-            .expect("v4 route");
-        Guest {
-            nic: Some(nic),
-            iface,
-            sockets: SocketSet::new(vec![]),
-        }
-    }
-
-    fn dev(&mut self) -> &mut NetFrontend {
-        &mut self.nic.as_mut().expect("the VM runs").dev
-    }
-
-    /// The VM stops: its device goes away, the stack and its sockets stay.
-    fn stop(&mut self) -> NetFrontend {
-        self.nic.take().expect("the VM runs").dev
-    }
-
-    /// The VM runs (again) on `dev`.
-    fn start(&mut self, dev: NetFrontend) {
-        self.nic = Some(GuestNic::new(dev, GUEST_MTU));
-    }
-
-    fn poll(&mut self) {
-        let nic = self.nic.as_mut().expect("the VM runs");
-        self.iface
-            .poll(smoltcp::time::Instant::now(), nic, &mut self.sockets);
-    }
-
-    fn wait(&mut self) {
-        let delay = self
-            .iface
-            .poll_delay(smoltcp::time::Instant::now(), &self.sockets)
-            .map(|d| Duration::from_micros(d.total_micros()))
-            .unwrap_or(Duration::from_millis(5))
-            .min(Duration::from_millis(5));
-        self.nic.as_mut().expect("the VM runs").wait(delay);
-    }
-}
 
 /// The guest's end of one connection.
 struct GuestConn {
@@ -499,22 +333,7 @@ struct GuestConn {
 
 impl GuestConn {
     fn open(guest: &mut Guest, index: u32, plan: Plan) -> Self {
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; 65536]),
-            tcp::SocketBuffer::new(vec![0; 65536]),
-        );
-        socket.set_nagle_enabled(false);
-        let handle = guest.sockets.add(socket);
-        let cx = guest.iface.context();
-        guest
-            .sockets
-            .get_mut::<tcp::Socket>(handle)
-            .connect(
-                cx,
-                (IpAddress::Ipv4(PEER), SERVER_PORT),
-                40000 + index as u16,
-            )
-            .expect("connect");
+        let handle = guest.open_stream((PEER, SERVER_PORT), 40000 + index as u16);
         GuestConn {
             index,
             handle,
@@ -561,38 +380,24 @@ impl GuestConn {
         let total = self.plan.up + 4;
         let gate = self.up_gate();
         let down_gate = self.down_gate();
-        while socket.can_send() && self.sent < gate {
-            let chunk = if self.sent < 4 {
-                self.index.to_be_bytes()[self.sent as usize..].to_vec()
-            } else {
-                let want = (gate - self.sent).min(16384) as usize;
-                up_pattern(self.index).bytes(self.sent - 4, want)
-            };
-            match socket.send_slice(&chunk) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => self.sent += n as u64,
-            }
-        }
+        send_indexed(
+            socket,
+            self.index,
+            &up_pattern(self.index),
+            &mut self.sent,
+            gate,
+        );
         if self.sent == total && !self.closed {
             socket.close();
             self.closed = true;
         }
-        let mut buf = [0u8; 16384];
-        while socket.can_recv() && self.received < down_gate {
-            let room = (down_gate - self.received).min(buf.len() as u64) as usize;
-            match socket.recv_slice(&mut buf[..room]) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if let Err(m) = down_pattern(self.index).verify(self.received, &buf[..n]) {
-                        panic!(
-                            "connection {}: guest received corrupt data: {m}",
-                            self.index
-                        );
-                    }
-                    self.received += n as u64;
-                }
-            }
-        }
+        recv_verified(
+            socket,
+            self.index,
+            &down_pattern(self.index),
+            &mut self.received,
+            down_gate,
+        );
         assert!(self.received <= self.plan.down, "guest received too much");
     }
 
@@ -637,17 +442,6 @@ fn run_guest(
 
 fn all_done(guest: &mut Guest, conns: &[GuestConn]) -> bool {
     conns.iter().all(|c| c.done(guest))
-}
-
-/// Connect as a migration target: LOAD before the rings, as QEMU does.
-fn connect_loading(baton: &Baton, state: &[u8]) -> (NetFrontend, Result<(), HarnessError>) {
-    let mut loaded = None;
-    let dev = NetFrontend::connect_with(&baton.socket(), FrontendOptions::default(), |dev| {
-        loaded = Some(dev.load_state(state));
-        Ok(())
-    })
-    .unwrap_or_else(|e| panic!("frontend: {e}; log:\n{}", baton.log()));
-    (dev, loaded.expect("the hook ran"))
 }
 
 /// Connection plans: `n` streams of `len` bytes each way, of which (when there are at
@@ -730,9 +524,7 @@ fn migrate_checking(name: &str, plans: Vec<Plan>, target_kind: Target, check: Ch
     let n = plans.len();
     let len = plans.iter().map(|p| p.up.max(p.down)).max().unwrap_or(0);
     let mut hosts = build_hosts(name, target_kind);
-    let hold = Arc::new(AtomicBool::new(true));
-    let peer_received = Arc::new(AtomicU64::new(0));
-    let server = serve(plans.clone(), Arc::clone(&hold), Arc::clone(&peer_received));
+    let server = serve(plans.clone());
 
     let mut dev = hosts.a().connect();
     dev.start_dirty_log().expect("LOG_ALL");
@@ -820,7 +612,7 @@ fn migrate_checking(name: &str, plans: Vec<Plan>, target_kind: Target, check: Ch
     // close without a sound (repair mode), or the peer would see a FIN or RST.
     drop(hosts.a.take());
     let timers_before = (check == Check::NoTimerRecovery).then(|| hosts.target.timer_recoveries());
-    hold.store(false, Ordering::SeqCst);
+    server.set_recv_held(false);
     if let Some(timers_before) = timers_before {
         // Everything the guest had written by now, and then some: more than the target
         // can have sent before an ACK reached it (one congestion window; a loss probe
@@ -830,7 +622,7 @@ fn migrate_checking(name: &str, plans: Vec<Plan>, target_kind: Target, check: Ch
             &mut guest,
             &mut conns,
             "after the address moved, until the stream goes on",
-            |_, _| peer_received.load(Ordering::SeqCst) >= goal,
+            |_, _| server.progress().bytes_received >= goal,
             &b_log,
         );
         println!(
@@ -855,15 +647,24 @@ fn migrate_checking(name: &str, plans: Vec<Plan>, target_kind: Target, check: Ch
         all_done,
         &b_log,
     );
-    let reports = server.join().expect("server");
-    let mut longest = Duration::ZERO;
-    let mut longest_after_move = Duration::ZERO;
-    for report in reports {
-        let report = report.unwrap_or_else(|e| panic!("{e}; target log:\n{}", hosts.b.log()));
-        longest = longest.max(report.longest_gap);
-        longest_after_move = longest_after_move.max(report.longest_gap_after_hold);
-        let _ = report.index;
-    }
+    let report = server.join();
+    assert!(
+        report.is_ok() && report.flows.len() == n,
+        "{report}; target log:\n{}",
+        hosts.b.log()
+    );
+    let longest = report
+        .flows
+        .iter()
+        .map(|f| f.longest_read_gap)
+        .max()
+        .unwrap_or_default();
+    let longest_after_move = report
+        .flows
+        .iter()
+        .map(|f| f.longest_read_gap_after_hold)
+        .max()
+        .unwrap_or_default();
     println!(
         "{name}: {n} connection(s), {len} bytes each way: SAVE {:.1} ms, LOAD {:.1} ms, \
          longest peer-visible gap {:.0} ms, after the address moved {:.0} ms",
@@ -896,12 +697,7 @@ fn a_hundred_connections_move_to_another_host() {
 fn a_target_without_helper_fails_load_and_the_source_carries_on() {
     let hosts = build_hosts("nohelper", Target::OtherHostNoHelper);
     let plans = plans(4, 1 << 20);
-    let hold = Arc::new(AtomicBool::new(true));
-    let server = serve(
-        plans.clone(),
-        Arc::clone(&hold),
-        Arc::new(AtomicU64::new(0)),
-    );
+    let server = serve(plans.clone());
     let mut dev = hosts.a().connect();
     dev.start_dirty_log().expect("LOG_ALL");
     let mut guest = Guest::new(dev);
@@ -942,7 +738,7 @@ fn a_target_without_helper_fails_load_and_the_source_carries_on() {
     drop(guest.stop());
     guest.start(hosts.a().connect());
     lift_gates(&mut conns);
-    hold.store(false, Ordering::SeqCst);
+    server.set_recv_held(false);
     // The TCP table learns that the VM resumed from the guest's next TCP segment (there
     // is no "rings started" signal for the engine yet): a receive-only connection would
     // wait for it. A connection attempt to a closed port is such a segment (the peer
@@ -967,9 +763,12 @@ fn a_target_without_helper_fails_load_and_the_source_carries_on() {
         all_done,
         &a_log,
     );
-    for report in server.join().expect("server") {
-        report.unwrap_or_else(|e| panic!("{e}; source log:\n{}", hosts.a().log()));
-    }
+    let report = server.join();
+    assert!(
+        report.is_ok() && report.flows.len() == plans.len(),
+        "{report}; source log:\n{}",
+        hosts.a().log()
+    );
     guest.sockets.remove(probe);
     assert_eq!(
         hosts.source.out_rsts(),

@@ -14,26 +14,22 @@
 //! good — the close after a migration then hangs (the VM check saw it in half its runs).
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use baton_testkit::pattern::Pattern;
-use baton_vu_harness::{FrontendOptions, NetFrontend};
+use baton_vu_harness::NetFrontend;
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
 mod common;
+use common::guest::{connect_loading, helper_binary, interface, poll_delay, GUEST_MTU, GW_V4};
 use common::{Baton, DUAL_STACK};
 
-const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-const GW_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-const GUEST_MTU: usize = 9014;
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 const GUEST_SEED: u64 = 7;
 const HOST_SEED: u64 = 8;
@@ -137,19 +133,7 @@ impl Guest {
             // The harness posted the buffers and kicked: look once.
             polling: true,
         };
-        let mut iface = Interface::new(
-            Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
-            &mut nic,
-            smoltcp::time::Instant::now(),
-        );
-        iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::Ipv4(GUEST_V4), 24))
-                .expect("v4");
-        });
-        iface
-            .routes_mut()
-            .add_default_ipv4_route(GW_V4)
-            .expect("v4 route");
+        let iface = interface(&mut nic);
         Guest {
             nic,
             iface,
@@ -166,12 +150,7 @@ impl Guest {
     }
 
     fn wait(&mut self) {
-        let delay = self
-            .iface
-            .poll_delay(smoltcp::time::Instant::now(), &self.sockets)
-            .map(|d| Duration::from_micros(d.total_micros()))
-            .unwrap_or(Duration::from_millis(5))
-            .min(Duration::from_millis(5));
+        let delay = poll_delay(&mut self.iface, &self.sockets);
         self.nic.wait(delay);
     }
 
@@ -329,15 +308,8 @@ fn migrate(guest: &mut Guest, source: &Baton, target: &Baton) {
     let state = dev
         .save_state()
         .unwrap_or_else(|e| panic!("SAVE: {e}; source log:\n{}", source.log()));
-    let mut loaded = None;
-    let new = NetFrontend::connect_with(&target.socket(), FrontendOptions::default(), |dev| {
-        loaded = Some(dev.load_state(&state));
-        Ok(())
-    })
-    .unwrap_or_else(|e| panic!("target frontend: {e}; log:\n{}", target.log()));
-    loaded
-        .expect("the hook ran")
-        .unwrap_or_else(|e| panic!("LOAD: {e}; target log:\n{}", target.log()));
+    let (new, loaded) = connect_loading(target, &state);
+    loaded.unwrap_or_else(|e| panic!("LOAD: {e}; target log:\n{}", target.log()));
     std::thread::sleep(RING_START_WINDOW);
     let discarded = IrqNic {
         dev: new,
@@ -350,20 +322,9 @@ fn migrate(guest: &mut Guest, source: &Baton, target: &Baton) {
     drop(old);
 }
 
-/// `baton-repair`, built next to `baton` (`scripts/test` builds both): the source's
-/// sandbox has no `CAP_NET_ADMIN` to freeze the sockets itself.
-fn helper() -> String {
-    let path = std::path::Path::new(env!("CARGO_BIN_EXE_baton")).with_file_name("baton-repair");
-    assert!(
-        path.exists(),
-        "{} missing: cargo build -p baton-repair",
-        path.display()
-    );
-    path.display().to_string()
-}
-
 fn run(s: Scenario) {
-    let helper = helper();
+    // The source's sandbox has no `CAP_NET_ADMIN` to freeze the sockets itself.
+    let helper = helper_binary();
     let source = Baton::start(&format!("{}-src", s.name), &["--helper", &helper]);
     let args: Vec<&str> = DUAL_STACK.iter().copied().chain(["-d"]).collect();
     let target = Baton::spawn(&format!("{}-dst", s.name), &args);
@@ -387,7 +348,7 @@ fn run(s: Scenario) {
     guest
         .sockets
         .get_mut::<tcp::Socket>(handle)
-        .connect(cx, (IpAddress::Ipv4(GW_V4), port), 40000)
+        .connect(cx, (smoltcp::wire::IpAddress::Ipv4(GW_V4), port), 40000)
         .expect("connect");
     let mut app = GuestApp {
         handle,

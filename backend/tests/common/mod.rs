@@ -4,6 +4,8 @@
 //! and stopped with SIGTERM — a clean exit status is asserted.
 #![allow(dead_code)] // every test binary uses a different part of this module
 
+pub mod guest;
+
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};

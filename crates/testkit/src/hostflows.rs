@@ -29,6 +29,17 @@
 //! [`Running::progress`] gives live counters for tests that wait for a phase (all
 //! accepted, all indexed, bytes moved). One loop round costs O(flows), which is fine for
 //! tens of thousands of flows.
+//!
+//! Two behaviours for migration tests, both off by default:
+//! * [`HostFlows::close_after_peer`]: a flow sends its FIN only once the peer's arrived
+//!   (a host application that answers the other side's close), instead of as soon as
+//!   all is sent;
+//! * [`HostFlows::recv_hold`]: while the receive hold is on ([`Running::set_recv_held`]),
+//!   a flow stops reading once it has received a given number of bytes, so that what
+//!   the other side sends beyond that piles up in the queues (data in flight). No flow
+//!   counts as stalled while the hold is on. The report gives each flow's longest gap
+//!   between two reads, the time held excepted, and the same counted from its first
+//!   hold only ([`FlowReport::longest_read_gap`]).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -148,6 +159,12 @@ pub struct FlowReport {
     pub reset: bool,
     /// `None` when the flow completed both ways.
     pub error: Option<FlowError>,
+    /// Longest time between two successive reads (from the index on), the time the
+    /// flow was held at its receive hold excepted.
+    pub longest_read_gap: Duration,
+    /// The same, counted only from when the flow was first held; zero for a flow that
+    /// never was.
+    pub longest_read_gap_after_hold: Duration,
 }
 
 impl fmt::Display for FlowReport {
@@ -259,6 +276,7 @@ pub struct Progress {
 #[derive(Default)]
 struct Control {
     paused: AtomicBool,
+    recv_held: AtomicBool,
     stop: AtomicBool,
     accepted: AtomicU64,
     connected: AtomicU64,
@@ -276,6 +294,7 @@ impl Control {
 }
 
 type PlanFn = Box<dyn Fn(u32) -> FlowPlan + Send>;
+type HoldFn = Box<dyn Fn(u32) -> Option<u64> + Send>;
 
 /// A set of host-side flows to run; see the module documentation.
 pub struct HostFlows {
@@ -284,6 +303,8 @@ pub struct HostFlows {
     connects: VecDeque<(SocketAddr, u32)>,
     stall: Duration,
     max_connecting: usize,
+    close_after_peer: bool,
+    hold: Option<HoldFn>,
     control: Arc<Control>,
 }
 
@@ -296,6 +317,8 @@ impl HostFlows {
             connects: VecDeque::new(),
             stall: DEFAULT_STALL_TIMEOUT,
             max_connecting: usize::MAX,
+            close_after_peer: false,
+            hold: None,
             control: Arc::new(Control::default()),
         }
     }
@@ -327,6 +350,27 @@ impl HostFlows {
     /// Start with pattern sending paused (handshakes and receiving still run).
     pub fn paused(self, paused: bool) -> Self {
         self.control.paused.store(paused, Ordering::Relaxed);
+        self
+    }
+
+    /// Send each flow's FIN only after the peer's FIN arrived (and all is sent), not as
+    /// soon as all is sent.
+    pub fn close_after_peer(mut self, after: bool) -> Self {
+        self.close_after_peer = after;
+        self
+    }
+
+    /// While the receive hold is on, flow `i` reads nothing more once it has received
+    /// `hold_at(i)` bytes or more (`None`: it is never held); a read may go up to one
+    /// buffer (64 KiB) beyond that. `held` is the hold's initial state
+    /// ([`Running::set_recv_held`] changes it).
+    pub fn recv_hold(
+        mut self,
+        held: bool,
+        hold_at: impl Fn(u32) -> Option<u64> + Send + 'static,
+    ) -> Self {
+        self.hold = Some(Box::new(hold_at));
+        self.control.recv_held.store(held, Ordering::Relaxed);
         self
     }
 
@@ -373,6 +417,11 @@ impl Running {
     /// Pause or resume sending pattern data.
     pub fn set_paused(&self, paused: bool) {
         self.control.paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// Turn the receive hold ([`HostFlows::recv_hold`]) on or off.
+    pub fn set_recv_held(&self, held: bool) {
+        self.control.recv_held.store(held, Ordering::Relaxed);
     }
 
     /// True once the run has ended (join will not block).
@@ -446,6 +495,13 @@ struct Flow {
     reset: bool,
     error: Option<FlowError>,
     last_progress: Instant,
+    /// Where the receive hold stops this flow's reading (from its index).
+    hold_at: Option<u64>,
+    /// The last read (or the index, or a round spent held), for the read gaps.
+    last_read: Option<Instant>,
+    was_held: bool,
+    longest_read_gap: Duration,
+    longest_read_gap_after_hold: Duration,
 }
 
 impl Flow {
@@ -467,7 +523,29 @@ impl Flow {
             reset: false,
             error: None,
             last_progress: Instant::now(),
+            hold_at: None,
+            last_read: None,
+            was_held: false,
+            longest_read_gap: Duration::ZERO,
+            longest_read_gap_after_hold: Duration::ZERO,
         }
+    }
+
+    /// Reading stops here while the receive hold is on.
+    fn at_hold(&self, recv_held: bool) -> bool {
+        recv_held && self.hold_at.is_some_and(|at| self.received >= at)
+    }
+
+    /// A read returned (data or end of stream): note the gap since the last.
+    fn note_read(&mut self, now: Instant) {
+        if let Some(last) = self.last_read {
+            let gap = now.duration_since(last);
+            self.longest_read_gap = self.longest_read_gap.max(gap);
+            if self.was_held {
+                self.longest_read_gap_after_hold = self.longest_read_gap_after_hold.max(gap);
+            }
+        }
+        self.last_read = Some(now);
     }
 
     fn finished(&self) -> bool {
@@ -500,7 +578,7 @@ impl Flow {
     }
 
     /// The poll events this flow waits for now.
-    fn interest(&self, paused: bool) -> PollFlags {
+    fn interest(&self, paused: bool, recv_held: bool, close_after_peer: bool) -> PollFlags {
         let mut events = PollFlags::empty();
         match self.phase {
             Phase::Connecting => events |= PollFlags::POLLOUT,
@@ -512,12 +590,15 @@ impl Flow {
                 if !connected && self.plan.is_none() {
                     events |= PollFlags::POLLIN;
                 }
-                if self.plan.is_some() {
-                    if !self.eof {
+                if let Some(plan) = self.plan {
+                    if !self.eof && !self.at_hold(recv_held) {
                         events |= PollFlags::POLLIN;
                     }
-                    // Also when all is sent: the shutdown happens in the send step.
-                    if !paused && !self.shut_write {
+                    // Also when all is sent: the shutdown happens in the send step
+                    // (unless it waits for the peer's FIN, which POLLIN brings).
+                    let waits_for_peer =
+                        close_after_peer && self.sent == plan.send_len && !self.eof;
+                    if !paused && !self.shut_write && !waits_for_peer {
                         events |= PollFlags::POLLOUT;
                     }
                 }
@@ -540,6 +621,8 @@ impl Flow {
             eof: self.eof,
             reset: self.reset,
             error: self.error,
+            longest_read_gap: self.longest_read_gap,
+            longest_read_gap_after_hold: self.longest_read_gap_after_hold,
         }
     }
 }
@@ -561,6 +644,8 @@ impl Listener {
 
 struct Engine {
     plan: PlanFn,
+    hold: Option<HoldFn>,
+    close_after_peer: bool,
     control: Arc<Control>,
     stall: Duration,
     max_connecting: usize,
@@ -611,6 +696,8 @@ impl Engine {
             .collect();
         Engine {
             plan: spec.plan,
+            hold: spec.hold,
+            close_after_peer: spec.close_after_peer,
             control: spec.control,
             stall: spec.stall,
             max_connecting: spec.max_connecting,
@@ -628,15 +715,22 @@ impl Engine {
         let mut was_paused = true;
         loop {
             let paused = self.control.paused.load(Ordering::Relaxed);
+            let recv_held = self.control.recv_held.load(Ordering::Relaxed);
             let now = Instant::now();
-            if paused || was_paused {
-                // No stall clock runs while paused: restart them all at the resume.
+            // No stall clock runs while paused or held: restart them all at the resume.
+            let idle_ok = paused || (recv_held && self.hold.is_some());
+            if idle_ok || was_paused {
                 self.flows.iter_mut().for_each(|f| f.last_progress = now);
                 self.listeners
                     .iter_mut()
                     .for_each(|l| l.last_progress = now);
             }
-            was_paused = paused;
+            was_paused = idle_ok;
+            // Time spent held is no gap between reads.
+            for f in self.flows.iter_mut().filter(|f| f.at_hold(recv_held)) {
+                f.was_held = true;
+                f.last_read = Some(now);
+            }
             if self.control.stop.load(Ordering::Relaxed) {
                 self.stop_all();
                 break;
@@ -648,8 +742,8 @@ impl Engine {
             {
                 break;
             }
-            self.round(paused);
-            self.check_stalls(paused);
+            self.round(paused, recv_held);
+            self.check_stalls(idle_ok);
             self.retire();
         }
         self.retire();
@@ -670,7 +764,7 @@ impl Engine {
     }
 
     /// One poll(2) over everything, then service what is ready.
-    fn round(&mut self, paused: bool) {
+    fn round(&mut self, paused: bool, recv_held: bool) {
         let mut ready: Vec<(Ready, PollFlags)> = Vec::new();
         {
             let mut fds: Vec<PollFd<'_>> =
@@ -683,7 +777,8 @@ impl Engine {
                 }
             }
             for (i, f) in self.flows.iter().enumerate() {
-                fds.push(PollFd::new(f.stream.as_fd(), f.interest(paused)));
+                let events = f.interest(paused, recv_held, self.close_after_peer);
+                fds.push(PollFd::new(f.stream.as_fd(), events));
                 owners.push(Ready::Flow(i));
             }
             let timeout = PollTimeout::try_from(TICK).unwrap_or(PollTimeout::ZERO);
@@ -715,7 +810,7 @@ impl Engine {
         // Accepting only appends flows, so the positions collected above stay valid.
         for (who, revents) in ready {
             match who {
-                Ready::Flow(i) => self.service(i, revents, paused),
+                Ready::Flow(i) => self.service(i, revents, paused, recv_held),
                 Ready::Listener(i) => self.accept_from(i),
             }
         }
@@ -748,6 +843,8 @@ impl Engine {
                         eof: false,
                         reset: false,
                         error: Some(FlowError::Connect(err)),
+                        longest_read_gap: Duration::ZERO,
+                        longest_read_gap_after_hold: Duration::ZERO,
                     });
                 }
             }
@@ -785,15 +882,18 @@ impl Engine {
         }
     }
 
-    fn service(&mut self, i: usize, revents: PollFlags, paused: bool) {
+    fn service(&mut self, i: usize, revents: PollFlags, paused: bool, recv_held: bool) {
         let Engine {
             flows,
             plan,
+            hold,
+            close_after_peer,
             control,
             scratch,
             connecting,
             ..
         } = self;
+        let close_after_peer = *close_after_peer;
         let flow = &mut flows[i];
         if flow.finished() {
             return;
@@ -827,17 +927,21 @@ impl Engine {
                 }
             }
         }
-        if flow.plan.is_none() && !handshake(flow, plan, control) {
+        if flow.plan.is_none() && !handshake(flow, plan, hold, control) {
             return;
         }
         let Some(fp) = flow.plan else {
             return;
         };
         if !paused {
-            send(flow, &fp, scratch, control);
+            send(flow, &fp, scratch, control, close_after_peer);
         }
         if flow.error.is_none() && !flow.eof {
-            receive(flow, &fp, scratch, control);
+            receive(flow, &fp, scratch, control, recv_held);
+            // The peer's FIN may be what the shutdown waited for.
+            if close_after_peer && flow.eof && flow.error.is_none() && !paused {
+                send(flow, &fp, scratch, control, close_after_peer);
+            }
         }
         // POLLHUP before this side shut its write side down means the connection is
         // gone (closed without a pending error): what is left to send cannot go.
@@ -850,8 +954,8 @@ impl Engine {
         }
     }
 
-    fn check_stalls(&mut self, paused: bool) {
-        if paused {
+    fn check_stalls(&mut self, idle_ok: bool) {
+        if idle_ok {
             return;
         }
         let now = Instant::now();
@@ -904,7 +1008,7 @@ impl Engine {
 }
 
 /// The index handshake; true once the flow's plan is known.
-fn handshake(flow: &mut Flow, plan: &PlanFn, control: &Control) -> bool {
+fn handshake(flow: &mut Flow, plan: &PlanFn, hold: &Option<HoldFn>, control: &Control) -> bool {
     while flow.index_moved < 4 {
         let result = match flow.origin {
             Origin::Connected { .. } => flow.stream.write(&flow.index_bytes[flow.index_moved..]),
@@ -934,11 +1038,19 @@ fn handshake(flow: &mut Flow, plan: &PlanFn, control: &Control) -> bool {
     let index = u32::from_be_bytes(flow.index_bytes);
     flow.index = Some(index);
     flow.plan = Some(plan(index));
+    flow.hold_at = hold.as_ref().and_then(|h| h(index));
+    flow.last_read = Some(Instant::now());
     Control::bump(&control.indexed, 1);
     true
 }
 
-fn send(flow: &mut Flow, plan: &FlowPlan, scratch: &mut [u8], control: &Control) {
+fn send(
+    flow: &mut Flow,
+    plan: &FlowPlan,
+    scratch: &mut [u8],
+    control: &Control,
+    close_after_peer: bool,
+) {
     let mut budget = ROUND_BUDGET;
     while flow.sent < plan.send_len && budget > 0 {
         let n = (plan.send_len - flow.sent).min(scratch.len().min(budget) as u64) as usize;
@@ -956,7 +1068,7 @@ fn send(flow: &mut Flow, plan: &FlowPlan, scratch: &mut [u8], control: &Control)
             Err(e) => return flow.io_fail("write", e),
         }
     }
-    if flow.sent == plan.send_len && !flow.shut_write {
+    if flow.sent == plan.send_len && !flow.shut_write && (flow.eof || !close_after_peer) {
         match flow.stream.shutdown(Shutdown::Write) {
             Ok(()) => flow.shut_write = true,
             Err(e) => flow.io_fail("shutdown(Write)", e),
@@ -964,13 +1076,20 @@ fn send(flow: &mut Flow, plan: &FlowPlan, scratch: &mut [u8], control: &Control)
     }
 }
 
-fn receive(flow: &mut Flow, plan: &FlowPlan, scratch: &mut [u8], control: &Control) {
+fn receive(
+    flow: &mut Flow,
+    plan: &FlowPlan,
+    scratch: &mut [u8],
+    control: &Control,
+    recv_held: bool,
+) {
     let mut budget = ROUND_BUDGET;
-    while budget > 0 {
+    while budget > 0 && !flow.at_hold(recv_held) {
         match flow.stream.read(scratch) {
             Ok(0) => {
                 flow.eof = true;
                 flow.last_progress = Instant::now();
+                flow.note_read(flow.last_progress);
                 if flow.received != plan.recv_len {
                     flow.fail(FlowError::Short {
                         received: flow.received,
@@ -981,6 +1100,7 @@ fn receive(flow: &mut Flow, plan: &FlowPlan, scratch: &mut [u8], control: &Contr
             }
             Ok(n) => {
                 flow.last_progress = Instant::now();
+                flow.note_read(flow.last_progress);
                 let room = plan.recv_len - flow.received;
                 let good = (n as u64).min(room) as usize;
                 if let Err(m) = plan.recv.verify(flow.received, &scratch[..good]) {
@@ -1265,6 +1385,109 @@ mod tests {
                 other => panic!("unexpected flow {other:?}: {f}"),
             }
         }
+    }
+
+    /// With `close_after_peer`, a flow that has sent everything keeps its write side
+    /// open until the peer's FIN arrived, then closes and completes.
+    #[test]
+    fn close_after_peer_waits_for_the_peers_fin() {
+        let listener = listen(loopback_v4()).expect("listen");
+        let to = local(&listener);
+        let run = HostFlows::new(|i| plan(i, false))
+            .accept(listener, 1)
+            .close_after_peer(true)
+            .stall_timeout(Duration::from_secs(30))
+            .spawn()
+            .expect("spawn");
+        let p = plan(3, true);
+        let mut s = peer(to, 3);
+        s.write_all(&p.send.bytes(0, p.send_len as usize))
+            .expect("data");
+        let mut got = vec![0; p.recv_len as usize];
+        s.read_exact(&mut got).expect("the engine's data");
+        assert!(p.recv.verify(0, &got).is_ok());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while run.progress().bytes_received < p.send_len {
+            assert!(Instant::now() < deadline, "{:?}", run.progress());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Everything went both ways, and the engine's FIN waits for ours.
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut byte = [0u8; 1];
+        let early = s.read(&mut byte);
+        assert!(
+            matches!(&early, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "the engine ended its stream before the peer's FIN: {early:?}"
+        );
+        assert_eq!(run.progress().completed, 0);
+        s.set_nonblocking(false).expect("blocking");
+        s.shutdown(Shutdown::Write).expect("shutdown");
+        assert_eq!(drain(&mut s), 0, "end of stream after the peer's FIN");
+        let report = run.join();
+        assert!(report.is_ok(), "{report}");
+        let f = &report.flows[0];
+        assert!(f.shut_write && f.eof && f.sent == p.recv_len, "{f}");
+    }
+
+    /// The receive hold stops a flow's reading at its mark (one read may pass it) while
+    /// other flows read on; released, everything completes, and no flow stalled
+    /// meanwhile.
+    #[test]
+    fn receive_hold_stops_reading_at_the_mark() {
+        let mark = 10_000u64;
+        // Flow 0's peer sends 1 MiB: far more than one read takes.
+        let big = |i: u32, connecting: bool| {
+            let mut p = plan(i, connecting);
+            if i == 0 && connecting {
+                p.send_len = 1 << 20;
+            } else if i == 0 {
+                p.recv_len = 1 << 20;
+            }
+            p
+        };
+        let listener = listen(loopback_v4()).expect("listen");
+        let to = local(&listener);
+        let run = HostFlows::new(move |i| big(i, false))
+            .accept(listener, 2)
+            .recv_hold(true, move |i| (i == 0).then_some(mark))
+            .stall_timeout(Duration::from_millis(300))
+            .spawn()
+            .expect("spawn");
+        // Blocking peers on threads of their own: flow 0's cannot finish writing while
+        // the engine holds.
+        let peers: Vec<_> = (0..2u32)
+            .map(|i| {
+                let p = big(i, true);
+                let mut s = peer(to, i);
+                std::thread::spawn(move || {
+                    s.write_all(&p.send.bytes(0, p.send_len as usize))
+                        .expect("data");
+                    s.shutdown(Shutdown::Write).expect("shutdown");
+                    drain(&mut s)
+                })
+            })
+            .collect();
+        // Flow 1 is not held: it reads everything; flow 0 stops at its mark.
+        let unheld = big(1, true).send_len;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while run.progress().bytes_received < unheld + mark {
+            assert!(Instant::now() < deadline, "{:?}", run.progress());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Longer than the stall timeout: a held flow does not stall.
+        std::thread::sleep(Duration::from_millis(600));
+        let held = run.progress().bytes_received - unheld;
+        assert!(
+            (mark..mark + CHUNK as u64).contains(&held),
+            "flow 0 read {held} bytes while held at {mark}"
+        );
+        run.set_recv_held(false);
+        for p in peers {
+            p.join().expect("peer thread");
+        }
+        let report = run.join();
+        assert!(report.is_ok(), "{report}");
+        assert_eq!(report.flows.len(), 2);
     }
 
     /// While paused, handshakes complete and nothing is sent; after the resume all
