@@ -26,7 +26,10 @@
 //!
 //! What the launcher keeps ([`become_launcher`]): it dies with baton
 //! (`PR_SET_PDEATHSIG`, and it exits when baton's end of the socketpair closes); every
-//! descriptor but the standard ones and its socket is closed; it runs as the backend's
+//! descriptor but the standard ones, its socket and the helper binary is closed (the
+//! binary is opened at start-up, still as the user baton started as, and executed by
+//! descriptor: the user it switches to need not be able to reach the file's directory,
+//! and the file it runs cannot be swapped under its name later); it runs as the backend's
 //! user after its sandbox (`nobody` when started as root) with
 //! [`caps::keep_net_admin_for_exec`]: `CAP_NET_ADMIN` alone in its permitted,
 //! inheritable, ambient and bounding sets, so a plain helper binary gets exactly that
@@ -44,14 +47,13 @@
 //! the spawner's thread asks the launcher, does the hello, attaches the helper to the
 //! link and watches it for its hang-up. A start that fails is logged loudly.
 
+use std::ffi::CString;
 use std::ffi::OsString;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -81,6 +83,8 @@ const REPLY_LEN: usize = 6;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The launcher's descriptor for its socket (after it closed everything else).
 const CONTROL_FD: RawFd = 3;
+/// Where the launcher keeps the helper binary (an `O_PATH` descriptor).
+const HELPER_FD: RawFd = 4;
 /// The launcher's process name (`/proc/PID/comm`).
 pub const LAUNCHER_NAME: &str = "baton-launcher";
 
@@ -322,18 +326,22 @@ fn resolve_helper(helper: &Path) -> Result<PathBuf, LauncherError> {
 /// Returns the exit status. Logs nothing (the log file may be closed here); every
 /// outcome goes back to baton in the reply, which logs it.
 fn launcher_main(control: OwnedFd, helper: &Path, identity: Option<Identity>, parent: Pid) -> i32 {
-    let Ok(control) = become_launcher(control, identity, parent) else {
+    let Ok((control, binary)) = become_launcher(control, helper, identity, parent) else {
         return 1;
     };
-    serve(&control, helper)
+    let Ok(program) = HelperProgram::new(helper, binary) else {
+        return 1;
+    };
+    serve(&control, &program)
 }
 
 /// Everything the launcher gives up before it serves (see the module documentation).
 fn become_launcher(
     control: OwnedFd,
+    helper: &Path,
     identity: Option<Identity>,
     parent: Pid,
-) -> Result<OwnedFd, ()> {
+) -> Result<(OwnedFd, OwnedFd), ()> {
     // SAFETY: PR_SET_PDEATHSIG takes a signal number and no pointers.
     if unsafe {
         libc::prctl(
@@ -367,6 +375,25 @@ fn become_launcher(
     if unsafe { libc::fcntl(CONTROL_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
         return Err(());
     }
+    // The helper binary, opened while we are still who baton started as.
+    let binary = nix::fcntl::open(
+        helper,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|_| ())?;
+    // SAFETY: dup2 onto a descriptor number this process owns from here on (whatever
+    // was there is closed with the rest just below).
+    if binary != HELPER_FD && unsafe { libc::dup2(binary, HELPER_FD) } != HELPER_FD {
+        return Err(());
+    }
+    // SAFETY: F_SETFD takes an integer flag. Close-on-exec: execveat(2) with
+    // AT_EMPTY_PATH reads the program before it closes the descriptor.
+    if unsafe { libc::fcntl(HELPER_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(());
+    }
+    // SAFETY: HELPER_FD holds the binary now; this is its owner.
+    let binary = unsafe { OwnedFd::from_raw_fd(HELPER_FD) };
     close_other_descriptors()?;
     let pass_on = caps::keep_net_admin_for_exec(identity).map_err(|_| ())?;
     if pass_on == PassOn::Ambient {
@@ -375,17 +402,17 @@ fn become_launcher(
     nix::sys::prctl::set_dumpable(false).map_err(|_| ())?;
     // SIGTERM, SIGINT and SIGHUP stay blocked, as baton blocked them for its signal
     // thread: the launcher ends with baton, not on its own. (A helper starts with an
-    // empty signal mask: std's spawn resets it.)
-    Ok(control)
+    // empty signal mask: [`start_helper`] resets it.)
+    Ok((control, binary))
 }
 
-/// Close every descriptor above [`CONTROL_FD`].
+/// Close every descriptor above [`HELPER_FD`].
 fn close_other_descriptors() -> Result<(), ()> {
     // SAFETY: close_range(2) takes integers only; the range holds nothing we keep.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_close_range,
-            (CONTROL_FD + 1) as libc::c_uint,
+            (HELPER_FD + 1) as libc::c_uint,
             libc::c_uint::MAX,
             0 as libc::c_uint,
         )
@@ -397,7 +424,7 @@ fn close_other_descriptors() -> Result<(), ()> {
     let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
         .map_err(|_| ())?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&fd: &RawFd| fd > CONTROL_FD)
+        .filter(|&fd: &RawFd| fd > HELPER_FD)
         .collect();
     for fd in open {
         // SAFETY: closing descriptors this process no longer uses (the directory
@@ -408,8 +435,8 @@ fn close_other_descriptors() -> Result<(), ()> {
 }
 
 /// The launcher's loop: one helper at a time, started on request.
-fn serve(control: &OwnedFd, helper: &Path) -> i32 {
-    let mut current: Option<(Child, Option<OwnedFd>)> = None;
+fn serve(control: &OwnedFd, helper: &HelperProgram) -> i32 {
+    let mut current: Option<(HelperProcess, Option<OwnedFd>)> = None;
     loop {
         let mut fds = vec![PollFd::new(control.as_fd(), PollFlags::POLLIN)];
         if let Some((_, Some(pidfd))) = &current {
@@ -427,7 +454,7 @@ fn serve(control: &OwnedFd, helper: &Path) -> i32 {
         };
         drop(fds);
         if let Some((child, _)) = &mut current {
-            if !matches!(child.try_wait(), Ok(None)) {
+            if child.exited() {
                 current = None;
             }
         }
@@ -446,13 +473,12 @@ fn serve(control: &OwnedFd, helper: &Path) -> i32 {
                 Err(Errno::EAGAIN | Errno::EINTR) => continue,
                 Err(_) => return 1,
             };
-        if let Some((mut child, _)) = current.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some((child, _)) = current.take() {
+            child.end();
         }
         let (reply, fd) = match start_helper(helper) {
             Ok((child, baton_end)) => {
-                let pidfd = pidfd_open(child.id());
+                let pidfd = pidfd_open(child.pid.as_raw() as u32);
                 current = Some((child, pidfd));
                 ([seq, STATUS_STARTED, 0, 0, 0, 0], Some(baton_end))
             }
@@ -479,8 +505,51 @@ fn serve(control: &OwnedFd, helper: &Path) -> i32 {
     }
 }
 
+/// The helper binary (by descriptor) and the name it runs under.
+struct HelperProgram {
+    binary: OwnedFd,
+    /// `argv[0]`: the binary's file name.
+    name: CString,
+}
+
+impl HelperProgram {
+    fn new(path: &Path, binary: OwnedFd) -> Result<Self, ()> {
+        let name = path
+            .file_name()
+            .map(OsStrExt::as_bytes)
+            .unwrap_or(b"baton-repair");
+        let name = CString::new(name).map_err(|_| ())?;
+        Ok(HelperProgram { binary, name })
+    }
+}
+
+/// A running helper, the launcher's child.
+struct HelperProcess {
+    pid: Pid,
+}
+
+impl HelperProcess {
+    /// Whether it has exited (reaped if so).
+    fn exited(&self) -> bool {
+        !matches!(
+            nix::sys::wait::waitpid(self.pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
+            Ok(nix::sys::wait::WaitStatus::StillAlive)
+        )
+    }
+
+    /// Kill and reap it.
+    fn end(self) {
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(self.pid, None);
+    }
+}
+
 /// Start `helper --fd N` on a fresh socketpair; returns the child and baton's end.
-fn start_helper(helper: &Path) -> Result<(Child, OwnedFd), Errno> {
+///
+/// By hand rather than with `std::process::Command`, which can only exec a path: the
+/// program is executed from its descriptor (`execveat` with `AT_EMPTY_PATH`). A
+/// close-on-exec pipe carries the errno of a failed exec back, as `Command` does.
+fn start_helper(helper: &HelperProgram) -> Result<(HelperProcess, OwnedFd), Errno> {
     let (baton_end, helper_end) = socketpair(
         AddressFamily::Unix,
         SockType::Stream,
@@ -488,36 +557,102 @@ fn start_helper(helper: &Path) -> Result<(Child, OwnedFd), Errno> {
         SockFlag::SOCK_CLOEXEC,
     )?;
     let raw = helper_end.as_raw_fd();
-    let mut command = Command::new(helper);
-    command
-        .arg("--fd")
-        .arg(raw.to_string())
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    // SAFETY: runs in the forked child between fork and exec: only fcntl(2) and
-    // prctl(2), both async-signal-safe, on a descriptor the child inherited.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::fcntl(raw, libc::F_SETFD, 0) == -1
-                || libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
+    let fd_arg = CString::new(raw.to_string()).map_err(|_| Errno::EINVAL)?;
+    let argv: [*const libc::c_char; 4] = [
+        helper.name.as_ptr(),
+        c"--fd".as_ptr(),
+        fd_arg.as_ptr(),
+        std::ptr::null(),
+    ];
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let binary = helper.binary.as_raw_fd();
+    // SAFETY: the launcher has a single thread; the child only makes async-signal-safe
+    // calls (sigprocmask, fcntl, prctl, open, dup2, execveat, write, _exit) on memory
+    // prepared before the fork.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            let errno = exec_helper(binary, raw, &argv, &envp);
+            let bytes = errno.to_le_bytes();
+            // SAFETY: write(2) of a local buffer to our end of the pipe, then _exit.
+            unsafe {
+                libc::write(report_write.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
+                libc::_exit(127)
             }
-            Ok(())
-        });
+        }
+        ForkResult::Parent { child } => {
+            drop(report_write);
+            drop(helper_end);
+            let mut errno = [0u8; 4];
+            let read = loop {
+                match nix::unistd::read(report_read.as_raw_fd(), &mut errno) {
+                    Err(Errno::EINTR) => continue,
+                    other => break other,
+                }
+            };
+            let process = HelperProcess { pid: child };
+            match read {
+                // The pipe closed on exec: the helper runs.
+                Ok(0) => Ok((process, baton_end)),
+                Ok(4) => {
+                    process.end();
+                    Err(Errno::from_raw(i32::from_le_bytes(errno)))
+                }
+                Ok(_) => {
+                    process.end();
+                    Err(Errno::EIO)
+                }
+                Err(e) => {
+                    process.end();
+                    Err(e)
+                }
+            }
+        }
     }
-    let child = command
-        .spawn()
-        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
-    drop(helper_end);
-    Ok((child, baton_end))
+}
+
+/// In the forked child: prepare and exec the helper; returns the errno of the step that
+/// failed.
+fn exec_helper(
+    binary: RawFd,
+    helper_end: RawFd,
+    argv: &[*const libc::c_char; 4],
+    envp: &[*const libc::c_char; 1],
+) -> i32 {
+    // SAFETY: only async-signal-safe calls with integer arguments or pointers to
+    // NUL-terminated strings and NULL-terminated arrays that outlive the calls.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0
+            || libc::fcntl(helper_end, libc::F_SETFD, 0) == -1
+            || libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+        {
+            return *libc::__errno_location();
+        }
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null < 0 || libc::dup2(null, 0) < 0 || libc::dup2(null, 1) < 0 {
+            return *libc::__errno_location();
+        }
+        if null > 2 {
+            libc::close(null);
+        }
+        libc::syscall(
+            libc::SYS_execveat,
+            binary,
+            c"".as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
+        *libc::__errno_location()
+    }
 }
 
 /// A descriptor that becomes readable when process `pid` exits (Linux 5.3).

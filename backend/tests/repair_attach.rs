@@ -654,6 +654,36 @@ fn the_helper_named_with_helper_starts_when_a_migration_starts_not_before() {
     assert_dumped(&stream, 1, &baton);
 }
 
+/// baton, started as root, runs as `nobody`, and so does its launcher; the helper binary
+/// sits in a directory only root may enter (as a package's libexec directory, or a
+/// build tree, may be). The launcher opened the binary at start-up and executes it by
+/// descriptor, so the helper still starts. (By path it failed with EACCES.)
+#[test]
+fn a_helper_in_a_directory_nobody_cannot_enter_still_starts() {
+    use std::os::unix::fs::PermissionsExt;
+    let private = std::env::temp_dir().join(format!("baton-private-helper-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::create_dir_all(&private).expect("private directory");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod 700");
+    let helper = private.join("baton-repair");
+    std::fs::copy(helper_binary(), &helper).expect("copy the helper");
+    let baton = Baton::start(
+        "private-helper",
+        &["--helper", helper.to_str().expect("UTF-8 path")],
+    );
+    let mut guest = Guest::new(baton.connect());
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let _peer = guest.connect(&listener, 40013, &baton);
+    guest.nic.dev.start_dirty_log().expect("LOG_ALL");
+    wait_for_log(&baton, "repair helper ready");
+    the_helper(&baton);
+    let stream = save(&mut guest.nic.dev, &baton);
+    assert_dumped(&stream, 1, &baton);
+    drop(guest);
+    drop(baton);
+    let _ = std::fs::remove_dir_all(&private);
+}
+
 #[test]
 fn a_killed_helper_is_replaced_when_the_next_migration_starts() {
     let helper = helper_binary();

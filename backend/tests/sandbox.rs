@@ -751,14 +751,20 @@ fn the_helper_launcher_keeps_only_what_starting_the_helper_needs() {
     }
     assert_eq!(field(&status, "CapEff:"), "0000000000000000");
     assert_eq!(field(&status, "NoNewPrivs:"), "1");
-    // Standard descriptors and its socket to baton: no listener, log or pid file.
+    // Standard descriptors, its socket to baton and the helper binary (opened at start,
+    // executed by descriptor): no listener, log or pid file.
     let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{launcher}/fd"))
         .expect("fd directory")
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
     fds.sort_unstable();
-    assert_eq!(fds, [0, 1, 2, 3], "the launcher's descriptors");
+    assert_eq!(fds, [0, 1, 2, 3, 4], "the launcher's descriptors");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{launcher}/fd/4")).expect("fd 4"),
+        std::fs::canonicalize(&helper).expect("helper path"),
+        "descriptor 4 is the helper binary"
+    );
 
     // It dies with baton, even when baton cannot say goodbye.
     kill(baton.pid(), Signal::SIGKILL).expect("SIGKILL baton");
