@@ -209,22 +209,11 @@ impl RepairLink {
             Ok(watch) => watch,
             Err(e) => return Some(Err(e)),
         };
-        let mut state = self.lock();
+        let state = self.lock();
         if state.alive.is_some() {
             return None;
         }
-        state.attachments += 1;
-        let number = state.attachments;
-        info!(
-            attachment = number,
-            "repair helper ready: {}",
-            client.helper_software().escape_debug()
-        );
-        state.pending = Some(client);
-        state.alive = Some(number);
-        drop(state);
-        self.changed.notify_all();
-        Some(Ok((watch, number)))
+        Some(Ok((watch, self.install(state, client))))
     }
 
     /// For the spawner: the helper it started (`number`) hung up.
@@ -312,7 +301,13 @@ impl RepairLink {
     /// Make `client` the pending helper; returns a duplicate of its socket to watch.
     fn attach(&self, client: RepairClient) -> std::io::Result<(OwnedFd, u64)> {
         let watch = client.as_fd().try_clone_to_owned()?;
-        let mut state = self.lock();
+        let state = self.lock();
+        Ok((watch, self.install(state, client)))
+    }
+
+    /// Make `client` the pending helper (`state` is the link's, locked) and wake those
+    /// waiting for one; returns its attachment number.
+    fn install(&self, mut state: MutexGuard<'_, LinkState>, client: RepairClient) -> u64 {
         state.attachments += 1;
         let number = state.attachments;
         info!(
@@ -324,7 +319,7 @@ impl RepairLink {
         state.alive = Some(number);
         drop(state);
         self.changed.notify_all();
-        Ok((watch, number))
+        number
     }
 
     /// Helper `number` hung up.

@@ -65,7 +65,7 @@ use baton_repair_ipc::{ClientError, RepairClient};
 use tracing::{debug, error, info, warn};
 
 use crate::flow::FlowId;
-use crate::tcp::TcpFlows;
+use crate::tcp::{tcp_info, TcpFlows};
 
 /// What the dump at SAVE produced.
 #[derive(Debug, Default)]
@@ -571,28 +571,6 @@ impl Reprobe {
             ),
         }
     }
-}
-
-/// `TCP_INFO` of a socket (no privilege needed).
-fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
-    // SAFETY: tcp_info is a plain C struct of integers; all-zero bytes are a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `info` and updates `len`; both
-    // live across the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(info)
 }
 
 /// A fresh non-blocking TCP socket of `family` that may bind an address this host does

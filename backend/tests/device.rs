@@ -541,27 +541,15 @@ fn a_partial_checksum_with_offsets_elsewhere_is_dropped_and_logged() {
 /// (the NIC verifies unmarked ones and counts failures).
 #[test]
 fn tcp_with_partial_checksums_both_ways_through_the_real_engine() {
-    use smoltcp::iface::{Config, Interface, SocketSet};
+    use smoltcp::iface::SocketSet;
     use smoltcp::socket::tcp;
-    use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+    use smoltcp::wire::IpAddress;
 
     const TOTAL: usize = 4 << 20;
     let baton = Baton::start("csum-tcp", &[]);
     let dev = connect_with(&baton, offload_options(true, true));
     let mut nic = GuestNic::new(dev, 9014);
-    let mut iface = Interface::new(
-        Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
-        &mut nic,
-        smoltcp::time::Instant::now(),
-    );
-    iface.update_ip_addrs(|a| {
-        a.push(IpCidr::new(IpAddress::Ipv4(GUEST_V4), 24))
-            .expect("v4");
-    });
-    iface
-        .routes_mut()
-        .add_default_ipv4_route(GW_V4)
-        .expect("route");
+    let mut iface = common::guest::interface(&mut nic);
     let mut sockets = SocketSet::new(vec![]);
     let handle = sockets.add(tcp::Socket::new(
         tcp::SocketBuffer::new(vec![0; 1 << 20]),

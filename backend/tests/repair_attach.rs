@@ -21,15 +21,13 @@ use std::time::{Duration, Instant};
 
 use baton_vu_harness::smol::GuestNic;
 use baton_vu_harness::NetFrontend;
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+use smoltcp::wire::IpAddress;
 
 mod common;
 use common::Baton;
 
-const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const GW_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const TIMEOUT: Duration = Duration::from_secs(30);
 /// `TCP_ESTABLISHED` and `TCP_CLOSE_WAIT` in `tcp_info.tcpi_state`.
@@ -45,19 +43,7 @@ struct Guest {
 impl Guest {
     fn new(dev: NetFrontend) -> Self {
         let mut nic = GuestNic::new(dev, 1514);
-        let mut iface = Interface::new(
-            Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
-            &mut nic,
-            smoltcp::time::Instant::now(),
-        );
-        iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::Ipv4(GUEST_V4), 24))
-                .expect("v4");
-        });
-        iface
-            .routes_mut()
-            .add_default_ipv4_route(GW_V4)
-            .expect("v4 route");
+        let iface = common::guest::interface(&mut nic);
         Guest {
             nic,
             iface,

@@ -86,7 +86,7 @@ pub mod segment;
 pub mod seq;
 mod sock;
 pub(crate) use sock::{
-    is_closed as socket_is_closed, set_int_option, set_peek_offset, set_reset_on_close,
+    is_closed as socket_is_closed, set_int_option, set_peek_offset, set_reset_on_close, tcp_info,
 };
 
 use std::cmp::Reverse;

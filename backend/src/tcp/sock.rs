@@ -56,9 +56,19 @@ pub(crate) fn set_int_option(
     }
 }
 
-fn get_int_option(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
-    let mut value: i32 = 0;
-    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+/// Option values read with [`get_option`]: plain C data for which all-zero bytes are a
+/// valid value and any bytes the kernel writes are too.
+trait OptionValue: Copy {}
+impl OptionValue for i32 {}
+impl OptionValue for u8 {}
+impl OptionValue for libc::tcp_info {}
+
+/// `getsockopt` into a `T`. The kernel copies at most `size_of::<T>()` bytes (a shorter
+/// `T` reads the head of a larger struct, as [`is_closed`] does with `tcp_info`).
+fn get_option<T: OptionValue>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<T> {
+    // SAFETY: `OptionValue` types are plain C data; all-zero bytes are a valid value.
+    let mut value: T = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
     // SAFETY: `value` and `len` live across the call; the kernel writes at most `len`
     // bytes into `value` and updates `len`.
     let rc = unsafe {
@@ -66,7 +76,7 @@ fn get_int_option(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> 
             fd.as_raw_fd(),
             level,
             name,
-            (&mut value as *mut i32).cast(),
+            (&mut value as *mut T).cast(),
             &mut len,
         )
     };
@@ -75,6 +85,15 @@ fn get_int_option(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> 
     } else {
         Err(last_error())
     }
+}
+
+fn get_int_option(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
+    get_option(fd, level, name)
+}
+
+/// `TCP_INFO` of a socket (no privilege needed).
+pub(crate) fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
+    get_option(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
 }
 
 /// Where the next `MSG_PEEK` read starts, in bytes from the head of the receive queue.
@@ -321,22 +340,7 @@ const TCP_STATE_CLOSE: u8 = 7;
 pub(crate) fn is_closed(fd: BorrowedFd<'_>) -> io::Result<bool> {
     // The first byte of `struct tcp_info` is `tcpi_state`; the kernel copies at most
     // the length asked for.
-    let mut state: u8 = 0;
-    let mut len = std::mem::size_of::<u8>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` (1) byte into `state` and updates `len`;
-    // both live across the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut state as *mut u8).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(last_error());
-    }
+    let state: u8 = get_option(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     Ok(state == TCP_STATE_CLOSE)
 }
 
