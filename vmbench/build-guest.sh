@@ -181,7 +181,8 @@ chmod 0644 "$work/vmlinuz" "$work/initrd.gz"
     echo "kernel_package: $(dpkg-query -W -f='${Package} ${Version}' "linux-image-$kver" 2>/dev/null || echo unknown)"
     echo "busybox_package: $(dpkg-query -W -f='${Package} ${Version}' busybox-static 2>/dev/null || echo unknown)"
     for bin in "${GUEST_BINS[@]}"; do
-        pkg="$(dpkg-query -S "$(command -v "$bin")" 2>/dev/null | sed -n '1s/:.*//p')"
+        # A program from no package (e.g. perf.sh's connrate, built by cargo) has none.
+        pkg="$(dpkg-query -S "$(command -v "$bin")" 2>/dev/null | sed -n '1s/:.*//p')" || pkg=""
         echo "guest_program: $bin ${pkg:+$(dpkg-query -W -f='${Package} ${Version}' "$pkg" 2>/dev/null)}"
     done
     echo "modules_load_order:"
