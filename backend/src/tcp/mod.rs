@@ -118,9 +118,11 @@ const KIND_LISTENER: u64 = 1;
 const KIND_ALARM: u64 = 2;
 const PAYLOAD_MASK: u64 = (1 << KIND_SHIFT) - 1;
 
-/// Largest peek per round: a few maximum-size segments (MTU 65520), so a fast flow
-/// fills the guest's ring with few `recv` calls. One buffer for the whole engine.
-const PEEK_BUFFER_LEN: usize = 4 * 65536;
+/// Largest peek per round (one 64 KiB frame's worth; [`conn`] ends each peek on a
+/// segment boundary). One buffer for the whole engine. Not larger: a 256 KiB buffer
+/// made the device harness 3× slower, for short connections and host → guest streams
+/// alike (`cargo bench -p baton --bench tcp_throughput`).
+const PEEK_BUFFER_LEN: usize = 65536;
 /// Connections accepted per listener event.
 const ACCEPTS_PER_EVENT: usize = 64;
 
