@@ -10,13 +10,14 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use baton_proto::migration::{decode_stream, GuestRecord};
-use baton_vu_harness::{FrontendOptions, HarnessError, NetFrontend};
+use baton_vu_harness::NetFrontend;
 use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, NetSlice, PacketBuilder};
 use etherparse::{IpNumber, Ipv4Header, SlicedPacket};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 
 mod common;
+use common::guest::connect_loading;
 use common::{Baton, V4_ONLY};
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -304,17 +305,4 @@ fn check_without_a_transfer_fails_and_the_connection_survives() {
 fn spawn(name: &str) -> Baton {
     let args: Vec<&str> = V4_ONLY.iter().copied().chain(["-d"]).collect();
     Baton::spawn(&format!("migrate-{name}"), &args)
-}
-
-/// Connect as a migration target: LOAD `state` where QEMU does (before SET_FEATURES,
-/// memory and rings), then finish the set-up whatever CHECK said. Returns the device
-/// and the LOAD result.
-fn connect_loading(baton: &Baton, state: &[u8]) -> (NetFrontend, Result<(), HarnessError>) {
-    let mut loaded = None;
-    let dev = NetFrontend::connect_with(&baton.socket(), FrontendOptions::default(), |dev| {
-        loaded = Some(dev.load_state(state));
-        Ok(())
-    })
-    .unwrap_or_else(|e| panic!("frontend: {e}; log:\n{}", baton.log()));
-    (dev, loaded.expect("the hook ran"))
 }

@@ -577,33 +577,9 @@ fn helper_killed_during_save() {
 /// baton-repair's pid: the live process of that name below baton `pid` (baton's
 /// launcher starts it when the migration starts).
 fn helper_pid(pid: u32) -> Option<i32> {
-    let mut queue = vec![pid as i32];
-    while let Some(parent) = queue.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let children =
-                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for child in children
-                .split_whitespace()
-                .filter_map(|c| c.parse::<i32>().ok())
-            {
-                let comm =
-                    std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
-                let stat =
-                    std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-                let zombie = stat
-                    .rsplit_once(") ")
-                    .is_some_and(|(_, rest)| rest.starts_with('Z'));
-                if comm.trim_end() == "baton-repair" && !zombie {
-                    return Some(child);
-                }
-                queue.push(child);
-            }
-        }
-    }
-    None
+    common::descendants_named(pid, "baton-repair")
+        .into_iter()
+        .next()
 }
 
 /// Kill `pid` with SIGKILL in the middle of a dump request of SAVE, unless `stop` is set

@@ -545,43 +545,11 @@ fn a_migrated_source_exits_only_with_migrate_exit_or_one_off() {
     }
 }
 
-/// The processes below `pid` (children, grandchildren …) whose name is `comm`.
-fn descendants_named(pid: u32, comm: &str) -> Vec<i32> {
-    let mut found = Vec::new();
-    let mut queue = vec![pid as i32];
-    while let Some(parent) = queue.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let children =
-                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for child in children
-                .split_whitespace()
-                .filter_map(|c| c.parse::<i32>().ok())
-            {
-                let name =
-                    std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
-                let stat =
-                    std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-                let zombie = stat
-                    .rsplit_once(") ")
-                    .is_some_and(|(_, rest)| rest.starts_with('Z'));
-                if name.trim_end() == comm && !zombie {
-                    found.push(child);
-                }
-                queue.push(child);
-            }
-        }
-    }
-    found
-}
-
 /// Wait until exactly one live `baton-repair` runs below baton; its pid.
 fn the_helper(baton: &Baton) -> i32 {
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let helpers = descendants_named(baton.pid(), "baton-repair");
+        let helpers = common::descendants_named(baton.pid(), "baton-repair");
         if let [pid] = helpers.as_slice() {
             return *pid;
         }
@@ -616,13 +584,13 @@ fn the_helper_named_with_helper_starts_when_a_migration_starts_not_before() {
     // Serving, with a TCP connection, before any migration: the launcher waits, no
     // helper runs.
     assert_eq!(
-        descendants_named(baton.pid(), baton::launcher::LAUNCHER_NAME).len(),
+        common::descendants_named(baton.pid(), baton::launcher::LAUNCHER_NAME).len(),
         1,
         "one launcher; log:\n{}",
         baton.log()
     );
     assert!(
-        descendants_named(baton.pid(), "baton-repair").is_empty(),
+        common::descendants_named(baton.pid(), "baton-repair").is_empty(),
         "a helper runs before the migration; log:\n{}",
         baton.log()
     );
@@ -688,7 +656,7 @@ fn a_killed_helper_is_replaced_when_the_next_migration_starts() {
     unsafe { libc::kill(first, libc::SIGKILL) };
     wait_for_log(&baton, "the repair helper went away");
     let deadline = Instant::now() + TIMEOUT;
-    while !descendants_named(baton.pid(), "baton-repair").is_empty() {
+    while !common::descendants_named(baton.pid(), "baton-repair").is_empty() {
         assert!(Instant::now() < deadline, "the dead helper lingers");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -150,3 +150,35 @@ impl Drop for Baton {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The processes below `pid` (children, grandchildren …) whose name is `comm`.
+pub fn descendants_named(pid: u32, comm: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    let mut queue = vec![pid as i32];
+    while let Some(parent) = queue.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                let name =
+                    std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
+                let stat =
+                    std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+                let zombie = stat
+                    .rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('Z'));
+                if name.trim_end() == comm && !zombie {
+                    found.push(child);
+                }
+                queue.push(child);
+            }
+        }
+    }
+    found
+}
