@@ -387,8 +387,10 @@ fn two_thousand_flows() {
     }
     assert!(seen.iter().all(|&s| s), "every flow answered");
     let fds = open_fds(&baton);
+    // A few descriptors of baton's may come and go between the two counts (one did in
+    // a CI run: 32 -> 2031), so allow a handful; a shared socket would add one, not 2,000.
     assert!(
-        fds >= fds_before + usize::from(FLOWS),
+        fds + 8 >= fds_before + usize::from(FLOWS),
         "one socket per flow: {fds_before} -> {fds}"
     );
 }
