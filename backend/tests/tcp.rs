@@ -13,9 +13,9 @@ use baton_testkit::pattern::Pattern;
 use baton_vu_harness::smol::GuestNic;
 use baton_vu_harness::NetFrontend;
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+use smoltcp::wire::IpAddress;
 
 mod common;
 use common::Baton;
@@ -39,25 +39,7 @@ struct Guest {
 impl Guest {
     fn new(dev: NetFrontend) -> Self {
         let mut nic = GuestNic::new(dev, GUEST_MTU);
-        let mut iface = Interface::new(
-            Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
-            &mut nic,
-            smoltcp::time::Instant::now(),
-        );
-        iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::Ipv4(GUEST_V4), 24))
-                .expect("v4");
-            a.push(IpCidr::new(IpAddress::Ipv6(GUEST_V6), 64))
-                .expect("v6");
-        });
-        iface
-            .routes_mut()
-            .add_default_ipv4_route(GW_V4)
-            .expect("v4 route");
-        iface
-            .routes_mut()
-            .add_default_ipv6_route(GW_V6)
-            .expect("v6 route");
+        let iface = common::guest::dual_stack_interface(&mut nic);
         Guest {
             nic,
             iface,
@@ -66,11 +48,7 @@ impl Guest {
     }
 
     fn socket(&mut self, buffer: usize) -> SocketHandle {
-        let socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; buffer]),
-            tcp::SocketBuffer::new(vec![0; buffer]),
-        );
-        self.sockets.add(socket)
+        self.sockets.add(common::guest::tcp_socket(buffer, buffer))
     }
 
     fn poll(&mut self) {
@@ -82,12 +60,7 @@ impl Guest {
     }
 
     fn wait(&mut self) {
-        let delay = self
-            .iface
-            .poll_delay(smoltcp::time::Instant::now(), &self.sockets)
-            .map(|d| Duration::from_micros(d.total_micros()))
-            .unwrap_or(Duration::from_millis(5))
-            .min(Duration::from_millis(5));
+        let delay = common::guest::poll_delay(&mut self.iface, &self.sockets);
         self.nic.wait(delay);
     }
 

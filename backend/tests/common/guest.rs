@@ -7,7 +7,7 @@
 //! the repair helper.
 #![allow(dead_code)] // every test binary uses a different part of this module
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -27,6 +27,9 @@ pub const OUR_MAC: [u8; 6] = [0x9a, 0x55, 0x9a, 0x55, 0x9a, 0x55];
 pub const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 pub const GW_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 pub const GUEST_MTU: usize = 9014;
+pub const GUEST_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 2);
+/// The router's link-local address (baton's default IPv6 gateway).
+pub const GW_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// The guest's interface on `nic`: [`GUEST_MAC`], [`GUEST_V4`]/24, default route via
 /// [`GW_V4`].
@@ -45,6 +48,29 @@ pub fn interface<D: Device + ?Sized>(nic: &mut D) -> Interface {
         .add_default_ipv4_route(GW_V4)
         .expect("v4 route");
     iface
+}
+
+/// [`interface`] with IPv6 too: [`GUEST_V6`]/64, default route via [`GW_V6`] (for
+/// baton started with `common::DUAL_STACK`).
+pub fn dual_stack_interface<D: Device + ?Sized>(nic: &mut D) -> Interface {
+    let mut iface = interface(nic);
+    iface.update_ip_addrs(|a| {
+        a.push(IpCidr::new(IpAddress::Ipv6(GUEST_V6), 64))
+            .expect("v6");
+    });
+    iface
+        .routes_mut()
+        .add_default_ipv6_route(GW_V6)
+        .expect("v6 route");
+    iface
+}
+
+/// A smoltcp TCP socket with `rx` and `tx` bytes of buffer.
+pub fn tcp_socket(rx: usize, tx: usize) -> tcp::Socket<'static> {
+    tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; rx]),
+        tcp::SocketBuffer::new(vec![0; tx]),
+    )
 }
 
 /// How long the guest may sleep before smoltcp wants to be polled again: at most 5 ms,
@@ -108,10 +134,7 @@ impl Guest {
 
     /// A TCP socket with `rx` and `tx` bytes of buffer.
     pub fn socket(&mut self, rx: usize, tx: usize) -> SocketHandle {
-        self.sockets.add(tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; rx]),
-            tcp::SocketBuffer::new(vec![0; tx]),
-        ))
+        self.sockets.add(tcp_socket(rx, tx))
     }
 
     /// Connect `handle` from `local_port` to `to`.
