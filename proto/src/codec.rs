@@ -40,6 +40,14 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, EncodeError> {
     bincode::serde::encode_to_vec(value, config()).map_err(|e| EncodeError(e.to_string()))
 }
 
+/// Encode `value` with the baton configuration at the end of `out` (a buffer reused from
+/// message to message is not grown again for each).
+pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    bincode::serde::encode_into_std_write(value, out, config())
+        .map(drop)
+        .map_err(|e| EncodeError(e.to_string()))
+}
+
 /// Decode exactly one `T` from `bytes`; trailing bytes are an error.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     let (value, consumed) = bincode::serde::decode_from_slice::<T, _>(bytes, config())

@@ -10,6 +10,14 @@
 //! else. The writer ([`StreamWriter`]) runs the same per-record validation and the same
 //! limits, so a source fails *before* producing a stream its peer would refuse.
 //!
+//! Both directions make one pass over the bytes, a record at a time, so that a stream of
+//! tens of megabytes (10,000 flows with their socket queues) costs little more than
+//! copying it once: the writer encodes each body into one reused buffer and checksums it
+//! there, without building a [`Record`] (which would clone a flow's queues); the reader
+//! (`reader`) takes each record from a small reused buffer (`source`), checksums it,
+//! and decodes it while it is in the cache. The reader still reports errors as if it had
+//! checked all the framing and the checksum first (see `reader` for the order).
+//!
 //! # Layout
 //!
 //! All integers are **little-endian**, everywhere — record framing, bodies, sequence
@@ -95,7 +103,7 @@
 //! before its body is read or allocated.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 
 use serde::{Deserialize, Serialize};
 
@@ -485,7 +493,15 @@ impl Record {
     /// Whether an older reader that does not know the type may skip the record (its
     /// record flags then carry [`RECORD_FLAG_SKIPPABLE`]).
     pub fn skippable(&self) -> bool {
-        matches!(self, Record::TcpOptions(_))
+        match self {
+            Record::Device(_) => DeviceRecord::SKIPPABLE,
+            Record::Source(_) => SourceRecord::SKIPPABLE,
+            Record::Guest(_) => GuestRecord::SKIPPABLE,
+            Record::Forwards(_) => ForwardsRecord::SKIPPABLE,
+            Record::TcpFlow(_) => TcpFlowRecord::SKIPPABLE,
+            Record::UdpFlow(_) => UdpFlowRecord::SKIPPABLE,
+            Record::TcpOptions(_) => TcpOptionsRecord::SKIPPABLE,
+        }
     }
 
     /// The body bytes (bincode, [`crate::codec::config`]).
@@ -527,15 +543,13 @@ impl Record {
     /// Check every bound and consistency rule of the record on its own.
     pub fn validate(&self, snapshot: bool) -> Result<(), RecordError> {
         match self {
-            Record::Device(r) => r.validate(),
-            Record::Source(r) => r.validate(),
-            Record::Guest(r) => r.validate(),
-            Record::Forwards(r) => r.validate(),
-            Record::TcpFlow(r) => r.validate(snapshot),
-            Record::UdpFlow(r) => r.validate(),
-            // A bool and a flow id; that the id names a TCP flow is checked once the
-            // whole stream is read.
-            Record::TcpOptions(_) => Ok(()),
+            Record::Device(r) => r.check(snapshot),
+            Record::Source(r) => r.check(snapshot),
+            Record::Guest(r) => r.check(snapshot),
+            Record::Forwards(r) => r.check(snapshot),
+            Record::TcpFlow(r) => r.check(snapshot),
+            Record::UdpFlow(r) => r.check(snapshot),
+            Record::TcpOptions(r) => r.check(snapshot),
         }
     }
 }
@@ -1096,8 +1110,19 @@ pub enum StreamError {
 }
 
 // ---------------------------------------------------------------------------------------
-// Writer
+// What the writer and the reader share
 // ---------------------------------------------------------------------------------------
+
+/// What the duplicate checks need to know of a record.
+#[derive(Debug, Clone, Copy)]
+enum TallyKey {
+    /// A record that may appear once (Device, Source, Guest, Forwards), by type.
+    Singleton(u16),
+    /// A flow record (TCP or UDP): flow ids are unique across both.
+    Flow(FlowId),
+    /// A TcpOptions record, by the flow it names.
+    Options(FlowId),
+}
 
 /// Which singleton records were seen, and at which record index; flow ids in use.
 #[derive(Debug, Default)]
@@ -1109,41 +1134,49 @@ struct Tally {
 }
 
 impl Tally {
-    fn note(&mut self, record: &Record, index: u32, offset: u64) -> Result<(), StreamError> {
-        if let Record::TcpOptions(r) = record {
-            let id = r.flow.0;
-            if let Some(&first) = self.options.get(&id) {
-                return Err(StreamError::DuplicateOptions {
-                    index,
-                    offset,
-                    id,
-                    first,
-                });
+    fn note(&mut self, key: TallyKey, index: u32, offset: u64) -> Result<(), StreamError> {
+        use std::collections::hash_map::Entry;
+        let (seen, id) = match key {
+            TallyKey::Options(FlowId(id)) => (&mut self.options, id),
+            TallyKey::Flow(FlowId(id)) => (&mut self.flow_ids, id),
+            TallyKey::Singleton(ty) => {
+                return match self.singletons.entry(ty) {
+                    Entry::Occupied(first) => Err(StreamError::DuplicateRecord {
+                        index,
+                        offset,
+                        kind: record_type_name(ty),
+                        first: *first.get(),
+                    }),
+                    Entry::Vacant(slot) => {
+                        slot.insert(index);
+                        Ok(())
+                    }
+                };
             }
-            self.options.insert(id, index);
-        } else if let Some(FlowId(id)) = record.flow_id() {
-            if let Some(&first) = self.flow_ids.get(&id) {
-                return Err(StreamError::DuplicateFlowId {
-                    index,
-                    offset,
-                    id,
-                    first,
-                });
+        };
+        match seen.entry(id) {
+            Entry::Occupied(first) => {
+                let first = *first.get();
+                Err(match key {
+                    TallyKey::Options(_) => StreamError::DuplicateOptions {
+                        index,
+                        offset,
+                        id,
+                        first,
+                    },
+                    _ => StreamError::DuplicateFlowId {
+                        index,
+                        offset,
+                        id,
+                        first,
+                    },
+                })
             }
-            self.flow_ids.insert(id, index);
-        } else {
-            let ty = record.record_type();
-            if let Some(&first) = self.singletons.get(&ty) {
-                return Err(StreamError::DuplicateRecord {
-                    index,
-                    offset,
-                    kind: record_type_name(ty),
-                    first,
-                });
+            Entry::Vacant(slot) => {
+                slot.insert(index);
+                Ok(())
             }
-            self.singletons.insert(ty, index);
         }
-        Ok(())
     }
 
     fn check_required(&self) -> Result<(), StreamError> {
@@ -1158,15 +1191,99 @@ impl Tally {
     }
 }
 
+/// A record body type on its own, so that the writer checks and encodes one from a
+/// reference (a [`Record`] owns its body: building one for a flow would copy its queues)
+/// and the reader decodes one into its own type (no enum, no box).
+trait RecordBody: Serialize {
+    /// The record type number.
+    const TYPE: u16;
+    /// Written with [`RECORD_FLAG_SKIPPABLE`].
+    const SKIPPABLE: bool = false;
+    /// [`Record::validate`] of this body.
+    fn check(&self, snapshot: bool) -> Result<(), RecordError>;
+    fn tally_key(&self) -> TallyKey;
+}
+
+/// The records that may appear once and validate without context.
+macro_rules! singleton_body {
+    ($($body:ty => $type:expr),* $(,)?) => {$(
+        impl RecordBody for $body {
+            const TYPE: u16 = $type;
+            fn check(&self, _snapshot: bool) -> Result<(), RecordError> {
+                self.validate()
+            }
+            fn tally_key(&self) -> TallyKey {
+                TallyKey::Singleton(Self::TYPE)
+            }
+        }
+    )*};
+}
+
+singleton_body! {
+    DeviceRecord => record_type::DEVICE,
+    SourceRecord => record_type::SOURCE,
+    GuestRecord => record_type::GUEST,
+    ForwardsRecord => record_type::FORWARDS,
+}
+
+impl RecordBody for TcpFlowRecord {
+    const TYPE: u16 = record_type::TCP_FLOW;
+    fn check(&self, snapshot: bool) -> Result<(), RecordError> {
+        self.validate(snapshot)
+    }
+    fn tally_key(&self) -> TallyKey {
+        TallyKey::Flow(self.id)
+    }
+}
+
+impl RecordBody for UdpFlowRecord {
+    const TYPE: u16 = record_type::UDP_FLOW;
+    fn check(&self, _snapshot: bool) -> Result<(), RecordError> {
+        self.validate()
+    }
+    fn tally_key(&self) -> TallyKey {
+        TallyKey::Flow(self.id)
+    }
+}
+
+impl RecordBody for TcpOptionsRecord {
+    const TYPE: u16 = record_type::TCP_OPTIONS;
+    const SKIPPABLE: bool = true;
+    /// A bool and a flow id; that the id names a TCP flow is checked once the whole
+    /// stream is read.
+    fn check(&self, _snapshot: bool) -> Result<(), RecordError> {
+        Ok(())
+    }
+    fn tally_key(&self) -> TallyKey {
+        TallyKey::Options(self.flow)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Writer
+// ---------------------------------------------------------------------------------------
+
+/// How many stream bytes a [`StreamWriter`] gathers before it writes them out: several
+/// records per `write`, and enough that a caller's 64 KiB `BufWriter` passes them
+/// straight through instead of copying them again.
+const WRITE_CHUNK_BYTES: usize = 256 << 10;
+
 /// Writes a stream record by record, checksumming as it goes.
 ///
 /// Every record is validated as the reader would validate it, and the limits are the
 /// reader's: what this writer accepts, a reader with the same limits accepts.
 /// [`StreamWriter::finish`] writes the end record; a writer dropped without `finish`
 /// leaves a stream every reader refuses.
+///
+/// Records are encoded straight into the buffer of bytes not yet written out, and
+/// checksummed there: a body is copied once on its way from the caller's structures to
+/// `out`. A record refused (by validation or a limit) leaves none of its bytes behind.
 pub struct StreamWriter<W: Write> {
     out: W,
+    /// Stream bytes not yet written to `out`.
+    pending: Vec<u8>,
     crc: crc32fast::Hasher,
+    /// Bytes of the stream so far, `pending` included.
     offset: u64,
     records: u32,
     snapshot: bool,
@@ -1185,6 +1302,7 @@ impl<W: Write> StreamWriter<W> {
     pub fn with_header(out: W, header: StreamHeader, limits: Limits) -> Result<Self, StreamError> {
         let mut writer = StreamWriter {
             out,
+            pending: Vec::with_capacity(WRITE_CHUNK_BYTES),
             crc: crc32fast::Hasher::new(),
             offset: 0,
             records: 0,
@@ -1196,41 +1314,63 @@ impl<W: Write> StreamWriter<W> {
         Ok(writer)
     }
 
-    fn put(&mut self, bytes: &[u8]) -> Result<(), StreamError> {
-        let end = self.offset + bytes.len() as u64;
-        if end > self.limits.max_stream_bytes {
+    /// Refuse to grow the stream past the limit by `len` bytes.
+    fn check_size(&self, len: usize) -> Result<(), StreamError> {
+        if self.offset + len as u64 > self.limits.max_stream_bytes {
             return Err(StreamError::StreamTooLarge {
                 limit: self.limits.max_stream_bytes,
             });
         }
-        self.out.write_all(bytes)?;
+        Ok(())
+    }
+
+    /// Append bytes laid out by hand (stream header, end record).
+    fn put(&mut self, bytes: &[u8]) -> Result<(), StreamError> {
+        self.check_size(bytes.len())?;
+        self.pending.extend_from_slice(bytes);
         self.crc.update(bytes);
-        self.offset = end;
+        self.offset += bytes.len() as u64;
         Ok(())
     }
 
     /// Validate and write one record.
     pub fn write_record(&mut self, record: &Record) -> Result<(), StreamError> {
-        let kind = record_type_name(record.record_type());
+        match record {
+            Record::Device(r) => self.write_body(r),
+            Record::Source(r) => self.write_body(r),
+            Record::Guest(r) => self.write_body(r),
+            Record::Forwards(r) => self.write_body(r),
+            Record::TcpFlow(r) => self.write_body(&**r),
+            Record::UdpFlow(r) => self.write_body(r),
+            Record::TcpOptions(r) => self.write_body(r),
+        }
+    }
+
+    /// Validate and write one record body of a known type.
+    fn write_body<T: RecordBody>(&mut self, record: &T) -> Result<(), StreamError> {
+        let kind = record_type_name(T::TYPE);
         let (index, offset) = (self.records, self.offset);
         record
-            .validate(self.snapshot)
+            .check(self.snapshot)
             .map_err(|source| StreamError::Invalid {
                 index,
                 offset,
                 kind,
                 source,
             })?;
-        self.tally.note(record, index, offset)?;
-        let body = record
-            .encode_body()
-            .map_err(|source| StreamError::Encode { kind, source })?;
-        let flags = if record.skippable() {
+        self.tally.note(record.tally_key(), index, offset)?;
+        let start = self.pending.len();
+        self.pending.extend_from_slice(&[0; RECORD_HEADER_LEN]);
+        if let Err(source) = codec::encode_into(record, &mut self.pending) {
+            self.pending.truncate(start);
+            return Err(StreamError::Encode { kind, source });
+        }
+        let flags = if T::SKIPPABLE {
             RECORD_FLAG_SKIPPABLE
         } else {
             0
         };
-        self.write_raw_record(record.record_type(), flags, &body)
+        self.seal_record(start, T::TYPE, flags)
     }
 
     /// Write a record as given (no validation of the body): for record types this code
@@ -1244,39 +1384,66 @@ impl<W: Write> StreamWriter<W> {
         if record_type == record_type::END {
             return Err(StreamError::RawEndRecord);
         }
-        let (index, offset) = (self.records, self.offset);
-        if index >= self.limits.max_records {
-            return Err(StreamError::TooManyRecords {
-                index,
-                offset,
-                limit: self.limits.max_records,
-            });
-        }
-        let limit = self.limits.body_limit(record_type);
-        let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
-        if len > limit {
-            return Err(StreamError::RecordTooLarge {
-                index,
-                offset,
-                record_type,
-                kind: record_type_name(record_type),
-                len,
-                limit,
-            });
-        }
-        let mut head = [0u8; RECORD_HEADER_LEN];
-        head[0..2].copy_from_slice(&record_type.to_le_bytes());
-        head[2..4].copy_from_slice(&flags.to_le_bytes());
-        head[4..8].copy_from_slice(&len.to_le_bytes());
-        self.put(&head)?;
-        self.put(body)?;
+        let index = self.records;
+        let start = self.pending.len();
+        self.pending.extend_from_slice(&[0; RECORD_HEADER_LEN]);
+        self.pending.extend_from_slice(body);
+        self.seal_record(start, record_type, flags)?;
         if matches!(
             record_type,
             record_type::DEVICE | record_type::SOURCE | record_type::GUEST | record_type::FORWARDS
         ) {
             self.tally.singletons.entry(record_type).or_insert(index);
         }
+        Ok(())
+    }
+
+    /// The record whose body was just appended at `start + RECORD_HEADER_LEN`: check the
+    /// limits (dropping it if one is passed), fill in its header, checksum it, and write
+    /// out what has gathered.
+    fn seal_record(
+        &mut self,
+        start: usize,
+        record_type: u16,
+        flags: u16,
+    ) -> Result<(), StreamError> {
+        let (index, offset) = (self.records, self.offset);
+        let body_len = self.pending.len() - start - RECORD_HEADER_LEN;
+        let limit = self.limits.body_limit(record_type);
+        let len = u32::try_from(body_len).unwrap_or(u32::MAX);
+        let refused = if index >= self.limits.max_records {
+            Some(StreamError::TooManyRecords {
+                index,
+                offset,
+                limit: self.limits.max_records,
+            })
+        } else if len > limit {
+            Some(StreamError::RecordTooLarge {
+                index,
+                offset,
+                record_type,
+                kind: record_type_name(record_type),
+                len,
+                limit,
+            })
+        } else {
+            self.check_size(RECORD_HEADER_LEN + body_len).err()
+        };
+        if let Some(e) = refused {
+            self.pending.truncate(start);
+            return Err(e);
+        }
+        let head = &mut self.pending[start..start + RECORD_HEADER_LEN];
+        head[0..2].copy_from_slice(&record_type.to_le_bytes());
+        head[2..4].copy_from_slice(&flags.to_le_bytes());
+        head[4..8].copy_from_slice(&len.to_le_bytes());
+        self.crc.update(&self.pending[start..]);
+        self.offset += (RECORD_HEADER_LEN + body_len) as u64;
         self.records += 1;
+        if self.pending.len() >= WRITE_CHUNK_BYTES {
+            self.out.write_all(&self.pending)?;
+            self.pending.clear();
+        }
         Ok(())
     }
 
@@ -1291,6 +1458,7 @@ impl<W: Write> StreamWriter<W> {
         self.put(&end)?;
         let crc = self.crc.clone().finalize();
         self.put(&crc.to_le_bytes())?;
+        self.out.write_all(&self.pending)?;
         self.out.flush()?;
         Ok(self.out)
     }
@@ -1306,20 +1474,20 @@ pub fn write_stream<W: Write>(out: W, state: &MigrationState) -> Result<W, Strea
         0
     };
     let mut w = StreamWriter::new(out, flags)?;
-    w.write_record(&Record::Device(state.device))?;
-    w.write_record(&Record::Source(state.source.clone()))?;
-    w.write_record(&Record::Guest(state.guest))?;
+    w.write_body(&state.device)?;
+    w.write_body(&state.source)?;
+    w.write_body(&state.guest)?;
     if let Some(forwards) = &state.forwards {
-        w.write_record(&Record::Forwards(forwards.clone()))?;
+        w.write_body(forwards)?;
     }
     for flow in &state.tcp_flows {
-        w.write_record(&Record::TcpFlow(Box::new(flow.clone())))?;
+        w.write_body(flow)?;
         if let Some(options) = TcpOptionsRecord::for_flow(flow) {
-            w.write_record(&Record::TcpOptions(options))?;
+            w.write_body(&options)?;
         }
     }
     for flow in &state.udp_flows {
-        w.write_record(&Record::UdpFlow(*flow))?;
+        w.write_body(flow)?;
     }
     w.finish()
 }
@@ -1333,277 +1501,7 @@ pub fn encode_stream(state: &MigrationState) -> Result<Vec<u8>, StreamError> {
 // Reader
 // ---------------------------------------------------------------------------------------
 
-/// Read the whole stream from `input` (to EOF) and validate it with the default limits.
-pub fn read_stream<R: Read>(input: R) -> Result<MigrationState, StreamError> {
-    read_stream_with_limits(input, &Limits::DEFAULT)
-}
+mod reader;
+mod source;
 
-/// [`read_stream`] with explicit limits.
-pub fn read_stream_with_limits<R: Read>(
-    input: R,
-    limits: &Limits,
-) -> Result<MigrationState, StreamError> {
-    let mut bytes = Vec::new();
-    input
-        .take(limits.max_stream_bytes.saturating_add(1))
-        .read_to_end(&mut bytes)?;
-    decode_stream_with_limits(&bytes, limits)
-}
-
-/// Validate a stream held in memory with the default limits.
-pub fn decode_stream(bytes: &[u8]) -> Result<MigrationState, StreamError> {
-    decode_stream_with_limits(bytes, &Limits::DEFAULT)
-}
-
-/// One record located by the framing pass.
-struct Located<'a> {
-    index: u32,
-    offset: u64,
-    record_type: u16,
-    flags: u16,
-    body: &'a [u8],
-}
-
-/// Validate a stream held in memory.
-///
-/// Pass 1 walks the framing (header, record headers and limits, end record, count,
-/// trailing bytes) and verifies the checksum, so that a corrupted stream is reported as
-/// such rather than as whatever a flipped bit turned a body into. Pass 2 decodes and
-/// validates every record and assembles the state.
-pub fn decode_stream_with_limits(
-    bytes: &[u8],
-    limits: &Limits,
-) -> Result<MigrationState, StreamError> {
-    if bytes.len() as u64 > limits.max_stream_bytes {
-        return Err(StreamError::StreamTooLarge {
-            limit: limits.max_stream_bytes,
-        });
-    }
-    let header = StreamHeader::parse(bytes)?;
-    let records = walk_records(bytes, limits)?;
-    assemble(header, records)
-}
-
-fn truncated(offset: usize, what: &'static str, need: usize, have: usize) -> StreamError {
-    StreamError::Truncated {
-        offset: offset as u64,
-        what,
-        need: need as u64,
-        have: have as u64,
-    }
-}
-
-fn le_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-/// Pass 1: framing, limits, end record, checksum.
-fn walk_records<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Vec<Located<'a>>, StreamError> {
-    let mut records = Vec::new();
-    let mut offset = HEADER_LEN;
-    let mut index: u32 = 0;
-    loop {
-        let rest = bytes.get(offset..).unwrap_or_default();
-        let Some(head) = rest.get(..RECORD_HEADER_LEN) else {
-            return Err(truncated(
-                offset,
-                "record header",
-                RECORD_HEADER_LEN,
-                rest.len(),
-            ));
-        };
-        let record_type = le_u16(head, 0);
-        let flags = le_u16(head, 2);
-        let len = le_u32(head, 4);
-        if record_type == record_type::END {
-            if flags != 0 || len as usize != END_BODY_LEN {
-                return Err(StreamError::BadEndRecord {
-                    offset: offset as u64,
-                    flags,
-                    len,
-                });
-            }
-            let body_at = offset + RECORD_HEADER_LEN;
-            let Some(body) = bytes.get(body_at..body_at.saturating_add(END_BODY_LEN)) else {
-                return Err(truncated(
-                    body_at,
-                    "end record",
-                    END_BODY_LEN,
-                    bytes.len() - body_at,
-                ));
-            };
-            let counted = le_u32(body, 0);
-            let stored = le_u32(body, 4);
-            let end = body_at + END_BODY_LEN;
-            if bytes.len() > end {
-                return Err(StreamError::TrailingGarbage {
-                    offset: end as u64,
-                    len: (bytes.len() - end) as u64,
-                });
-            }
-            let covered = end - 4;
-            let computed = crc32fast::hash(&bytes[..covered]);
-            if computed != stored {
-                return Err(StreamError::ChecksumMismatch {
-                    stored,
-                    computed,
-                    covered: covered as u64,
-                });
-            }
-            if counted != index {
-                return Err(StreamError::RecordCount {
-                    offset: offset as u64,
-                    counted,
-                    found: index,
-                });
-            }
-            return Ok(records);
-        }
-        if index >= limits.max_records {
-            return Err(StreamError::TooManyRecords {
-                index,
-                offset: offset as u64,
-                limit: limits.max_records,
-            });
-        }
-        if flags & !RECORD_FLAGS_KNOWN != 0 {
-            return Err(StreamError::ReservedRecordFlags {
-                index,
-                offset: offset as u64,
-                flags,
-            });
-        }
-        let limit = limits.body_limit(record_type);
-        if len > limit {
-            return Err(StreamError::RecordTooLarge {
-                index,
-                offset: offset as u64,
-                record_type,
-                kind: record_type_name(record_type),
-                len,
-                limit,
-            });
-        }
-        let body_at = offset + RECORD_HEADER_LEN;
-        let Some(body) = bytes.get(body_at..body_at.saturating_add(len as usize)) else {
-            return Err(truncated(
-                body_at,
-                "record body",
-                len as usize,
-                bytes.len() - body_at,
-            ));
-        };
-        records.push(Located {
-            index,
-            offset: offset as u64,
-            record_type,
-            flags,
-            body,
-        });
-        offset = body_at + len as usize;
-        index += 1;
-    }
-}
-
-/// Pass 2: decode, validate, assemble.
-fn assemble(
-    header: StreamHeader,
-    records: Vec<Located<'_>>,
-) -> Result<MigrationState, StreamError> {
-    let snapshot = header.flags & HEADER_FLAG_SNAPSHOT != 0;
-    let mut tally = Tally::default();
-    let mut device = None;
-    let mut source = None;
-    let mut guest = None;
-    let mut forwards = None;
-    let mut tcp_flows = Vec::new();
-    let mut udp_flows = Vec::new();
-    let mut tcp_options = Vec::new();
-    let mut skipped = Vec::new();
-    for located in records {
-        let Located {
-            index,
-            offset,
-            record_type,
-            flags,
-            body,
-        } = located;
-        let kind = record_type_name(record_type);
-        let Some(decoded) = Record::decode_body(record_type, body) else {
-            if flags & RECORD_FLAG_SKIPPABLE != 0 {
-                skipped.push(SkippedRecord {
-                    index,
-                    offset,
-                    record_type,
-                    len: body.len() as u32,
-                });
-                continue;
-            }
-            return Err(StreamError::UnknownRecord {
-                index,
-                offset,
-                record_type,
-            });
-        };
-        let record = decoded.map_err(|source| StreamError::Malformed {
-            index,
-            offset,
-            kind,
-            source,
-        })?;
-        record
-            .validate(snapshot)
-            .map_err(|source| StreamError::Invalid {
-                index,
-                offset,
-                kind,
-                source,
-            })?;
-        tally.note(&record, index, offset)?;
-        match record {
-            Record::Device(r) => device = Some(r),
-            Record::Source(r) => source = Some(r),
-            Record::Guest(r) => guest = Some(r),
-            Record::Forwards(r) => forwards = Some(r),
-            Record::TcpFlow(r) => tcp_flows.push(*r),
-            Record::UdpFlow(r) => udp_flows.push(r),
-            Record::TcpOptions(r) => tcp_options.push((index, offset, r)),
-        }
-    }
-    tally.check_required()?;
-    let by_id: HashMap<FlowId, usize> = tcp_flows
-        .iter()
-        .enumerate()
-        .map(|(at, flow)| (flow.id, at))
-        .collect();
-    for (index, offset, options) in tcp_options {
-        let flow = by_id
-            .get(&options.flow)
-            .and_then(|&at| tcp_flows.get_mut(at));
-        let Some(flow) = flow else {
-            return Err(StreamError::OptionsForUnknownFlow {
-                index,
-                offset,
-                id: options.flow.0,
-            });
-        };
-        flow.guest_side.sack_permitted = options.sack_permitted;
-    }
-    let missing = |ty| StreamError::MissingRecord {
-        kind: record_type_name(ty),
-    };
-    Ok(MigrationState {
-        snapshot,
-        device: device.ok_or_else(|| missing(record_type::DEVICE))?,
-        source: source.ok_or_else(|| missing(record_type::SOURCE))?,
-        guest: guest.ok_or_else(|| missing(record_type::GUEST))?,
-        forwards,
-        tcp_flows,
-        udp_flows,
-        skipped,
-    })
-}
+pub use reader::{decode_stream, decode_stream_with_limits, read_stream, read_stream_with_limits};

@@ -15,92 +15,10 @@ use baton_proto::tcp::{Endpoint, MAX_QUEUE_BYTES};
 use proptest::prelude::*;
 
 mod common;
-use common::sample_state;
+use common::{guest_side, host_ends, sample_state, small_state, v4};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn v4(addr: [u8; 4], port: u16) -> Endpoint {
-    Endpoint::V4 { addr, port }
-}
-
-fn small_state() -> MigrationState {
-    MigrationState {
-        snapshot: false,
-        device: DeviceRecord {
-            acked_features: 0x0000_0001_6420_8000,
-            our_mac: [0x9a, 0x55, 0x9a, 0x55, 0x9a, 0x55],
-            mtu: 65520,
-        },
-        source: SourceRecord {
-            hostname: Some("h1".into()),
-            boot_id: None,
-            netns: NetnsIdentity {
-                cookie: Some(1),
-                dev: None,
-                inode: None,
-            },
-            uid: 1000,
-            handover: None,
-        },
-        guest: GuestRecord {
-            mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
-            ipv4: Some([10, 0, 2, 15]),
-            ipv6: None,
-            ipv6_link_local: None,
-        },
-        forwards: Some(ForwardsRecord {
-            tcp: vec![ForwardRuleRecord {
-                bind_addr: None,
-                bind_device: None,
-                host_first: 8080,
-                host_last: 8080,
-                guest_first: 80,
-                guest_last: 80,
-                guest_addr: None,
-            }],
-            udp: vec![],
-        }),
-        tcp_flows: vec![],
-        udp_flows: vec![UdpFlowRecord {
-            id: FlowId(7),
-            origin: FlowOrigin::Guest,
-            guest: v4([10, 0, 2, 15], 0x1234),
-            remote: v4([192, 0, 2, 1], 53),
-            host_local: None,
-            idle_left_ms: 30_000,
-        }],
-        skipped: vec![],
-    }
-}
-
-fn guest_side() -> GuestTcpSide {
-    GuestTcpSide {
-        origin: FlowOrigin::Guest,
-        guest: v4([10, 0, 2, 15], 0x1234),
-        remote: v4([192, 0, 2, 1], 80),
-        isn: 0xaabb_cc00,
-        seq_to_guest: 0xaabb_ccdd,
-        seq_max_to_guest: 0xaabb_ccdd,
-        seq_acked_by_guest: 0xaabb_ccd0,
-        seq_from_guest: 0x0102_0304,
-        fin_to_guest: None,
-        fin_from_guest: false,
-        wnd_from_guest: 65535,
-        wnd_to_guest: 131072,
-        ws_from_guest: 7,
-        ws_to_guest: 9,
-        mss_to_guest: 1460,
-        sack_permitted: false,
-    }
-}
-
-fn host_ends() -> HostSocketEnds {
-    HostSocketEnds {
-        local: v4([192, 0, 2, 100], 40000),
-        peer: v4([192, 0, 2, 1], 80),
-    }
 }
 
 fn full_state() -> MigrationState {
@@ -764,6 +682,53 @@ fn a_record_length_over_the_limit_is_refused_from_its_header() {
         .write_raw_record(record_type::FORWARDS, 0, &records[3].2)
         .expect_err("writer limit");
     assert!(matches!(err, StreamError::RecordTooLarge { .. }), "{err}");
+}
+
+/// A record the writer refuses (a limit, or its validation) leaves no trace: the stream
+/// finished afterwards is the one written without it, and the writer carries on.
+#[test]
+fn a_refused_record_leaves_nothing_behind() {
+    let state = full_state();
+    let expected = encode_stream(&state).expect("encode");
+    let tight = Limits {
+        max_small_record_bytes: 120,
+        ..Limits::DEFAULT
+    };
+    let mut w =
+        StreamWriter::with_header(Vec::new(), StreamHeader::current(0), tight).expect("writer");
+    w.write_record(&Record::Device(state.device))
+        .expect("device");
+    let err = w
+        .write_raw_record(record_type::FORWARDS, 0, &[0; 121])
+        .expect_err("over the small-record limit");
+    assert!(matches!(err, StreamError::RecordTooLarge { .. }), "{err}");
+    let mut bad_flow = state.tcp_flows[0].clone();
+    bad_flow.guest_side.mss_to_guest = 1;
+    let err = w
+        .write_record(&Record::TcpFlow(Box::new(bad_flow)))
+        .expect_err("invalid flow");
+    assert!(
+        matches!(err, StreamError::Invalid { index: 1, .. }),
+        "{err}"
+    );
+    w.write_record(&Record::Source(state.source.clone()))
+        .expect("source");
+    w.write_record(&Record::Guest(state.guest)).expect("guest");
+    let forwards = state.forwards.clone().expect("forwards");
+    w.write_record(&Record::Forwards(forwards))
+        .expect("forwards");
+    for flow in &state.tcp_flows {
+        w.write_record(&Record::TcpFlow(Box::new(flow.clone())))
+            .expect("flow");
+        if let Some(options) = TcpOptionsRecord::for_flow(flow) {
+            w.write_record(&Record::TcpOptions(options))
+                .expect("options");
+        }
+    }
+    for flow in &state.udp_flows {
+        w.write_record(&Record::UdpFlow(*flow)).expect("udp flow");
+    }
+    assert_eq!(hex(&w.finish().expect("finish")), hex(&expected));
 }
 
 #[test]
