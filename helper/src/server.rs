@@ -11,6 +11,7 @@
 //!  body decodes and validates ?               no ─▶ Error(Malformed / FdCountMismatch)
 //!  Hello first, and only once ?               no ─▶ Error(OutOfOrder)
 //!  Hello: versions overlap ?                  no ─▶ Error(IncompatibleVersion), exit 1
+//!  request newer than the agreed version ?    yes ─▶ Error(Unsupported)
 //!      ▼
 //!  per socket: validate (TCP, not MPTCP, expected state, our netns) ─▶ operation
 //!  close every received descriptor, then reply with one result per socket
@@ -29,8 +30,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use baton_proto::frame::FrameError;
 use baton_proto::repair::{
-    caps, request_tag, Hello, ProtocolError, ProtocolErrorKind, Reply, Request, RequestError,
-    RestoreReport, SocketError, SocketResult, REQUEST_NAMES,
+    caps, request_tag, FreezeCheck, Hello, PreDumped, ProgressMark, ProtocolError,
+    ProtocolErrorKind, Reply, Request, RequestError, RestoreReport, SocketError, SocketResult,
+    REQUEST_NAMES,
 };
 use baton_proto::tcp::{SocketFamily, TcpConnState, MAX_BATCH_QUEUE_BYTES};
 use baton_repair_ipc::transport::{self, ReceivedFrame, TransportError};
@@ -182,6 +184,7 @@ impl<'a> Session<'a> {
         if let Err(e) = request.validate(frame.fds.len()) {
             let kind = match e {
                 RequestError::StateCount { .. }
+                | RequestError::MarkCount { .. }
                 | RequestError::FdCount { .. }
                 | RequestError::TooManyFds { .. } => ProtocolErrorKind::FdCountMismatch,
                 _ => ProtocolErrorKind::Malformed,
@@ -201,6 +204,14 @@ impl<'a> Session<'a> {
             (request, None) => refuse(
                 ProtocolErrorKind::OutOfOrder,
                 format!("{} before Hello", request.name()),
+            ),
+            (request, Some(version)) if request.since_version() > version => refuse(
+                ProtocolErrorKind::Unsupported,
+                format!(
+                    "{} needs protocol version {}, this connection agreed on {version}",
+                    request.name(),
+                    request.since_version()
+                ),
             ),
             (Request::Dump, Some(_)) => (Reply::Dumped(self.dump(fds)), Next::Continue),
             (Request::Thaw, Some(_)) => {
@@ -229,6 +240,11 @@ impl<'a> Session<'a> {
             (Request::Restore(states), Some(_)) => {
                 (Reply::Restored(self.restore(fds, states)), Next::Continue)
             }
+            (Request::PreDump, Some(_)) => (Reply::PreDumped(self.pre_dump(fds)), Next::Continue),
+            (Request::FreezeCheck(marks), Some(_)) => (
+                Reply::FreezeChecked(self.freeze_check(fds, marks)),
+                Next::Continue,
+            ),
         }
     }
 
@@ -245,7 +261,11 @@ impl<'a> Session<'a> {
                 let ours = Hello {
                     min_version: version,
                     max_version: version,
-                    capabilities: caps::ALL_V1,
+                    capabilities: if version >= 2 {
+                        caps::ALL_V2
+                    } else {
+                        caps::ALL_V1
+                    },
                     software: concat!("baton-repair ", env!("CARGO_PKG_VERSION")).to_string(),
                 };
                 (Reply::Hello(ours), Next::Continue)
@@ -340,29 +360,54 @@ impl<'a> Session<'a> {
             self.each_socket_with("dump", items, Expect::Connected, |fd, _, family, _: &()| {
                 Ok(baton_tcp_repair::dump_as(fd, family)?)
             });
-        // The reply must fit in a frame: sockets whose queues would take it over the
-        // limit are given back live, in order, as if the batch had been dumped one by one.
-        let mut queue_bytes = 0usize;
-        for ((fd, _), result) in items.iter().zip(results.iter_mut()) {
-            let Ok(state) = result else { continue };
-            let size = state.send_queue.len() + state.recv_queue.len();
-            if queue_bytes.saturating_add(size) <= MAX_BATCH_QUEUE_BYTES {
-                queue_bytes += size;
-                continue;
-            }
-            if let Err(e) = baton_tcp_repair::thaw(fd.as_fd()) {
-                tracing::warn!("thaw after an oversized dump: {e}");
-            }
-            tracing::warn!("dump: {size} queued bytes do not fit in this batch's reply");
-            *result = Err(SocketError {
-                step: "dump: batch".into(),
-                errno: None,
-                detail: format!(
-                    "{size} queued bytes would take the reply over {MAX_BATCH_QUEUE_BYTES} \
-                     bytes; socket left live, retry it in a smaller batch"
-                ),
-            });
-        }
+        fit_reply("dump", &items, &mut results, |state| Some(state), true);
+        results
+    }
+
+    fn pre_dump(&mut self, fds: Vec<OwnedFd>) -> Vec<SocketResult<Option<PreDumped>>> {
+        let items = fds.into_iter().map(|fd| (fd, ())).collect();
+        let (items, mut results) = self.each_socket_with(
+            "pre-dump",
+            items,
+            Expect::Connected,
+            |fd, _, family, _: &()| Ok(baton_tcp_repair::pre_dump_as(fd, family)?),
+        );
+        // Pre-dumped sockets are live: nothing to undo for those left out.
+        fit_reply(
+            "pre-dump",
+            &items,
+            &mut results,
+            |pre: &Option<PreDumped>| pre.as_ref().map(|p| &p.state),
+            false,
+        );
+        results
+    }
+
+    fn freeze_check(
+        &mut self,
+        fds: Vec<OwnedFd>,
+        marks: Vec<ProgressMark>,
+    ) -> Vec<SocketResult<FreezeCheck>> {
+        // `validate` guaranteed one mark per socket.
+        let items = fds.into_iter().zip(marks).collect();
+        let (items, mut results) = self.each_socket_with(
+            "freeze check",
+            items,
+            Expect::Connected,
+            |fd, _, family, mark: &ProgressMark| {
+                Ok(baton_tcp_repair::freeze_check_as(fd, family, mark)?)
+            },
+        );
+        fit_reply(
+            "freeze check",
+            &items,
+            &mut results,
+            |check: &FreezeCheck| match check {
+                FreezeCheck::Dumped(state) => Some(state),
+                FreezeCheck::Unchanged { .. } => None,
+            },
+            true,
+        );
         results
     }
 
@@ -382,5 +427,42 @@ impl<'a> Session<'a> {
             },
         );
         results
+    }
+}
+
+/// The reply must fit in a frame: sockets whose queues would take it over the limit are
+/// reported as failed, in order, as if the batch had been sent one by one, and — when
+/// the operation left them frozen (`thaw`) — given back live first.
+fn fit_reply<X, T>(
+    op: &'static str,
+    items: &[(OwnedFd, X)],
+    results: &mut [SocketResult<T>],
+    state_of: impl Fn(&T) -> Option<&TcpConnState>,
+    thaw: bool,
+) {
+    let mut queue_bytes = 0usize;
+    for ((fd, _), result) in items.iter().zip(results.iter_mut()) {
+        let Some(state) = result.as_ref().ok().and_then(&state_of) else {
+            continue;
+        };
+        let size = state.send_queue.len() + state.recv_queue.len();
+        if queue_bytes.saturating_add(size) <= MAX_BATCH_QUEUE_BYTES {
+            queue_bytes += size;
+            continue;
+        }
+        if thaw {
+            if let Err(e) = baton_tcp_repair::thaw(fd.as_fd()) {
+                tracing::warn!("thaw after an oversized {op}: {e}");
+            }
+        }
+        tracing::warn!("{op}: {size} queued bytes do not fit in this batch's reply");
+        *result = Err(SocketError {
+            step: format!("{op}: batch"),
+            errno: None,
+            detail: format!(
+                "{size} queued bytes would take the reply over {MAX_BATCH_QUEUE_BYTES} \
+                 bytes; socket left live, retry it in a smaller batch"
+            ),
+        });
     }
 }

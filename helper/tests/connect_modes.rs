@@ -114,7 +114,7 @@ fn directory_mode_connects_once_a_repair_socket_appears() {
     let client = listener
         .accept(STEP)
         .expect("helper connects and says hello");
-    assert_eq!(client.helper_capabilities(), caps::ALL_V1);
+    assert_eq!(client.helper_capabilities(), caps::ALL_V2);
     drop(client);
     let (status, stderr) = wait_exit(&mut child);
     assert_eq!(status.code(), Some(0), "{stderr}");

@@ -14,6 +14,12 @@
 //! * A frame that cannot be understood gets a [`Reply::Error`]; the helper then carries on
 //!   with the next frame when the stream is still in sync (a body that did not decode), or
 //!   closes the connection when it is not (a bad header).
+//! * Version 2 adds the pre-dump pair ([`Request::PreDump`], [`Request::FreezeCheck`]):
+//!   read a live connection's state ahead of time, then at the freeze check with the
+//!   kernel's own progress counters ([`ProgressMark`]) that nothing moved since. Their
+//!   tags come after every version-1 tag, so version-1 messages encode as before; a
+//!   client sends them only when version 2 was negotiated (a version-1 helper answers an
+//!   unknown tag with [`ProtocolErrorKind::UnknownOperation`] and stays in sync).
 
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +29,7 @@ use crate::tcp::{StateError, TcpConnState, MAX_BATCH_QUEUE_BYTES};
 /// Oldest protocol version this build speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 2;
 /// Longest software identification string in a hello.
 pub const MAX_SOFTWARE_LEN: usize = 64;
 /// Longest free-text detail in an error.
@@ -43,6 +49,10 @@ pub mod caps {
     pub const FREEZE: u64 = 1 << 4;
     /// Everything version 1 defines.
     pub const ALL_V1: u64 = DUMP | THAW | RESTORE | SET_REPAIR | FREEZE;
+    /// Pre-dump live sockets and freeze-check them later (version 2).
+    pub const PRE_DUMP: u64 = 1 << 5;
+    /// Everything version 2 defines.
+    pub const ALL_V2: u64 = ALL_V1 | PRE_DUMP;
 }
 
 /// A backend's request. Its wire tag is the variant index (u32, little-endian).
@@ -64,10 +74,69 @@ pub enum Request {
     /// the filter itself, which needs no privilege, while attaching one needs
     /// `CAP_NET_ADMIN` on some kernels.
     Freeze,
+    /// Version 2. Read each attached *live* socket's complete state without freezing it
+    /// (no filter; repair mode only while reading, left without a window probe), with
+    /// the [`ProgressMark`] read before and after. The sockets stay live. The caller
+    /// must do no I/O on them during the request.
+    PreDump,
+    /// Version 2. Freeze each attached socket exactly as [`Request::Dump`] does, then
+    /// compare its [`ProgressMark`] with the one given (one mark per socket, same order):
+    /// unchanged, only the fresh TCP timestamp clock and `SO_PEEK_OFF` are returned;
+    /// changed, the full state. The sockets stay frozen either way.
+    FreezeCheck(Vec<ProgressMark>),
 }
 
 /// Names of the request variants in tag order (for error messages).
-pub const REQUEST_NAMES: [&str; 6] = ["Hello", "Dump", "Thaw", "Restore", "SetRepair", "Freeze"];
+pub const REQUEST_NAMES: [&str; 8] = [
+    "Hello",
+    "Dump",
+    "Thaw",
+    "Restore",
+    "SetRepair",
+    "Freeze",
+    "PreDump",
+    "FreezeCheck",
+];
+
+/// The kernel's own progress counters of one connection: if none of them moved between
+/// two readings, nothing in the connection's dumpable state moved either, except the TCP
+/// timestamp clock (which runs with time) and `SO_PEEK_OFF` (which peeks move). The
+/// reasoning, checked against the kernel source, is in `baton_tcp_repair`'s `predump`
+/// module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ProgressMark {
+    /// `tcpi_state`.
+    pub state: u8,
+    /// `tcpi_segs_in`: segments that reached TCP (after the socket filter).
+    pub segs_in: u32,
+    /// `tcpi_segs_out`: segments transmitted, retransmissions and ACKs included.
+    pub segs_out: u32,
+    /// `SIOCINQ`: bytes in the receive queue.
+    pub inq: u32,
+    /// `SIOCOUTQ`: bytes in the send queue (`write_seq - snd_una`).
+    pub outq: u32,
+}
+
+/// One socket's pre-dump: its state as read while live, and the mark it was read at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreDumped {
+    pub state: TcpConnState,
+    pub mark: ProgressMark,
+}
+
+/// One socket's answer to a freeze check. The socket is frozen either way.
+// Not boxed: `Reply::Dumped` carries states unboxed too, a batch's results are one
+// allocation either way, and the agreed API matches on `Dumped(TcpConnState)`.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FreezeCheck {
+    /// The mark did not move: the pre-dumped state holds, with this fresh TCP timestamp
+    /// clock (`TCP_TIMESTAMP`) and `SO_PEEK_OFF` in place of the pre-dumped ones (the
+    /// other socket options are the pre-dump's: baton sets them at connect time).
+    Unchanged { timestamp: u32, peek_off: i32 },
+    /// The mark moved: the complete state, dumped now from the frozen socket.
+    Dumped(TcpConnState),
+}
 
 /// Repair-mode values of `TCP_REPAIR`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -119,6 +188,25 @@ impl Hello {
     }
 }
 
+impl FreezeCheck {
+    /// The state to restore: `pre_dumped` (the state of the matching [`PreDumped`]) with
+    /// the fresh timestamp clock and peek offset, or the state dumped at the check.
+    pub fn into_state(self, pre_dumped: TcpConnState) -> TcpConnState {
+        match self {
+            FreezeCheck::Unchanged {
+                timestamp,
+                peek_off,
+            } => {
+                let mut state = pre_dumped;
+                state.timestamp = timestamp;
+                state.sockopts.peek_off = peek_off;
+                state
+            }
+            FreezeCheck::Dumped(state) => state,
+        }
+    }
+}
+
 /// The helper's reply. Its wire tag is the variant index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
@@ -132,6 +220,11 @@ pub enum Reply {
     Error(ProtocolError),
     /// Answer to [`Request::Freeze`] (after `Error` so that older tags keep their values).
     Frozen(Vec<SocketResult<()>>),
+    /// Version 2: answer to [`Request::PreDump`]. `None`: the connection moved while it
+    /// was being read (no state; try again later, or dump it at the freeze).
+    PreDumped(Vec<SocketResult<Option<PreDumped>>>),
+    /// Version 2: answer to [`Request::FreezeCheck`].
+    FreezeChecked(Vec<SocketResult<FreezeCheck>>),
 }
 
 /// The outcome for one socket of a batch.
@@ -221,6 +314,8 @@ pub enum RequestError {
     BatchTooLarge(usize),
     #[error("{op}: {fds} file descriptors, at most {MAX_FDS}")]
     TooManyFds { op: &'static str, fds: usize },
+    #[error("freeze check: {marks} marks for {fds} sockets")]
+    MarkCount { marks: usize, fds: usize },
     #[error("{op}: expects {expected} file descriptors, got {got}")]
     FdCount {
         op: &'static str,
@@ -239,6 +334,17 @@ impl Request {
             Request::Restore(_) => "Restore",
             Request::SetRepair(_) => "SetRepair",
             Request::Freeze => "Freeze",
+            Request::PreDump => "PreDump",
+            Request::FreezeCheck(_) => "FreezeCheck",
+        }
+    }
+
+    /// The protocol version that introduced this request: a peer that negotiated an
+    /// older one must not send it (and the helper refuses it as unsupported).
+    pub fn since_version(&self) -> u16 {
+        match self {
+            Request::PreDump | Request::FreezeCheck(_) => 2,
+            _ => 1,
         }
     }
 
@@ -261,7 +367,19 @@ impl Request {
                     });
                 }
             }
-            Request::Dump | Request::Thaw | Request::SetRepair(_) | Request::Freeze => {}
+            Request::Dump
+            | Request::Thaw
+            | Request::SetRepair(_)
+            | Request::Freeze
+            | Request::PreDump => {}
+            Request::FreezeCheck(marks) => {
+                if marks.len() != fds {
+                    return Err(RequestError::MarkCount {
+                        marks: marks.len(),
+                        fds,
+                    });
+                }
+            }
             Request::Restore(states) => {
                 if states.len() != fds {
                     return Err(RequestError::StateCount {

@@ -2,7 +2,10 @@
 //! changed: that needs a new protocol version (and a new vector), not an edited one.
 
 use baton_proto::frame::{split_frame, FrameHeader};
-use baton_proto::repair::{Hello, RepairMode, Reply, Request, RestoreReport, SocketError};
+use baton_proto::repair::{
+    FreezeCheck, Hello, PreDumped, ProgressMark, RepairMode, Reply, Request, RestoreReport,
+    SocketError,
+};
 use baton_proto::{decode, encode};
 
 mod common;
@@ -168,4 +171,93 @@ fn freeze_request_and_reply() {
         &Reply::Frozen(vec![Ok(())]),
         concat!("06000000", "0100000000000000", "00000000"),
     );
+}
+
+/// Version 2: the pre-dump pair. Tags after every version-1 tag (requests 6 and 7,
+/// replies 7 and 8), so that the version-1 vectors above stay valid.
+#[test]
+fn pre_dump_and_freeze_check_messages() {
+    let mark = ProgressMark {
+        state: 1,
+        segs_in: 0x0102_0304,
+        segs_out: 5,
+        inq: 6,
+        outq: 7,
+    };
+    check(&Request::PreDump, "06000000");
+    check(
+        &Request::FreezeCheck(vec![mark]),
+        concat!(
+            "07000000",
+            "0100000000000000", // one mark
+            "01",               // state ESTABLISHED
+            "04030201",         // segs_in
+            "05000000",         // segs_out
+            "06000000",         // inq
+            "07000000",         // outq
+        ),
+    );
+    let state = sample_state();
+    let state_hex = hex(&encode(&state).expect("encode state"));
+    check(
+        &Reply::PreDumped(vec![
+            Ok(None),
+            Ok(Some(PreDumped {
+                state: state.clone(),
+                mark,
+            })),
+        ]),
+        &[
+            "07000000",
+            "0200000000000000", // two results
+            "00000000",         // Ok
+            "00",               // None
+            "00000000",         // Ok
+            "01",               // Some
+            &state_hex,
+            "01040302010500000006000000", // the mark
+            "07000000",
+        ]
+        .concat(),
+    );
+    check(
+        &Reply::FreezeChecked(vec![
+            Ok(FreezeCheck::Unchanged {
+                timestamp: 0x11223344,
+                peek_off: -1,
+            }),
+            Ok(FreezeCheck::Dumped(state.clone())),
+        ]),
+        &[
+            "08000000",
+            "0200000000000000",
+            "00000000", // Ok
+            "00000000", // Unchanged
+            "44332211",
+            "ffffffff",
+            "00000000", // Ok
+            "01000000", // Dumped
+            &state_hex,
+        ]
+        .concat(),
+    );
+}
+
+#[test]
+fn freeze_check_result_gives_the_state_to_restore() {
+    let pre = sample_state();
+    let unchanged = FreezeCheck::Unchanged {
+        timestamp: pre.timestamp.wrapping_add(1234),
+        peek_off: 17,
+    }
+    .into_state(pre.clone());
+    assert_eq!(unchanged.timestamp, pre.timestamp.wrapping_add(1234));
+    assert_eq!(unchanged.sockopts.peek_off, 17);
+    let mut rest = unchanged.clone();
+    rest.timestamp = pre.timestamp;
+    rest.sockopts.peek_off = pre.sockopts.peek_off;
+    assert_eq!(rest, pre, "nothing else changes");
+    let mut other = sample_state();
+    other.rcv_nxt = other.rcv_nxt.wrapping_add(9);
+    assert_eq!(FreezeCheck::Dumped(other.clone()).into_state(pre), other);
 }

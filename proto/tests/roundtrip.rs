@@ -5,7 +5,10 @@
 use baton_proto::frame::{
     split_frame, FrameError, FrameHeader, SplitError, HEADER_LEN, MAX_BODY_LEN, MAX_FDS,
 };
-use baton_proto::repair::{Hello, RepairMode, Reply, Request, RestoreReport, SocketError};
+use baton_proto::repair::{
+    FreezeCheck, Hello, PreDumped, ProgressMark, RepairMode, Reply, Request, RestoreReport,
+    SocketError,
+};
 use baton_proto::tcp::{
     Endpoint, NegotiatedOptions, RepairWindow, SocketFamily, SocketOptions, TcpConnState, TcpState,
     WindowScale,
@@ -156,6 +159,33 @@ fn socket_error() -> impl Strategy<Value = SocketError> {
     })
 }
 
+fn progress_mark() -> impl Strategy<Value = ProgressMark> {
+    (
+        any::<u8>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+    )
+        .prop_map(|(state, segs_in, segs_out, inq, outq)| ProgressMark {
+            state,
+            segs_in,
+            segs_out,
+            inq,
+            outq,
+        })
+}
+
+fn freeze_check() -> impl Strategy<Value = FreezeCheck> {
+    prop_oneof![
+        (any::<u32>(), any::<i32>()).prop_map(|(timestamp, peek_off)| FreezeCheck::Unchanged {
+            timestamp,
+            peek_off
+        }),
+        conn_state().prop_map(FreezeCheck::Dumped),
+    ]
+}
+
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
         (any::<u16>(), any::<u16>(), any::<u64>(), ".{0,64}").prop_map(|(a, b, c, d)| {
@@ -169,6 +199,8 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::Dump),
         Just(Request::Thaw),
         Just(Request::Freeze),
+        Just(Request::PreDump),
+        proptest::collection::vec(progress_mark(), 0..8).prop_map(Request::FreezeCheck),
         proptest::collection::vec(conn_state(), 0..4).prop_map(Request::Restore),
         prop_oneof![
             Just(RepairMode::On),
@@ -202,6 +234,21 @@ fn reply() -> impl Strategy<Value = Reply> {
             0..4
         )
         .prop_map(Reply::Thawed),
+        proptest::collection::vec(
+            prop_oneof![
+                Just(Ok(None)),
+                (conn_state(), progress_mark())
+                    .prop_map(|(state, mark)| Ok(Some(PreDumped { state, mark }))),
+                socket_error().prop_map(Err)
+            ],
+            0..4
+        )
+        .prop_map(Reply::PreDumped),
+        proptest::collection::vec(
+            prop_oneof![freeze_check().prop_map(Ok), socket_error().prop_map(Err)],
+            0..4
+        )
+        .prop_map(Reply::FreezeChecked),
     ]
 }
 
@@ -225,6 +272,13 @@ proptest! {
         let bytes = encode(&req).expect("encode");
         let cut = cut.index(bytes.len());
         prop_assert!(decode::<Request>(&bytes[..cut]).is_err());
+    }
+
+    #[test]
+    fn every_reply_truncation_is_an_error(rep in reply(), cut in any::<prop::sample::Index>()) {
+        let bytes = encode(&rep).expect("encode");
+        let cut = cut.index(bytes.len());
+        prop_assert!(decode::<Reply>(&bytes[..cut]).is_err());
     }
 
     #[test]

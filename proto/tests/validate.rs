@@ -128,3 +128,30 @@ fn version_negotiation_picks_the_highest_common_version() {
     };
     assert!(inverted.negotiate().is_err());
 }
+
+#[test]
+fn freeze_check_needs_one_mark_per_socket_and_version_2() {
+    use baton_proto::repair::ProgressMark;
+    let mark = ProgressMark {
+        state: 1,
+        segs_in: 1,
+        segs_out: 2,
+        inq: 0,
+        outq: 0,
+    };
+    let check = Request::FreezeCheck(vec![mark; 3]);
+    check.validate(3).expect("three marks, three fds");
+    assert_eq!(
+        check.validate(2),
+        Err(RequestError::MarkCount { marks: 3, fds: 2 })
+    );
+    assert!(matches!(
+        Request::FreezeCheck(vec![mark; MAX_FDS + 1]).validate(MAX_FDS + 1),
+        Err(RequestError::TooManyFds { .. })
+    ));
+    Request::PreDump.validate(MAX_FDS).expect("a full batch");
+    assert_eq!(check.since_version(), 2);
+    assert_eq!(Request::PreDump.since_version(), 2);
+    assert_eq!(Request::Dump.since_version(), 1);
+    assert_eq!(Request::Freeze.since_version(), 1);
+}

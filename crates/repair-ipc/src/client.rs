@@ -20,6 +20,12 @@
 //!   and concatenates the per-socket results in the caller's order. Dump and restore
 //!   keep two requests in flight, so that the helper works on the next batch while we
 //!   decode the last reply (`exchange_pipelined` says why that cannot deadlock).
+//! * Pre-dump ([`RepairClient::pre_dump`], [`RepairClient::freeze_check`]) needs protocol
+//!   version 2 and the helper's [`caps::PRE_DUMP`]; [`RepairClient::supports_pre_dump`]
+//!   says whether the helper has them, and without them the two methods fail before
+//!   sending anything ([`ClientError::NeedsVersion`] / [`ClientError::NotOffered`]), so
+//!   a version-1 helper keeps working with plain dumps. Both batch and pipeline like
+//!   dump.
 //! * One request, one reply. A transport failure (timeout, closed, undecodable reply)
 //!   leaves the stream in an unknown position, so the client then refuses further use
 //!   ([`ClientError::Broken`]); a well-formed but wrong reply does not.
@@ -38,8 +44,8 @@ use std::time::{Duration, Instant};
 
 use baton_proto::frame::MAX_FDS;
 use baton_proto::repair::{
-    caps, Hello, ProtocolError, RepairMode, Reply, RestoreReport, SocketResult,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    caps, FreezeCheck, Hello, PreDumped, ProgressMark, ProtocolError, RepairMode, Reply,
+    RestoreReport, SocketResult, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 use baton_proto::tcp::{StateError, TcpConnState, MAX_BATCH_QUEUE_BYTES};
 use baton_proto::DecodeError;
@@ -93,6 +99,12 @@ pub enum ClientError {
     BadHello(String),
     #[error("repair helper does not offer {op} (offers capabilities {offered:#x})")]
     NotOffered { op: &'static str, offered: u64 },
+    #[error("repair helper speaks protocol version {version}; {op} needs version {needs}")]
+    NeedsVersion {
+        op: &'static str,
+        needs: u16,
+        version: u16,
+    },
     #[error("restore: state {index} is invalid: {source}")]
     InvalidState {
         index: usize,
@@ -151,6 +163,8 @@ enum RequestOnWire<'a> {
     Restore(Vec<&'a TcpConnState>),
     SetRepair(RepairMode),
     Freeze,
+    PreDump,
+    FreezeCheck(&'a [ProgressMark]),
 }
 
 impl RequestOnWire<'_> {
@@ -162,6 +176,8 @@ impl RequestOnWire<'_> {
             RequestOnWire::Restore(_) => "Restore",
             RequestOnWire::SetRepair(_) => "SetRepair",
             RequestOnWire::Freeze => "Freeze",
+            RequestOnWire::PreDump => "PreDump",
+            RequestOnWire::FreezeCheck(_) => "FreezeCheck",
         }
     }
 }
@@ -175,6 +191,8 @@ fn reply_name(reply: &Reply) -> &'static str {
         Reply::RepairSet(_) => "RepairSet",
         Reply::Error(_) => "Error",
         Reply::Frozen(_) => "Frozen",
+        Reply::PreDumped(_) => "PreDumped",
+        Reply::FreezeChecked(_) => "FreezeChecked",
     }
 }
 
@@ -192,7 +210,7 @@ impl RepairClient {
             version: 0,
             helper_hello: Hello::ours(0),
         };
-        let ours = Hello::ours(caps::ALL_V1);
+        let ours = Hello::ours(caps::ALL_V2);
         let reply = client.exchange(&RequestOnWire::Hello(&ours), &[])?;
         let theirs = match reply {
             Reply::Hello(theirs) => theirs,
@@ -440,6 +458,88 @@ impl RepairClient {
         Ok(results)
     }
 
+    /// Whether the helper takes [`RepairClient::pre_dump`] and
+    /// [`RepairClient::freeze_check`]: protocol version 2 was negotiated and the helper
+    /// offers [`caps::PRE_DUMP`]. Otherwise use [`RepairClient::dump`] at the freeze.
+    pub fn supports_pre_dump(&self) -> bool {
+        self.version >= 2 && self.helper_hello.capabilities & caps::PRE_DUMP != 0
+    }
+
+    /// Read each *live* socket's complete state without freezing it, for a later
+    /// [`RepairClient::freeze_check`] (one result per socket, in order). `Ok(None)`: the
+    /// connection moved while the helper read it; try again later or dump it at the
+    /// freeze. The sockets stay live; the caller must do no I/O on them until this
+    /// returns.
+    pub fn pre_dump(
+        &mut self,
+        sockets: &[BorrowedFd<'_>],
+    ) -> Result<Vec<SocketResult<Option<PreDumped>>>, ClientError> {
+        self.require_pre_dump("PreDump")?;
+        let sizes: Vec<usize> = sockets.iter().map(|fd| queued_bytes(*fd)).collect();
+        let batches: Vec<(RequestOnWire<'_>, &[BorrowedFd<'_>])> = plan_batches(&sizes)
+            .into_iter()
+            .map(|batch| (RequestOnWire::PreDump, &sockets[batch]))
+            .collect();
+        let mut results = Vec::with_capacity(sockets.len());
+        self.exchange_pipelined(&batches, |fds, reply| match reply {
+            Reply::PreDumped(states) => {
+                check_count("PreDump", fds, states.len())?;
+                results.extend(states);
+                Ok(())
+            }
+            other => Err(wrong_reply("PreDump", other)),
+        })?;
+        Ok(results)
+    }
+
+    /// Freeze each socket exactly as [`RepairClient::dump`] does and check it against
+    /// the progress mark of its pre-dump: [`FreezeCheck::Unchanged`] (use the pre-dumped
+    /// state with the fresh timestamp and peek offset, [`FreezeCheck::into_state`]) or
+    /// [`FreezeCheck::Dumped`] (the complete state, read now). One result per socket, in
+    /// order; the sockets stay frozen, undo with [`RepairClient::thaw`].
+    pub fn freeze_check(
+        &mut self,
+        items: &[(BorrowedFd<'_>, ProgressMark)],
+    ) -> Result<Vec<SocketResult<FreezeCheck>>, ClientError> {
+        self.require_pre_dump("FreezeCheck")?;
+        let sizes: Vec<usize> = items.iter().map(|(fd, _)| queued_bytes(*fd)).collect();
+        let fds: Vec<BorrowedFd<'_>> = items.iter().map(|(fd, _)| *fd).collect();
+        let marks: Vec<ProgressMark> = items.iter().map(|(_, mark)| *mark).collect();
+        let batches: Vec<(RequestOnWire<'_>, &[BorrowedFd<'_>])> = plan_batches(&sizes)
+            .into_iter()
+            .map(|batch| {
+                (
+                    RequestOnWire::FreezeCheck(&marks[batch.clone()]),
+                    &fds[batch],
+                )
+            })
+            .collect();
+        let mut results = Vec::with_capacity(items.len());
+        self.exchange_pipelined(&batches, |fds, reply| match reply {
+            Reply::FreezeChecked(checks) => {
+                check_count("FreezeCheck", fds, checks.len())?;
+                results.extend(checks);
+                Ok(())
+            }
+            other => Err(wrong_reply("FreezeCheck", other)),
+        })?;
+        Ok(results)
+    }
+
+    fn require_pre_dump(&self, op: &'static str) -> Result<(), ClientError> {
+        if self.supports_pre_dump() {
+            Ok(())
+        } else if self.version < 2 {
+            Err(ClientError::NeedsVersion {
+                op,
+                needs: 2,
+                version: self.version,
+            })
+        } else {
+            self.require(caps::PRE_DUMP, op)
+        }
+    }
+
     fn require(&self, capability: u64, op: &'static str) -> Result<(), ClientError> {
         if self.helper_hello.capabilities & capability == capability {
             Ok(())
@@ -471,9 +571,10 @@ impl RepairClient {
     /// to `on_reply` with the batch's descriptor count. Two requests are kept in flight:
     /// the helper starts on batch k+1 as soon as it has answered batch k, while we decode
     /// that answer. This cannot deadlock on full socket buffers because no request kind
-    /// has both a large request and a large reply: dump requests are a few bytes (and
-    /// their replies large), restore requests large (and their replies a few KiB, far
-    /// below a socket buffer), so whichever side writes the large message finds the
+    /// has both a large request and a large reply: dump and pre-dump requests are a few
+    /// bytes and freeze-check requests a few KiB (17 bytes per mark), their replies
+    /// large; restore requests large (and their replies a few KiB, far below a socket
+    /// buffer), so whichever side writes the large message finds the
     /// other side's small one already buffered. After the first error (from `on_reply`
     /// or a refusal) nothing more is sent, the reply to the request still in flight is
     /// read (and dropped, like the results of earlier batches) so that the stream stays
@@ -867,9 +968,10 @@ mod tests {
 
     #[test]
     fn borrowed_request_encodes_like_the_proto_request() {
-        let hello = Hello::ours(caps::ALL_V1);
+        let hello = Hello::ours(caps::ALL_V2);
         let a = sample_state(10);
         let b = sample_state(0);
+        let marks = [mark(1), mark(2)];
         let cases: Vec<(RequestOnWire<'_>, Request)> = vec![
             (RequestOnWire::Hello(&hello), Request::Hello(hello.clone())),
             (RequestOnWire::Dump, Request::Dump),
@@ -881,6 +983,12 @@ mod tests {
             (
                 RequestOnWire::SetRepair(RepairMode::OffNoWindowProbe),
                 Request::SetRepair(RepairMode::OffNoWindowProbe),
+            ),
+            (RequestOnWire::Freeze, Request::Freeze),
+            (RequestOnWire::PreDump, Request::PreDump),
+            (
+                RequestOnWire::FreezeCheck(&marks),
+                Request::FreezeCheck(marks.to_vec()),
             ),
         ];
         for (ours, theirs) in cases {
@@ -926,10 +1034,162 @@ mod tests {
     }
 
     fn hello_reply() -> Reply {
-        let mut hello = Hello::ours(caps::ALL_V1);
+        let mut hello = Hello::ours(caps::ALL_V2);
         hello.min_version = PROTOCOL_VERSION_MAX;
         hello.max_version = PROTOCOL_VERSION_MAX;
         Reply::Hello(hello)
+    }
+
+    /// What a version-1 helper answers to a hello.
+    fn v1_hello_reply() -> Reply {
+        let mut hello = Hello::ours(caps::ALL_V1);
+        hello.min_version = 1;
+        hello.max_version = 1;
+        Reply::Hello(hello)
+    }
+
+    fn mark(n: u32) -> ProgressMark {
+        ProgressMark {
+            state: 1,
+            segs_in: n,
+            segs_out: n + 1,
+            inq: 0,
+            outq: n,
+        }
+    }
+
+    #[test]
+    fn a_version_1_helper_gets_no_pre_dump_requests() {
+        let (stream, helper) = fake_helper(|request, fds| match request {
+            Request::Hello(_) => v1_hello_reply(),
+            Request::Dump => Reply::Dumped(vec![Ok(sample_state(0)); fds]),
+            _ => Reply::Error(ProtocolError::new(
+                ProtocolErrorKind::UnknownOperation,
+                "v1",
+            )),
+        });
+        let mut client = RepairClient::from_stream(stream, Duration::from_secs(5)).expect("hello");
+        assert_eq!(client.version(), 1);
+        assert!(!client.supports_pre_dump());
+        let (s, _t) = UnixStream::pair().expect("pair");
+        let err = client.pre_dump(&[s.as_fd()]).expect_err("v1");
+        assert!(
+            matches!(
+                err,
+                ClientError::NeedsVersion {
+                    op: "PreDump",
+                    needs: 2,
+                    version: 1
+                }
+            ),
+            "{err}"
+        );
+        let err = client
+            .freeze_check(&[(s.as_fd(), mark(1))])
+            .expect_err("v1");
+        assert!(matches!(err, ClientError::NeedsVersion { .. }), "{err}");
+        // Plain dumps still work, and nothing else was sent.
+        assert_eq!(client.dump(&[s.as_fd()]).expect("dump").len(), 1);
+        drop(client);
+        assert_eq!(helper.join().expect("join"), 2, "hello and one dump");
+    }
+
+    #[test]
+    fn a_version_2_helper_without_the_capability_is_not_asked() {
+        let (stream, _helper) = fake_helper(|request, _| match request {
+            Request::Hello(_) => {
+                let mut hello = Hello::ours(caps::ALL_V1);
+                hello.min_version = 2;
+                hello.max_version = 2;
+                Reply::Hello(hello)
+            }
+            _ => Reply::Error(ProtocolError::new(ProtocolErrorKind::Unsupported, "no")),
+        });
+        let mut client = RepairClient::from_stream(stream, Duration::from_secs(5)).expect("hello");
+        assert!(!client.supports_pre_dump());
+        let (s, _t) = UnixStream::pair().expect("pair");
+        let err = client.pre_dump(&[s.as_fd()]).expect_err("no capability");
+        assert!(
+            matches!(err, ClientError::NotOffered { op: "PreDump", .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pre_dump_and_freeze_check_batch_in_order_with_their_marks() {
+        // The fake helper answers a pre-dump with None for odd indices and a state whose
+        // rcv_nxt is the batch size for even ones; a freeze check with Unchanged whose
+        // timestamp echoes the mark's segs_in, so marks must travel with their sockets.
+        let (stream, helper) = fake_helper(|request, fds| match request {
+            Request::Hello(_) => hello_reply(),
+            Request::PreDump => Reply::PreDumped(
+                (0..fds)
+                    .map(|i| {
+                        Ok((i % 2 == 0).then(|| {
+                            let mut state = sample_state(0);
+                            state.rcv_nxt = fds as u32;
+                            PreDumped {
+                                state,
+                                mark: mark(i as u32),
+                            }
+                        }))
+                    })
+                    .collect(),
+            ),
+            Request::FreezeCheck(marks) => Reply::FreezeChecked(
+                marks
+                    .iter()
+                    .map(|m| {
+                        Ok(FreezeCheck::Unchanged {
+                            timestamp: m.segs_in,
+                            peek_off: -1,
+                        })
+                    })
+                    .collect(),
+            ),
+            _ => Reply::Error(ProtocolError::new(ProtocolErrorKind::Unsupported, "test")),
+        });
+        let mut client = RepairClient::from_stream(stream, Duration::from_secs(5)).expect("hello");
+        assert!(client.supports_pre_dump());
+        let sockets: Vec<UnixStream> = (0..600)
+            .map(|_| UnixStream::pair().expect("pair").0)
+            .collect();
+        let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|s| s.as_fd()).collect();
+        let pre = client.pre_dump(&fds).expect("pre-dump");
+        assert_eq!(pre.len(), 600);
+        for (i, result) in pre.iter().enumerate() {
+            let (batch, index) = match i {
+                0..253 => (253, i),
+                253..506 => (253, i - 253),
+                _ => (94, i - 506),
+            };
+            match result.as_ref().expect("ok") {
+                Some(p) => {
+                    assert_eq!(index % 2, 0, "{i}");
+                    assert_eq!(p.state.rcv_nxt, batch);
+                    assert_eq!(p.mark, mark(index as u32));
+                }
+                None => assert_eq!(index % 2, 1, "{i}"),
+            }
+        }
+        let items: Vec<(BorrowedFd<'_>, ProgressMark)> = fds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| (*fd, mark(i as u32 * 7)))
+            .collect();
+        let checks = client.freeze_check(&items).expect("freeze check");
+        assert_eq!(checks.len(), 600);
+        for (i, check) in checks.into_iter().enumerate() {
+            assert_eq!(
+                check.expect("ok"),
+                FreezeCheck::Unchanged {
+                    timestamp: i as u32 * 7,
+                    peek_off: -1
+                }
+            );
+        }
+        drop(client);
+        assert_eq!(helper.join().expect("join"), 1 + 3 + 3);
     }
 
     #[test]
@@ -1239,7 +1499,7 @@ mod tests {
             transport::send_message(stream.as_fd(), &hello_reply(), &[], None).expect("send");
         });
         let client = listener.accept(Duration::from_secs(5)).expect("accept");
-        assert_eq!(client.helper_capabilities(), caps::ALL_V1);
+        assert_eq!(client.helper_capabilities(), caps::ALL_V2);
         helper.join().expect("join");
         let err = listener
             .accept(Duration::from_millis(50))

@@ -40,6 +40,10 @@
 //!
 //! The socket stays frozen (filter attached, repair on) after a successful dump. On any
 //! error it is rolled back to live, so a failed dump never leaves a deaf socket behind.
+//!
+//! The reads of steps 3 to 8 ([`dump_frozen`]) are shared with the pre-dump of a live
+//! socket and the freeze check (module `predump`); a pre-dump selects the send queue
+//! only around the two calls that need it ([`SendQueue::Briefly`]).
 
 use std::os::fd::BorrowedFd;
 
@@ -62,34 +66,61 @@ pub fn dump(fd: BorrowedFd<'_>) -> Result<TcpConnState> {
 
 /// See [`crate::dump_as`]: `family` is the socket's, as its validation found it.
 pub fn dump_as(fd: BorrowedFd<'_>, family: SocketFamily) -> Result<TcpConnState> {
-    let reuseaddr = sys::get_int(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_REUSEADDR,
-        "dump: SO_REUSEADDR",
-    )? != 0;
-    let peek_off = sys::get_int(fd, libc::SOL_SOCKET, sys::SO_PEEK_OFF, "dump: SO_PEEK_OFF")?;
-    attach_deaf_filter(fd)?;
-    if let Err(e) = set_repair_in(fd, RepairMode::On, "dump") {
-        rollback(fd, reuseaddr, peek_off, false);
-        return Err(e);
-    }
-    match dump_frozen(fd, family, peek_off) {
-        Ok(mut state) => {
-            state.sockopts.reuseaddr = reuseaddr;
-            state.sockopts.peek_off = peek_off;
-            Ok(state)
-        }
+    let before = freeze(fd)?;
+    match dump_frozen(fd, family, before.peek_off, SendQueue::StaysSelected, None) {
+        Ok(state) => Ok(before.apply(state)),
         Err(e) => {
-            rollback(fd, reuseaddr, peek_off, true);
+            rollback(fd, before.reuseaddr, before.peek_off, true);
             Err(e)
         }
     }
 }
 
+/// What repair mode changes and a dump therefore reads before entering it (step 1).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Untouched {
+    pub reuseaddr: bool,
+    pub peek_off: i32,
+}
+
+impl Untouched {
+    pub(crate) fn read(fd: BorrowedFd<'_>) -> Result<Self> {
+        let reuseaddr = sys::get_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            "dump: SO_REUSEADDR",
+        )? != 0;
+        let peek_off = sys::get_int(fd, libc::SOL_SOCKET, sys::SO_PEEK_OFF, "dump: SO_PEEK_OFF")?;
+        Ok(Untouched {
+            reuseaddr,
+            peek_off,
+        })
+    }
+
+    /// `state` with these values in place of what the frozen socket showed.
+    pub(crate) fn apply(self, mut state: TcpConnState) -> TcpConnState {
+        state.sockopts.reuseaddr = self.reuseaddr;
+        state.sockopts.peek_off = self.peek_off;
+        state
+    }
+}
+
+/// Steps 1 and 2: read what repair mode changes, attach the drop-all filter, enter
+/// repair mode (no queue selected). On error the socket is rolled back to live.
+pub(crate) fn freeze(fd: BorrowedFd<'_>) -> Result<Untouched> {
+    let before = Untouched::read(fd)?;
+    attach_deaf_filter(fd)?;
+    if let Err(e) = set_repair_in(fd, RepairMode::On, "dump") {
+        rollback(fd, before.reuseaddr, before.peek_off, false);
+        return Err(e);
+    }
+    Ok(before)
+}
+
 /// Put a socket whose dump failed back into live operation. Errors here are logged, not
 /// returned: the dump error is the one the caller needs to see.
-fn rollback(fd: BorrowedFd<'_>, reuseaddr: bool, peek_off: i32, repair_on: bool) {
+pub(crate) fn rollback(fd: BorrowedFd<'_>, reuseaddr: bool, peek_off: i32, repair_on: bool) {
     if repair_on {
         let _ = sys::set_int(
             fd,
@@ -115,8 +146,34 @@ fn rollback(fd: BorrowedFd<'_>, reuseaddr: bool, peek_off: i32, repair_on: bool)
     let _ = sys::set_int(fd, libc::SOL_SOCKET, sys::SO_PEEK_OFF, peek_off, "rollback");
 }
 
-fn dump_frozen(fd: BorrowedFd<'_>, family: SocketFamily, peek_off: i32) -> Result<TcpConnState> {
-    let info = sys::tcp_info_head(fd, "dump: TCP_INFO")?;
+/// Where the send queue selection ends up after [`dump_frozen`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SendQueue {
+    /// Selected before anything a transmission changes is read, and left selected: the
+    /// socket is frozen and stays so (step 6).
+    StaysSelected,
+    /// Selected only around the two calls that need it (`TCP_QUEUE_SEQ` and the peek of
+    /// the send queue), then no queue: the socket is live and only passing through
+    /// repair mode for a pre-dump, whose progress marks catch any transmission.
+    Briefly,
+}
+
+/// Read the complete state of a socket in repair mode (steps 3 to 8). `peek_off` is the
+/// `SO_PEEK_OFF` read before repair mode was entered; the returned state carries the
+/// values the socket shows now for `SO_REUSEADDR` and `SO_PEEK_OFF`, which the caller
+/// replaces ([`Untouched::apply`]). `info`: the `TCP_INFO` head when the caller has just
+/// read it (with a progress mark whose second reading catches any change since).
+pub(crate) fn dump_frozen(
+    fd: BorrowedFd<'_>,
+    family: SocketFamily,
+    peek_off: i32,
+    send_queue: SendQueue,
+    info: Option<sys::TcpInfoHead>,
+) -> Result<TcpConnState> {
+    let info = match info {
+        Some(info) => info,
+        None => sys::tcp_info_head(fd, "dump: TCP_INFO")?,
+    };
     let state = match info.state {
         sys::TCP_ESTABLISHED => TcpState::Established,
         sys::TCP_FIN_WAIT1 => TcpState::FinWait1,
@@ -152,8 +209,9 @@ fn dump_frozen(fd: BorrowedFd<'_>, family: SocketFamily, peek_off: i32) -> Resul
             "dump: SO_PEEK_OFF",
         )?;
     }
-    // Ends with the send queue selected, where it stays while frozen (step 6).
-    let queues = read_queues(fd, state, inq);
+    // Ends with the send queue selected, where it stays while frozen (step 6), unless
+    // this is a pre-dump.
+    let queues = read_queues(fd, state, inq, send_queue);
     if peek_off >= 0 {
         sys::set_int(
             fd,
@@ -278,7 +336,13 @@ fn peek(fd: BorrowedFd<'_>, len: usize, step: &'static str) -> Result<(Vec<u8>, 
     }
 }
 
-fn read_queues(fd: BorrowedFd<'_>, state: TcpState, inq: usize) -> Result<Queues> {
+fn read_queues(
+    fd: BorrowedFd<'_>,
+    state: TcpState,
+    inq: usize,
+    send_queue: SendQueue,
+) -> Result<Queues> {
+    let frozen = send_queue == SendQueue::StaysSelected;
     select_queue(fd, sys::TCP_RECV_QUEUE, "dump: TCP_REPAIR_QUEUE(recv)")?;
     let rcv_nxt = sys::get::<u32>(
         fd,
@@ -295,8 +359,18 @@ fn read_queues(fd: BorrowedFd<'_>, state: TcpState, inq: usize) -> Result<Queues
         ));
     }
 
-    // From here on nothing leaves (step 6), so what follows is final.
-    select_queue(fd, sys::TCP_SEND_QUEUE, "dump: TCP_REPAIR_QUEUE(send)")?;
+    // Frozen: from here on nothing leaves (step 6), so what follows is final. Pre-dump:
+    // no queue while the lengths are read, so that a transmission in the meantime is a
+    // real one (and moves the progress mark) rather than data silently marked sent.
+    select_queue(
+        fd,
+        if frozen {
+            sys::TCP_SEND_QUEUE
+        } else {
+            sys::TCP_NO_QUEUE
+        },
+        "dump: TCP_REPAIR_QUEUE(send)",
+    )?;
     let outq = sys::ioctl_int(fd, sys::SIOCOUTQ, "dump: SIOCOUTQ")? as u32;
     let nsd = sys::ioctl_int(fd, sys::SIOCOUTQNSD, "dump: SIOCOUTQNSD")? as u32;
     // Our FIN takes one sequence number; SIOCOUTQ and SIOCOUTQNSD count it while it is
@@ -305,6 +379,9 @@ fn read_queues(fd: BorrowedFd<'_>, state: TcpState, inq: usize) -> Result<Queues
     let send_len = (outq - fin_in(outq)) as usize;
     let send_unsent = nsd - fin_in(nsd);
 
+    if !frozen {
+        select_queue(fd, sys::TCP_SEND_QUEUE, "dump: TCP_REPAIR_QUEUE(send)")?;
+    }
     let write_seq = sys::get::<u32>(
         fd,
         libc::IPPROTO_TCP,
@@ -329,6 +406,9 @@ fn read_queues(fd: BorrowedFd<'_>, state: TcpState, inq: usize) -> Result<Queues
             "dump: peek(send)",
             format!("peeked {got} bytes but SIOCOUTQ says {send_len} data bytes"),
         ));
+    }
+    if !frozen {
+        select_queue(fd, sys::TCP_NO_QUEUE, "dump: TCP_REPAIR_QUEUE(none)")?;
     }
     // Bytes in front of snd_una that the kernel has not trimmed yet (E21).
     let acked_head = got - send_len;

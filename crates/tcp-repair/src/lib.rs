@@ -9,6 +9,7 @@
 mod dump;
 pub mod error;
 mod filter;
+mod predump;
 mod restore;
 mod sockopts;
 mod sys;
@@ -16,7 +17,7 @@ mod validate;
 
 use std::os::fd::BorrowedFd;
 
-use baton_proto::repair::{RepairMode, RestoreReport};
+use baton_proto::repair::{FreezeCheck, PreDumped, ProgressMark, RepairMode, RestoreReport};
 use baton_proto::tcp::{SocketFamily, TcpConnState};
 
 pub use error::{RepairError, Result};
@@ -60,6 +61,47 @@ pub fn dump(fd: BorrowedFd<'_>) -> Result<TcpConnState> {
 /// [`validate_tcp_socket`]): one system call less per socket.
 pub fn dump_as(fd: BorrowedFd<'_>, family: SocketFamily) -> Result<TcpConnState> {
     dump::dump_as(fd, family)
+}
+
+/// The connection's progress mark: `tcpi_state`, `tcpi_segs_in`, `tcpi_segs_out`,
+/// `SIOCINQ`, `SIOCOUTQ`. Unprivileged. Two equal marks of one connection mean that
+/// nothing in its dumpable state moved in between except the TCP timestamp clock and
+/// `SO_PEEK_OFF` (the reasoning is in the `predump` module).
+pub fn progress_mark(fd: BorrowedFd<'_>) -> Result<ProgressMark> {
+    predump::progress_mark(fd)
+}
+
+/// Read the complete state of a *live* connection without freezing it: repair mode only
+/// while reading (left without a window probe), no filter; `SO_REUSEADDR` and
+/// `SO_PEEK_OFF` are put back. `Ok(None)` when the connection moved while it was read
+/// (its progress mark differs before and after). The caller must do no I/O on the
+/// socket meanwhile. On error the socket is live and out of repair mode as far as the
+/// kernel allowed.
+pub fn pre_dump_as(fd: BorrowedFd<'_>, family: SocketFamily) -> Result<Option<PreDumped>> {
+    predump::pre_dump_as(fd, family)
+}
+
+/// [`pre_dump_as`] of a socket whose family is read first.
+pub fn pre_dump(fd: BorrowedFd<'_>) -> Result<Option<PreDumped>> {
+    pre_dump_as(fd, sys::family(fd, "pre-dump: SO_DOMAIN")?)
+}
+
+/// Freeze the connection exactly as [`dump`] does, then compare its progress mark with
+/// `mark` (from a pre-dump): equal → [`FreezeCheck::Unchanged`] with the fresh TCP
+/// timestamp clock and `SO_PEEK_OFF`; different → [`FreezeCheck::Dumped`] with the
+/// complete state. Either way the socket ends frozen as after [`dump`]; on error it is
+/// rolled back to live.
+pub fn freeze_check_as(
+    fd: BorrowedFd<'_>,
+    family: SocketFamily,
+    mark: &ProgressMark,
+) -> Result<FreezeCheck> {
+    predump::freeze_check_as(fd, family, mark)
+}
+
+/// [`freeze_check_as`] of a socket whose family is read first.
+pub fn freeze_check(fd: BorrowedFd<'_>, mark: &ProgressMark) -> Result<FreezeCheck> {
+    freeze_check_as(fd, sys::family(fd, "freeze check: SO_DOMAIN")?, mark)
 }
 
 /// Undo [`dump`]: detach the filter, select no queue, leave repair mode with a window

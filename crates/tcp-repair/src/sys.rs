@@ -450,6 +450,7 @@ pub fn shutdown(fd: BorrowedFd<'_>, how: i32, step: &'static str) -> Result<()> 
 }
 
 /// The first bytes of `struct tcp_info` that repair needs.
+#[derive(Debug, Clone, Copy)]
 pub struct TcpInfoHead {
     pub state: u8,
     pub options: u8,
@@ -466,10 +467,49 @@ pub fn tcp_info_head(fd: BorrowedFd<'_>, step: &'static str) -> Result<TcpInfoHe
             format!("tcp_info of {len} bytes"),
         ));
     }
-    Ok(TcpInfoHead {
-        state: buf[0],
-        options: buf[5],
-        snd_wscale: buf[6] & 0x0f,
-        rcv_wscale: buf[6] >> 4,
+    Ok(TcpInfoHead::parse(&buf))
+}
+
+impl TcpInfoHead {
+    /// From the first 7 bytes of a `struct tcp_info` (the caller checked the length).
+    fn parse(buf: &[u8]) -> Self {
+        TcpInfoHead {
+            state: buf[0],
+            options: buf[5],
+            snd_wscale: buf[6] & 0x0f,
+            rcv_wscale: buf[6] >> 4,
+        }
+    }
+}
+
+/// Offsets in `struct tcp_info` (uapi/linux/tcp.h) of `tcpi_segs_out` and
+/// `tcpi_segs_in` (both `__u32`, there since Linux 4.2; libc's struct mirrors the uapi
+/// layout).
+const TCPI_SEGS_OUT: usize = std::mem::offset_of!(libc::tcp_info, tcpi_segs_out);
+const TCPI_SEGS_IN: usize = std::mem::offset_of!(libc::tcp_info, tcpi_segs_in);
+
+/// The fields of `struct tcp_info` a progress mark needs, and those a dump needs (one
+/// `TCP_INFO` call costs as much as several plain socket options: the kernel fills the
+/// whole structure whatever the length asked for).
+pub struct TcpInfoProgress {
+    pub head: TcpInfoHead,
+    pub segs_out: u32,
+    pub segs_in: u32,
+}
+
+pub fn tcp_info_progress(fd: BorrowedFd<'_>, step: &'static str) -> Result<TcpInfoProgress> {
+    let mut buf = [0u8; TCPI_SEGS_IN + 4];
+    let len = get_bytes(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut buf, step)?;
+    if len < buf.len() {
+        return Err(RepairError::invalid(
+            step,
+            format!("tcp_info of {len} bytes has no segment counters (Linux 4.2 or later)"),
+        ));
+    }
+    let u32_at = |at: usize| u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
+    Ok(TcpInfoProgress {
+        head: TcpInfoHead::parse(&buf),
+        segs_out: u32_at(TCPI_SEGS_OUT),
+        segs_in: u32_at(TCPI_SEGS_IN),
     })
 }

@@ -16,7 +16,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use baton_proto::frame::FrameHeader;
-use baton_proto::repair::{caps, Hello, ProtocolErrorKind, Reply, Request};
+use baton_proto::repair::{caps, Hello, ProtocolErrorKind, Reply, Request, PROTOCOL_VERSION_MAX};
 use baton_repair_ipc::transport;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
 
@@ -143,9 +143,23 @@ pub fn read_reply(stream: &UnixStream) -> Reply {
 
 /// Do the hello and check the answer.
 pub fn hello(stream: &UnixStream) {
-    match request(stream, &Request::Hello(Hello::ours(caps::ALL_V1)), &[]) {
+    match request(stream, &Request::Hello(Hello::ours(caps::ALL_V2)), &[]) {
         Reply::Hello(theirs) => {
             assert_eq!(theirs.min_version, theirs.max_version);
+            assert_eq!(theirs.max_version, PROTOCOL_VERSION_MAX);
+            assert_eq!(theirs.capabilities, caps::ALL_V2);
+        }
+        other => panic!("hello answered with {other:?}"),
+    }
+}
+
+/// Do the hello as a version-1 backend would and check the answer.
+pub fn hello_v1(stream: &UnixStream) {
+    let mut ours = Hello::ours(caps::ALL_V1);
+    ours.max_version = 1;
+    match request(stream, &Request::Hello(ours), &[]) {
+        Reply::Hello(theirs) => {
+            assert_eq!((theirs.min_version, theirs.max_version), (1, 1));
             assert_eq!(theirs.capabilities, caps::ALL_V1);
         }
         other => panic!("hello answered with {other:?}"),
