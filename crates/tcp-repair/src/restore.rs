@@ -5,7 +5,8 @@
 //! ```text
 //!  pre-bind   IPV6_V6ONLY, IP_TRANSPARENT if the owner set FREEBIND (a source address
 //!             that arrives later), SO_MARK (route lookup), SO_*BUFFORCE (queue room),
-//!             TCP_MAXSEG = clamp (else mss_cache stays 524 after restore, E14)
+//!             TCP_MAXSEG = clamp, at most 32767 (else mss_cache stays 524 after
+//!             restore, E14; see "Segment size" below)
 //!  repair on  before bind: SK_FORCE_REUSE lets us bind next to a listener
 //!  bind       local address
 //!  seqs       TCP_QUEUE_SEQ(recv) and (send): only possible in CLOSE, i.e. before connect
@@ -51,6 +52,20 @@
 //! for the 3 s fallback RTO, about 4.2 s in all (`kernel_facts_inflight` measures
 //! both). That is the rarer case, and it recovers by itself.
 //!
+//! Segment size. connect() in repair mode computes `mss_cache` from the default clamp
+//! (536) and `TCP_REPAIR_OPTIONS` does not recompute it, so without a preset every
+//! segment of a restored socket is 524 bytes until an ACK raises the window above the
+//! restored maximum (reference §3.7). `TCP_MAXSEG` before connect fixes that, but it
+//! takes at most 32767 (`MAX_TCP_WINDOW`): a path with a larger MTU (loopback: 65536)
+//! gets 32767 then, not nothing. `TCP_REPAIR_OPTIONS` puts the true clamp back, so the
+//! next resynchronisation reaches the full size. The size matters beyond throughput:
+//! the sent part is queued in segments of `mss_cache`, and the tail-loss probe resends
+//! only the *last* segment; if the peer lost a sent part of several segments, that one
+//! lands in its out-of-order queue and the rest waits for the retransmission timeout
+//! (3 s, then backing off). At 524 bytes a lost 4 KiB was 8 segments and waited 3 s;
+//! at the right size it is one, and the probe after 1 s recovers it
+//! (`tests/lost_sent_part.rs`).
+//!
 //! Our FIN. When the source had transmitted it, the peer may have acknowledged it too,
 //! so it is marked sent in repair mode for the same reason as the data. That leaves the
 //! socket in FIN_WAIT1 at repair off, where the kernel sends no window probe; the
@@ -90,8 +105,9 @@ const RECV_CHUNK: usize = 64 << 10;
 const RECV_CHUNK_MIN: usize = 1024;
 /// Headroom added to forced buffer sizes beyond the queue bytes.
 const BUF_SLACK: usize = 256 << 10;
-/// `TCP_MAXSEG` accepts 88 ..= 32767 (E3).
-const MAXSEG_RANGE: std::ops::RangeInclusive<u32> = 88..=32767;
+/// `TCP_MAXSEG` accepts 88 ..= 32767 (`TCP_MIN_MSS ..= MAX_TCP_WINDOW`, E3).
+const MAXSEG_MIN: u32 = 88;
+const MAXSEG_MAX: u32 = 32767;
 
 /// See [`crate::restore`].
 pub fn restore(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<RestoreReport> {
@@ -177,16 +193,24 @@ fn pre_bind(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<()> {
         clamp_i32(want_rcv),
         "restore: SO_RCVBUFFORCE",
     )?;
-    if MAXSEG_RANGE.contains(&s.options.mss_clamp) {
+    if let Some(mss) = preset_mss(s.options.mss_clamp) {
         sys::set_int(
             fd,
             libc::IPPROTO_TCP,
             libc::TCP_MAXSEG,
-            s.options.mss_clamp as i32,
+            mss as i32,
             "restore: TCP_MAXSEG",
         )?;
     }
     Ok(())
+}
+
+/// The `TCP_MAXSEG` to set before connect for a dumped clamp (module comment, "Segment
+/// size"): the clamp, or the largest value the kernel takes when the clamp is larger.
+/// None below the smallest it takes (no real path has such a clamp; the kernel's own
+/// minimum then applies).
+fn preset_mss(clamp: u32) -> Option<u32> {
+    (clamp >= MAXSEG_MIN).then_some(clamp.min(MAXSEG_MAX))
 }
 
 /// A socket its owner marked `IP_FREEBIND`/`IPV6_FREEBIND` may carry an address this
@@ -411,4 +435,20 @@ fn after_repair(fd: BorrowedFd<'_>, s: &TcpConnState) -> Result<RestoreReport> {
         send_queue_written: written as u64,
         fin_pending: fin_to_send && !all_written,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mss_preset_is_the_clamp_within_what_tcp_maxseg_takes() {
+        assert_eq!(preset_mss(1460), Some(1460));
+        assert_eq!(preset_mss(MAXSEG_MIN), Some(MAXSEG_MIN));
+        assert_eq!(preset_mss(MAXSEG_MAX), Some(MAXSEG_MAX));
+        // Loopback (MTU 65536): the largest value TCP_MAXSEG takes, not nothing.
+        assert_eq!(preset_mss(65483), Some(MAXSEG_MAX));
+        assert_eq!(preset_mss(MAXSEG_MIN - 1), None);
+        assert_eq!(preset_mss(0), None);
+    }
 }

@@ -6,8 +6,10 @@
 //!   only, `lo` up) so tests can bind fixed ports, use TCP_REPAIR and filters without
 //!   touching the host or each other; raise the open-file limit for big tests.
 //! * [`tcp`]: connected loopback TCP pairs (IPv4, IPv6, v4-mapped), a "deaf" peer that
-//!   never acknowledges anything, queue-length ioctls, the kernel TCP state, and polling
-//!   helpers with timeouts.
+//!   never acknowledges anything, queue-length ioctls, the kernel TCP state and
+//!   `TCP_INFO`, and polling helpers with timeouts.
+//! * [`netstat`]: the namespace's TCP and device counters (what `nstat` shows), to say
+//!   why traffic did not arrive.
 //! * [`pattern`]: a deterministic byte stream whose every byte can be checked, plus
 //!   writer/reader helpers that stream it over sockets and verify what arrives.
 //!
@@ -19,6 +21,7 @@
 
 pub mod hostflows;
 pub mod netns;
+pub mod netstat;
 pub mod pattern;
 pub mod peer;
 pub mod tcp;

@@ -229,8 +229,9 @@ impl SocketState {
     }
 }
 
-/// The socket's TCP state (`tcpi_state` from `TCP_INFO`).
-pub fn state(sock: impl AsFd) -> io::Result<SocketState> {
+/// The socket's `TCP_INFO` (the fields glibc's `struct tcp_info` has: state, timers,
+/// retransmission counters, segment size, ...).
+pub fn info(sock: impl AsFd) -> io::Result<libc::tcp_info> {
     // SAFETY: tcp_info is a plain C struct of integers; all-zero bytes are valid.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -251,12 +252,54 @@ pub fn state(sock: impl AsFd) -> io::Result<SocketState> {
     if len < 1 {
         return Err(io::Error::other("TCP_INFO returned no bytes"));
     }
+    Ok(info)
+}
+
+/// The socket's TCP state (`tcpi_state` from `TCP_INFO`).
+pub fn state(sock: impl AsFd) -> io::Result<SocketState> {
+    let info = info(sock)?;
     SocketState::from_raw(info.tcpi_state).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("TCP_INFO reported unknown state {}", info.tcpi_state),
         )
     })
+}
+
+/// A one-line summary of a socket's `TCP_INFO` for failure messages: state, segments
+/// and bytes in flight, retransmission state and timers (what tells "waiting for a
+/// timer" from "never sent" from "the peer drops it").
+pub fn describe(sock: impl AsFd) -> String {
+    let fd = sock.as_fd();
+    let info = match info(fd) {
+        Ok(info) => info,
+        Err(e) => return format!("TCP_INFO: {e}"),
+    };
+    let queue = |r: io::Result<u32>| r.map_or_else(|e| format!("? ({e})"), |v| v.to_string());
+    let state = SocketState::from_raw(info.tcpi_state).map_or_else(
+        || format!("state {}", info.tcpi_state),
+        |s| format!("{s:?}"),
+    );
+    format!(
+        "{state}, ca_state {}, outq {} (unsent {}), segments unacked {} lost {} \
+         retransmitted {} (total {}), retransmits {} backoff {} probes {}, rto {} ms, \
+         mss {}, cwnd {}, last data sent {} ms ago, last ack received {} ms ago",
+        info.tcpi_ca_state,
+        queue(outq(fd)),
+        queue(outq_nsd(fd)),
+        info.tcpi_unacked,
+        info.tcpi_lost,
+        info.tcpi_retrans,
+        info.tcpi_total_retrans,
+        info.tcpi_retransmits,
+        info.tcpi_backoff,
+        info.tcpi_probes,
+        info.tcpi_rto / 1000,
+        info.tcpi_snd_mss,
+        info.tcpi_snd_cwnd,
+        info.tcpi_last_data_sent,
+        info.tcpi_last_ack_recv,
+    )
 }
 
 /// How often [`wait_until`] and [`holds_for`] evaluate their condition.
@@ -372,6 +415,12 @@ mod tests {
             outq_nsd(&c).expect("outq_nsd"),
             0,
             "the data was transmitted"
+        );
+        assert_eq!(info(&c).expect("TCP_INFO").tcpi_unacked, 1);
+        let told = describe(&c);
+        assert!(
+            told.starts_with("Established,") && told.contains("outq 100 (unsent 0)"),
+            "{told}"
         );
         undeafen(&s).expect("undeafen");
         assert_eq!(
