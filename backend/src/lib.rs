@@ -29,6 +29,7 @@ pub mod launcher;
 pub mod migrate;
 pub mod net;
 pub mod ports;
+pub mod predump;
 pub mod repair_link;
 pub mod restore;
 pub mod runtime;

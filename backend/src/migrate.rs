@@ -54,7 +54,7 @@
 //! Wire and live types stay apart: [`GuestRecord`] ↔ [`ObservedGuest`] and the forwarding
 //! tables → [`ForwardsRecord`] convert explicitly here.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -407,8 +407,19 @@ impl GuestNet {
         let tcp_flows = match mode {
             SaveMode::Migration => {
                 let drop = self.drop_unmigratable_tcp();
-                let (tcp, env, repair) = self.tcp_and_repair();
-                save_tcp_flows(tcp, &env, repair, &mut source, drop)?
+                let pre_dumps = self.take_pre_dumps();
+                let mut dump = {
+                    let (tcp, _env, repair) = self.tcp_and_repair();
+                    repair.map(|helper| crate::restore::dump_all(tcp, helper, pre_dumps))
+                };
+                if let Some(dump) = dump
+                    .as_mut()
+                    .filter(|d| drop && !d.unknown_flows.is_empty())
+                {
+                    self.redump_after_helper_died(dump);
+                }
+                let (tcp, env, repair) = self.tcp_and_held_repair();
+                save_tcp_flows(tcp, &env, repair, &mut source, drop, dump)?
             }
             SaveMode::Snapshot => Vec::new(),
         };
@@ -509,19 +520,26 @@ impl GuestNet {
 // ---------------------------------------------------------------------------------------
 
 /// SAVE of a migration, TCP part. The source cannot know where the target is, so with
-/// a helper every socket is dumped through it (frozen: deaf and in repair mode, its
-/// kernel state goes into the record) *and* offered for a same-host handover; the
-/// target picks one. Without a helper the sockets are only frozen and offered: a target
-/// on this host and in this namespace takes them, any other target fails LOAD (so the
+/// a helper every socket was dumped through it (`dump`, from
+/// [`crate::restore::dump_all`]: frozen, deaf and in repair mode, its kernel state goes
+/// into the record) and is now *also* offered for a same-host handover; the target
+/// picks one. Without a helper the sockets are only frozen and offered: a target on
+/// this host and in this namespace takes them, any other target fails LOAD (so the
 /// source resumes with everything) unless it runs with `--migrate-drop-tcp`.
+///
+/// `repair` is the helper held now: after a helper died in the middle of the dump
+/// (`--migrate-drop-tcp` only; otherwise SAVE fails) a fresh one, which dumped the
+/// sockets of the interrupted request again ([`GuestNet::redump_after_helper_died`])
+/// and ends repair mode for the dumped ones at the handover.
 pub(crate) fn save_tcp_flows(
     tcp: &mut TcpFlows,
     env: &TcpEnv<'_>,
     repair: Option<&mut baton_repair_ipc::RepairClient>,
     source: &mut SourceRecord,
     drop_unmigratable: bool,
+    dump: Option<crate::restore::DumpOutcome>,
 ) -> Result<Vec<TcpFlowRecord>, EngineStateError> {
-    let Some(helper) = repair else {
+    let (Some(helper), Some(dump)) = (repair, dump) else {
         if tcp.len() > 0 {
             warn!(
                 "device state SAVE: no baton-repair helper: the {} TCP connection(s) can only \
@@ -531,7 +549,6 @@ pub(crate) fn save_tcp_flows(
         }
         return freeze_and_offer_tcp_flows(tcp, env, source, drop_unmigratable, None);
     };
-    let dump = crate::restore::dump_all(tcp, helper);
     let failed = dump.failed + dump.unknown;
     if failed > 0 && !drop_unmigratable {
         let dumped: Vec<FlowId> = dump.states.keys().copied().collect();
@@ -585,14 +602,26 @@ pub(crate) fn freeze_and_offer_tcp_flows(
         None => (None, HashMap::new(), Vec::new()),
     };
     let started = std::time::Instant::now();
-    let pre_frozen: HashSet<FlowId> = states.keys().copied().collect();
-    let no_freeze_needed: HashSet<FlowId> = pre_frozen.iter().chain(&closed).copied().collect();
-    let mut frozen = tcp.freeze_for_handover(env, &no_freeze_needed);
+    let dumped_ids: Vec<FlowId> = states.keys().copied().collect();
+    // The helper's dump froze those sockets and read their addresses; closed ones need
+    // no freezing.
+    let mut pre_frozen: HashMap<FlowId, Option<baton_proto::migration::HostSocketEnds>> = states
+        .iter()
+        .map(|(id, state)| {
+            let ends = baton_proto::migration::HostSocketEnds {
+                local: state.local,
+                peer: state.peer,
+            };
+            (*id, Some(ends))
+        })
+        .collect();
+    pre_frozen.extend(closed.iter().map(|id| (*id, None)));
+    let mut frozen = tcp.freeze_for_handover(env, &pre_frozen);
+    drop(pre_frozen);
     // Fail SAVE: thaw what the helper dumped (repair mode needs it), then the rest.
     let give_up = |tcp: &mut TcpFlows, helper: Option<&mut baton_repair_ipc::RepairClient>| {
         if let Some(helper) = helper {
-            let ids: Vec<FlowId> = pre_frozen.iter().copied().collect();
-            crate::restore::thaw_flows(tcp, helper, &ids, "after a failed SAVE");
+            crate::restore::thaw_flows(tcp, helper, &dumped_ids, "after a failed SAVE");
         }
         tcp.source_resumed(env);
     };
@@ -609,15 +638,14 @@ pub(crate) fn freeze_and_offer_tcp_flows(
             frozen.left_behind
         );
     }
-    // Pair the records with the dumped states; dumped sockets that are not offered stay
-    // here and must leave repair mode now.
-    let table_ids: HashMap<baton_proto::migration::FlowId, FlowId> =
-        tcp.offered_flows().iter().copied().collect();
+    // Pair the records with the dumped states (records and offered flows come in the
+    // same order, one pair per record); dumped sockets that are not offered stay here
+    // and must leave repair mode now.
     let mut in_repair = Vec::new();
-    for record in &mut frozen.records {
-        let Some(id) = table_ids.get(&record.id) else {
+    for (record, (wire, id)) in frozen.records.iter_mut().zip(tcp.offered_flows()) {
+        if record.id != *wire {
             continue;
-        };
+        }
         if let Some(state) = states.remove(id) {
             record.kernel = Some(state);
             if let Err(err) = record.validate(false) {
@@ -792,18 +820,35 @@ pub(crate) fn take_over_tcp_flows(
         }
     };
     let received = started.elapsed();
-    let by_id: HashMap<baton_proto::migration::FlowId, &TcpFlowRecord> =
-        flows.iter().map(|f| (f.id, f)).collect();
-    let rebuilt: Vec<_> = sockets
-        .into_iter()
-        .filter_map(|(id, socket)| {
-            let record = by_id.get(&id)?;
-            Some((
-                crate::tcp::conn::GuestSide::from(&record.guest_side),
-                socket,
-            ))
-        })
-        .collect();
+    // The sockets arrive in the stream's order (the source offers them in the order of
+    // its records): pair them in one pass; any other order goes through a map.
+    let in_order =
+        sockets.len() == flows.len() && sockets.iter().zip(flows).all(|((id, _), f)| *id == f.id);
+    let rebuilt: Vec<_> = if in_order {
+        sockets
+            .into_iter()
+            .zip(flows)
+            .map(|((_, socket), record)| {
+                (
+                    crate::tcp::conn::GuestSide::from(&record.guest_side),
+                    socket,
+                )
+            })
+            .collect()
+    } else {
+        let by_id: HashMap<baton_proto::migration::FlowId, &TcpFlowRecord> =
+            flows.iter().map(|f| (f.id, f)).collect();
+        sockets
+            .into_iter()
+            .filter_map(|(id, socket)| {
+                let record = by_id.get(&id)?;
+                Some((
+                    crate::tcp::conn::GuestSide::from(&record.guest_side),
+                    socket,
+                ))
+            })
+            .collect()
+    };
     let adopted = tcp.adopt(rebuilt, std::time::Instant::now());
     info!(
         "device state LOAD: {adopted} TCP connection(s) taken over from the source \

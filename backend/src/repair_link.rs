@@ -26,9 +26,11 @@
 //! * a helper whose socket hangs up is logged; the engine drops its client at the next
 //!   [`RepairLink::update`], and a new helper may attach.
 //!
-//! `LOG_ALL` (a migration starts) only asks [`RepairLink::migration_starting`], which
-//! logs what will happen; the bounded wait for a late helper happens at SAVE, on the
-//! transfer thread ([`SAVE_WAIT`]).
+//! `LOG_ALL` (a migration starts) asks [`RepairLink::migration_starting`], which logs
+//! what will happen, and starts the pre-dump pass ([`crate::predump`]), whose thread
+//! waits here for a helper ([`RepairLink::wait_for_fresh_helper`]) without holding the
+//! engine's lock; the bounded wait for a late helper at SAVE happens on the transfer
+//! thread ([`SAVE_WAIT`]).
 //!
 //! With `--helper PATH` the helper is not started at start-up but whenever one is wanted
 //! and none is attached — at `LOG_ALL`, when a LOAD begins, when the engine asks
@@ -253,6 +255,32 @@ impl RepairLink {
                 "migration starting without any repair helper (--repair-path none and no \
                  --helper): TCP connections will not survive this migration"
             ),
+        }
+    }
+
+    /// Wait up to `timeout` for a helper that the engine has not picked up yet (one
+    /// attaching, or with `--helper` one started for this call when none is alive).
+    /// Used by the pre-dump pass ([`crate::predump`]), which must not wait under the
+    /// engine lock. Returns whether one is waiting to be picked up.
+    pub fn wait_for_fresh_helper(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            if state.pending.is_some() {
+                return true;
+            }
+            if state.alive.is_none() && !self.request_spawn(&mut state) && self.path.is_none() {
+                // Nothing can bring one.
+                return false;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = match self.changed.wait_timeout(state, left) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
         }
     }
 

@@ -16,6 +16,12 @@
 //!                                                for the rings)
 //! ```
 //!
+//! * Connections pre-dumped while the VM still ran ([`crate::predump`]) get a freeze
+//!   check instead of a dump at SAVE: frozen exactly the same way, and their pre-dumped
+//!   state is used only if the kernel's progress counters did not move since (else the
+//!   helper dumps them in full in the same request). Either way every socket ends
+//!   frozen as after a dump, so everything below applies unchanged. Both lists go to
+//!   the client whole, which keeps requests in flight.
 //! * The source cannot know where the target is, so in a migration it dumps every
 //!   socket *and* offers them for a same-host handover (`crate::handover`); the target
 //!   decides ([`crate::migrate`]): same host and namespace → take the live sockets, the
@@ -59,7 +65,7 @@ use std::time::{Duration, Instant};
 
 use baton_proto::frame::MAX_FDS;
 use baton_proto::migration::TcpFlowRecord;
-use baton_proto::repair::RepairMode;
+use baton_proto::repair::{FreezeCheck, ProgressMark, RepairMode};
 use baton_proto::tcp::{SocketFamily, TcpConnState};
 use baton_repair_ipc::{ClientError, RepairClient};
 use tracing::{debug, error, info, warn};
@@ -83,73 +89,194 @@ pub struct DumpOutcome {
     /// need no freezing: they travel without kernel state, a same-host target takes the
     /// socket with its unread data, another host resets them towards the guest.
     pub closed: Vec<FlowId>,
+    /// The flows of the requests that failed as a whole (counted in `unknown`).
+    pub unknown_flows: Vec<FlowId>,
 }
 
-/// SAVE: dump every TCP socket of `tcp` through the helper, in requests of at most
-/// [`MAX_FDS`] sockets (the client splits further by queue bytes).
-pub(crate) fn dump_all(tcp: &TcpFlows, helper: &mut RepairClient) -> DumpOutcome {
+/// SAVE: freeze every TCP socket of `tcp` through the helper and get its state. A
+/// socket with a pre-dump of this very socket in `pre` ([`crate::predump`]) gets a
+/// freeze check (its pre-dumped state, with the fresh timestamp clock and
+/// `SO_PEEK_OFF`, if nothing moved since; else the full state); the others a dump.
+/// Each list goes to the client whole, which batches it and keeps requests in flight.
+/// A socket the helper refuses because its connection is already over in the kernel
+/// (CLOSE) is told apart afterwards, so that live sockets cost no extra check.
+pub(crate) fn dump_all(
+    tcp: &TcpFlows,
+    helper: &mut RepairClient,
+    pre: HashMap<FlowId, crate::predump::Entry>,
+) -> DumpOutcome {
+    dump_flows(tcp, helper, pre, None)
+}
+
+/// After the helper died in the middle of SAVE's dump (`--migrate-drop-tcp`; without
+/// it SAVE fails): `helper` is a fresh one. The sockets of the failed requests
+/// (`outcome.unknown_flows`) may be deaf and in repair mode: thaw them (back to live)
+/// and dump them again, so that they move like the others. What still fails stays
+/// live (the thaw) and is counted in `outcome` as before.
+pub(crate) fn redump_interrupted(
+    tcp: &TcpFlows,
+    helper: &mut RepairClient,
+    outcome: &mut DumpOutcome,
+) {
+    let ids = std::mem::take(&mut outcome.unknown_flows);
+    thaw_flows(tcp, helper, &ids, "of a dump the helper died in");
+    let set: std::collections::HashSet<FlowId> = ids.iter().copied().collect();
+    let again = dump_flows(tcp, helper, HashMap::new(), Some(&set));
+    info!(
+        "the repair helper died during SAVE: {} TCP socket(s) of the interrupted dump thawed \
+         and dumped again through a fresh baton-repair ({} dumped)",
+        ids.len(),
+        again.states.len()
+    );
+    outcome.unknown = again.unknown;
+    outcome.unknown_flows = again.unknown_flows;
+    outcome.failed += again.failed;
+    outcome.closed.extend(again.closed);
+    outcome.states.extend(again.states);
+}
+
+/// [`dump_all`] for the flows in `only` (all with `None`).
+fn dump_flows(
+    tcp: &TcpFlows,
+    helper: &mut RepairClient,
+    mut pre: HashMap<FlowId, crate::predump::Entry>,
+    only: Option<&std::collections::HashSet<FlowId>>,
+) -> DumpOutcome {
     let mut outcome = DumpOutcome::default();
-    let flows: Vec<_> = tcp
-        .flow_sockets()
-        .into_iter()
-        .filter(|(id, fd)| match crate::tcp::socket_is_closed(*fd) {
-            Ok(true) => {
-                outcome.closed.push(*id);
-                false
-            }
-            Ok(false) => true,
-            // Let the helper find out and say what is wrong.
-            Err(_) => true,
-        })
-        .collect();
-    if !outcome.closed.is_empty() {
-        info!(
-            "device state SAVE: {} TCP connection(s) already closed at the host, with data              or a FIN still due to the guest: moved without kernel state",
-            outcome.closed.len()
-        );
+    let mut flows = tcp.flow_sockets();
+    if let Some(only) = only {
+        flows.retain(|(id, _)| only.contains(id));
     }
     if flows.is_empty() {
         return outcome;
     }
     let started = Instant::now();
+    let use_pre = helper.supports_pre_dump() && !pre.is_empty();
+    let mut checks: Vec<(FlowId, BorrowedFd<'_>, crate::predump::Entry)> = Vec::new();
+    let mut plain: Vec<(FlowId, BorrowedFd<'_>)> = Vec::with_capacity(flows.len());
+    for (id, fd) in flows {
+        let entry = if use_pre { pre.remove(&id) } else { None };
+        match entry {
+            Some(entry) if crate::predump::socket_cookie(fd).is_ok_and(|c| c == entry.cookie) => {
+                checks.push((id, fd, entry))
+            }
+            // None, or another socket under a reused flow id.
+            _ => plain.push((id, fd)),
+        }
+    }
     let mut queued = 0usize;
-    for chunk in flows.chunks(MAX_FDS) {
-        let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|(_, fd)| *fd).collect();
-        match helper.dump(&fds) {
+    let mut unchanged = 0usize;
+    let mut redumped = 0usize;
+    if !checks.is_empty() {
+        let items: Vec<(BorrowedFd<'_>, ProgressMark)> =
+            checks.iter().map(|(_, fd, e)| (*fd, e.pre.mark)).collect();
+        match helper.freeze_check(&items) {
             Ok(results) => {
-                for ((id, _), result) in chunk.iter().zip(results) {
-                    match result {
-                        Ok(state) => {
-                            queued += state.send_queue.len() + state.recv_queue.len();
-                            outcome.states.insert(*id, state);
+                for ((id, fd, entry), result) in checks.into_iter().zip(results) {
+                    let state = match result {
+                        Ok(FreezeCheck::Unchanged {
+                            timestamp,
+                            peek_off,
+                        }) => {
+                            unchanged += 1;
+                            let mut state = entry.pre.state;
+                            state.timestamp = timestamp;
+                            state.sockopts.peek_off = peek_off;
+                            Ok(state)
                         }
-                        Err(err) => {
-                            warn!("{id}: baton-repair could not dump the socket: {err}");
-                            outcome.failed += 1;
+                        Ok(FreezeCheck::Dumped(state)) => {
+                            redumped += 1;
+                            Ok(state)
                         }
-                    }
+                        Err(err) => Err(err),
+                    };
+                    outcome.record(id, fd, state, &mut queued);
                 }
             }
             Err(err) => {
-                error!(
-                    "baton-repair: dumping {} socket(s) failed: {err}",
-                    fds.len()
-                );
-                // Some of them may be frozen now: give them back live if the helper
-                // still answers.
-                thaw_logged(helper, &fds, "after a failed dump");
-                outcome.unknown += fds.len();
+                let fds: Vec<BorrowedFd<'_>> = checks.iter().map(|(_, fd, _)| *fd).collect();
+                let ids: Vec<FlowId> = checks.iter().map(|(id, _, _)| *id).collect();
+                outcome.whole_request_failed(helper, &fds, ids, &err);
             }
         }
     }
+    let full = plain.len();
+    if !plain.is_empty() {
+        let fds: Vec<BorrowedFd<'_>> = plain.iter().map(|(_, fd)| *fd).collect();
+        match helper.dump(&fds) {
+            Ok(results) => {
+                for ((id, fd), result) in plain.into_iter().zip(results) {
+                    outcome.record(id, fd, result, &mut queued);
+                }
+            }
+            Err(err) => {
+                let ids: Vec<FlowId> = plain.iter().map(|(id, _)| *id).collect();
+                outcome.whole_request_failed(helper, &fds, ids, &err)
+            }
+        }
+    }
+    if !outcome.closed.is_empty() {
+        info!(
+            "device state SAVE: {} TCP connection(s) already closed at the host, with data \
+             or a FIN still due to the guest: moved without kernel state",
+            outcome.closed.len()
+        );
+    }
     info!(
         "device state SAVE: {} TCP socket(s) dumped through baton-repair in {:.1} ms \
-         ({queued} queued bytes, {} failed)",
+         ({unchanged} unchanged since their pre-dump, {redumped} re-dumped, {} without a \
+         pre-dump; {queued} queued bytes, {} failed)",
         outcome.states.len(),
         started.elapsed().as_secs_f64() * 1e3,
+        full,
         outcome.failed + outcome.unknown
     );
     outcome
+}
+
+impl DumpOutcome {
+    /// The helper's answer for one socket.
+    fn record(
+        &mut self,
+        id: FlowId,
+        fd: BorrowedFd<'_>,
+        result: Result<TcpConnState, baton_proto::repair::SocketError>,
+        queued: &mut usize,
+    ) {
+        match result {
+            Ok(state) => {
+                *queued += state.send_queue.len() + state.recv_queue.len();
+                self.states.insert(id, state);
+            }
+            // The helper left it live (as it was: nothing to freeze in a CLOSE socket).
+            Err(_) if matches!(crate::tcp::socket_is_closed(fd), Ok(true)) => {
+                self.closed.push(id);
+            }
+            Err(err) => {
+                warn!("{id}: baton-repair could not dump the socket: {err}");
+                self.failed += 1;
+            }
+        }
+    }
+
+    /// A request failed as a whole: some of `fds` may be frozen now; give them back
+    /// live if the helper still answers (if it died, the engine thaws through a fresh
+    /// one).
+    fn whole_request_failed(
+        &mut self,
+        helper: &mut RepairClient,
+        fds: &[BorrowedFd<'_>],
+        ids: Vec<FlowId>,
+        err: &ClientError,
+    ) {
+        error!(
+            "baton-repair: dumping {} socket(s) failed: {err}",
+            fds.len()
+        );
+        thaw_logged(helper, fds, "after a failed dump");
+        self.unknown += fds.len();
+        self.unknown_flows.extend(ids);
+    }
 }
 
 /// Thaw `fds` through the helper (filter off, repair off), logging what fails.

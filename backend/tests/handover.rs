@@ -165,3 +165,63 @@ fn a_wrong_token_gets_nothing() {
     let taken = take_over(offer.endpoint(), &expected).expect("take over");
     assert_eq!(taken.len(), 1);
 }
+
+/// More connections than one frame carries (several frames, and enough for the target
+/// to detach the filters on two threads): every one arrives, in order, each descriptor
+/// is the very connection its flow names (its peer's bytes come out of it), and the
+/// source learns that the target took all of them.
+#[test]
+fn many_connections_move_over_several_frames() {
+    const N: usize = 1100;
+    // Per connection: ours, the peer's end, the offer's duplicate, the target's copy.
+    baton_testkit::netns::raise_nofile(4 * N as u64 + 256).expect("RLIMIT_NOFILE");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut ours = Vec::with_capacity(N);
+    let mut peers = Vec::with_capacity(N);
+    for _ in 0..N {
+        // One thread: the listener's backlog completes each handshake.
+        ours.push(TcpStream::connect(addr).expect("connect"));
+        peers.push(listener.accept().expect("accept").0);
+    }
+    let mut offered = Vec::with_capacity(N);
+    let mut expected = Vec::with_capacity(N);
+    for (i, s) in ours.iter().enumerate() {
+        attach_deaf_filter(s.as_fd()).expect("freeze");
+        let flow = FlowId(i as u32 + 1);
+        offered.push(OfferedSocket {
+            flow,
+            socket: s.as_fd().try_clone_to_owned().expect("dup"),
+        });
+        expected.push(ExpectedSocket {
+            flow,
+            host: socket_ends(s.as_fd()).expect("ends"),
+        });
+    }
+    let offer = HandoverOffer::start(offered, Duration::from_secs(60)).expect("offer");
+    let taken = take_over(offer.endpoint(), &expected).expect("take over");
+    let flows: Vec<FlowId> = taken.iter().map(|(flow, _)| *flow).collect();
+    let want: Vec<FlowId> = expected.iter().map(|e| e.flow).collect();
+    assert_eq!(flows, want, "every flow, in the stream's order");
+    assert_eq!(offer.status(), OfferStatus::Taken(want));
+    drop(ours);
+    for (i, peer) in peers.iter_mut().enumerate() {
+        peer.write_all(&(i as u32).to_be_bytes())
+            .expect("peer write");
+    }
+    for (i, (flow, fd)) in taken.into_iter().enumerate() {
+        let mut moved = TcpStream::from(fd);
+        moved
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut got = [0u8; 4];
+        moved
+            .read_exact(&mut got)
+            .expect("read on the moved socket");
+        assert_eq!(
+            u32::from_be_bytes(got) as usize,
+            i,
+            "{flow:?}: another connection"
+        );
+    }
+}

@@ -532,25 +532,7 @@ fn helper_killed_during_save() {
     let log = || a.log();
     w.run_to(0.25, "before SAVE", &log);
 
-    let helper = helper_pid(a.pid()).expect("baton-repair runs as baton's child");
-    let stop = Arc::new(AtomicBool::new(false));
-    let (attached, tracing) = std::sync::mpsc::channel();
-    let killer = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || kill_when_busy(helper, &stop, &attached))
-    };
-    // SAVE only once the helper is traced: none of the dump may pass unseen.
-    tracing
-        .recv_timeout(TEST_TIMEOUT)
-        .expect("the helper could not be traced");
-    let saved = w.save();
-    stop.store(true, Ordering::SeqCst);
-    let killed_after = killer.join().expect("killer thread").unwrap_or_else(|why| {
-        panic!(
-            "the helper was not killed during SAVE ({why}); SAVE {saved:?}; log:\n{}",
-            a.log()
-        )
-    });
+    let (saved, killed_after) = save_killing_the_helper(&mut w, &a);
     let text = a.log();
     eprintln!(
         "helper killed after {} system call stop(s) in SAVE; SAVE {}",
@@ -574,6 +556,87 @@ fn helper_killed_during_save() {
     w.finish("after SAVE failed (helper killed)", &log);
 }
 
+/// SAVE on `w`'s device, with baton `a`'s helper killed in the middle of its dump
+/// ([`kill_when_busy`]): SAVE's result, and how many system-call stops the kill took.
+#[cfg(target_arch = "x86_64")]
+fn save_killing_the_helper(w: &mut Workload, a: &Baton) -> (Result<Vec<u8>, HarnessError>, u64) {
+    let helper = helper_pid(a.pid()).expect("baton-repair runs as baton's child");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (attached, tracing) = std::sync::mpsc::channel();
+    let killer = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || kill_when_busy(helper, &stop, &attached))
+    };
+    // SAVE only once the helper is traced: none of the dump may pass unseen.
+    tracing
+        .recv_timeout(TEST_TIMEOUT)
+        .expect("the helper could not be traced");
+    let saved = w.save();
+    stop.store(true, Ordering::SeqCst);
+    let killed_after = killer.join().expect("killer thread").unwrap_or_else(|why| {
+        panic!(
+            "the helper was not killed during SAVE ({why}); SAVE {}; log:\n{}",
+            match &saved {
+                Ok(stream) => format!("succeeded ({} bytes)", stream.len()),
+                Err(e) => format!("failed: {e}"),
+            },
+            a.log()
+        )
+    });
+    (saved, killed_after)
+}
+
+/// The same with `--migrate-drop-tcp`: SAVE goes on. The sockets of the request the
+/// helper died in may be deaf and in repair mode, and the dumped ones need a live
+/// helper to leave repair mode at the handover: a fresh helper (baton's launcher starts
+/// one) thaws the interrupted ones (live again) and dumps them once more, and takes
+/// every socket out of repair mode at the handover. A target on this host takes every
+/// connection, and each carries on — every byte both ways checked.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn helper_killed_during_save_with_drop_tcp() {
+    baton_testkit::netns::raise_nofile(16_384).expect("RLIMIT_NOFILE");
+    let a = source("killhelperdrop", true, &["--migrate-drop-tcp"]);
+    let b = target("killhelperdrop", true);
+    let n = 600;
+    let mut w = Workload::start(a.connect(), n, 16 << 10);
+    let log = || a.log();
+    w.run_to(0.25, "before SAVE", &log);
+    let (saved, killed_after) = save_killing_the_helper(&mut w, &a);
+    let stream = saved.unwrap_or_else(|e| {
+        panic!(
+            "SAVE must succeed with --migrate-drop-tcp ({e}); log:\n{}",
+            a.log()
+        )
+    });
+    let text = a.log();
+    eprintln!("helper killed after {killed_after} system call stop(s) in SAVE");
+    assert!(
+        text.contains("of the interrupted dump thawed and dumped again through a fresh"),
+        "{text}"
+    );
+    // Connections that were over at SAVE are not in it; every other one is (with the
+    // kernel state of its second dump, or none if its socket was closed already).
+    let state = decode_stream(&stream).expect("valid stream");
+    let moving = state.tcp_flows.len();
+    assert!(moving > 0, "{text}");
+    let (dev, loaded) = connect_loading(&b, &stream);
+    loaded.unwrap_or_else(|e| panic!("LOAD: {e}; log:\n{}", b.log()));
+    assert!(
+        b.log().contains(&format!(
+            "{moving} TCP connection(s) taken over from the source"
+        )),
+        "{}",
+        b.log()
+    );
+    w.switch_to(dev);
+    let b_log = || format!("{}\n--- source:\n{}", b.log(), a.log());
+    w.finish(
+        "after a SAVE the helper died in (--migrate-drop-tcp)",
+        &b_log,
+    );
+}
+
 /// baton-repair's pid: the live process of that name below baton `pid` (baton's
 /// launcher starts it when the migration starts).
 fn helper_pid(pid: u32) -> Option<i32> {
@@ -584,36 +647,56 @@ fn helper_pid(pid: u32) -> Option<i32> {
 
 /// Kill `pid` with SIGKILL in the middle of a dump request of SAVE, unless `stop` is set
 /// first. Sampling a running helper races with it (a whole dump can pass between two
-/// samples on a busy machine), so the helper is traced (ptrace, system call stops): it
-/// reads a request with `recvmsg` and freezes sockets with `setsockopt`, several calls
-/// per socket; it is killed at its tenth `setsockopt` after it received a request, in
-/// the middle of a dump, with the first sockets deaf and in repair mode. `attached` is
-/// told once the helper is traced. Returns how many stops that took, or why it did not
-/// kill.
+/// samples on a busy machine), so the helper is traced (ptrace, system call stops) —
+/// every one of its threads, since it splits big batches between its main thread and a
+/// worker, and threads it starts later too (`PTRACE_O_TRACECLONE`). It reads a request
+/// with `recvmsg` and freezes sockets with `setsockopt`, several calls per socket; it is
+/// killed at its tenth `setsockopt` (counted over all threads) after it received a
+/// request, in the middle of a dump, with the first sockets deaf and in repair mode.
+/// `attached` is told once every thread is traced. Returns how many stops that took, or
+/// why it did not kill.
 ///
 /// Attaching interrupts the helper's `poll`, which the kernel then resumes with
 /// `restart_syscall` — not on the helper's seccomp allow-list (it would die of SIGSYS,
 /// a different fault). The tracer turns that back into the `poll` it was: the
-/// registers still hold its arguments.
+/// registers still hold its arguments. (A thread interrupted in another blocking call,
+/// e.g. the worker's futex wait, comes back with that call restarted by the kernel
+/// itself, which needs no such help.)
 #[cfg(target_arch = "x86_64")]
 fn kill_when_busy(
     pid: i32,
     stop: &AtomicBool,
     attached: &std::sync::mpsc::Sender<()>,
 ) -> Result<u64, String> {
-    // SAFETY (every ptrace and waitpid call below): requests on the helper our baton
-    // started, by its PID; the only memory passed is `status` and `regs`, owned here.
-    let seized = unsafe {
-        libc::ptrace(
-            libc::PTRACE_SEIZE,
-            pid,
-            0usize,
-            libc::PTRACE_O_TRACESYSGOOD as usize,
-        )
-    };
-    if seized != 0 || unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0usize, 0usize) } != 0 {
-        return Err(format!("attach: {}", std::io::Error::last_os_error()));
+    let tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| format!("list the helper's threads: {e}"))?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut traced: Vec<i32> = Vec::new();
+    for &tid in &tids {
+        // SAFETY (every ptrace and waitpid call below): requests on threads of the helper
+        // our baton started, by their ids; the only memory passed is `status` and
+        // `regs`, owned here.
+        let seized = unsafe {
+            libc::ptrace(
+                libc::PTRACE_SEIZE,
+                tid,
+                0usize,
+                (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_TRACECLONE) as usize,
+            )
+        };
+        if seized != 0 || unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0usize, 0usize) } != 0
+        {
+            return Err(format!(
+                "attach thread {tid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        traced.push(tid);
     }
+    // Each thread's first stop is PTRACE_INTERRUPT's; once all have been seen, every
+    // system call of the helper is.
+    let mut interrupted: std::collections::HashSet<i32> = std::collections::HashSet::new();
     let mut stops = 0u64;
     let mut attached = Some(attached);
     let mut received = false;
@@ -621,31 +704,56 @@ fn kill_when_busy(
     let mut freezing = 0u32;
     loop {
         let mut status = 0;
-        loop {
-            let waited = unsafe { libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG) };
-            if waited == pid {
-                break;
-            }
-            if waited < 0 {
-                return Err(format!("waitpid: {}", std::io::Error::last_os_error()));
+        // Poll the traced threads (never `waitpid(-1)`: it would reap this test's other
+        // children, the batons).
+        let tid = 'wait: loop {
+            for &tid in &traced {
+                let waited =
+                    unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
+                if waited == tid {
+                    break 'wait tid;
+                }
+                if waited < 0
+                    && std::io::Error::last_os_error().raw_os_error() != Some(libc::ECHILD)
+                {
+                    return Err(format!("waitpid: {}", std::io::Error::last_os_error()));
+                }
             }
             if stop.load(Ordering::SeqCst) {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
                 return Err(format!(
                     "SAVE ended first ({stops} stops, recvmsg seen {received}, {freezing} \
-                     setsockopt stops)"
+                     setsockopt stops, {} thread(s) traced)",
+                    traced.len()
                 ));
             }
             std::thread::sleep(Duration::from_micros(20));
-        }
+        };
         if !libc::WIFSTOPPED(status) {
-            return Err(format!(
-                "the helper ended: wait status {status:#x} after {stops} stops"
-            ));
+            if tid == pid {
+                return Err(format!(
+                    "the helper ended: wait status {status:#x} after {stops} stops"
+                ));
+            }
+            // A thread of it ended.
+            traced.retain(|&t| t != tid);
+            continue;
         }
-        // The first stop is PTRACE_INTERRUPT's: from here on every system call is seen.
-        if let Some(attached) = attached.take() {
-            let _ = attached.send(());
+        let event = status >> 16;
+        if event == libc::PTRACE_EVENT_CLONE {
+            // A new thread, traced from its start: learn its id.
+            let mut new_tid: libc::c_ulong = 0;
+            let msg = &mut new_tid as *mut libc::c_ulong as usize;
+            if unsafe { libc::ptrace(libc::PTRACE_GETEVENTMSG, tid, 0usize, msg) } == 0 {
+                traced.push(new_tid as i32);
+                interrupted.insert(new_tid as i32);
+            }
+        }
+        interrupted.insert(tid);
+        if interrupted.len() >= tids.len() {
+            if let Some(attached) = attached.take() {
+                let _ = attached.send(());
+            }
         }
         stops += 1;
         let signal = libc::WSTOPSIG(status);
@@ -654,30 +762,30 @@ fn kill_when_busy(
             // SAFETY: zeroes are a valid user_regs_struct (plain integers).
             let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
             let regs_ptr = &mut regs as *mut libc::user_regs_struct as usize;
-            if unsafe { libc::ptrace(libc::PTRACE_GETREGS, pid, 0usize, regs_ptr) } != 0 {
+            if unsafe { libc::ptrace(libc::PTRACE_GETREGS, tid, 0usize, regs_ptr) } != 0 {
                 return Err(format!("GETREGS: {}", std::io::Error::last_os_error()));
             }
             let call = regs.orig_rax as i64;
             if call == libc::SYS_restart_syscall {
                 regs.orig_rax = libc::SYS_poll as u64;
-                if unsafe { libc::ptrace(libc::PTRACE_SETREGS, pid, 0usize, regs_ptr) } != 0 {
+                if unsafe { libc::ptrace(libc::PTRACE_SETREGS, tid, 0usize, regs_ptr) } != 0 {
                     return Err(format!("SETREGS: {}", std::io::Error::last_os_error()));
                 }
             } else if call == libc::SYS_recvmsg {
                 received = true;
-            } else if call == libc::SYS_setsockopt && received {
+            } else if call == libc::SYS_setsockopt && received && attached.is_none() {
                 freezing += 1;
                 if freezing == 20 {
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                     return Ok(stops);
                 }
             }
-        } else if status >> 16 == 0 {
+        } else if event == 0 {
             // A signal for the helper: pass it on. (Event stops, such as the one
             // PTRACE_INTERRUPT causes, carry the event above bit 16.)
             inject = signal as usize;
         }
-        if unsafe { libc::ptrace(libc::PTRACE_SYSCALL, pid, 0usize, inject) } != 0 {
+        if unsafe { libc::ptrace(libc::PTRACE_SYSCALL, tid, 0usize, inject) } != 0 {
             return Err(format!(
                 "PTRACE_SYSCALL: {}",
                 std::io::Error::last_os_error()

@@ -431,6 +431,9 @@ pub struct GuestNet {
     /// attachment number (`Some(None)` for one set directly). A source that resumes
     /// without it (it died since) thaws through a fresh one.
     dumped_by: Option<Option<u64>>,
+    /// Pre-dumps of the TCP connections taken while `LOG_ALL` is on
+    /// ([`crate::predump`]), used by the next migration SAVE.
+    pre_dump: crate::predump::PreDump,
     /// Host sockets of all protocol handlers; event data = [`icmp::EPOLL_OWNER_PING`]
     /// (and later other owners) in the top byte, a per-owner token below.
     epoll: Epoll,
@@ -463,6 +466,7 @@ impl GuestNet {
             repair_link: None,
             repair_attachment: None,
             dumped_by: None,
+            pre_dump: crate::predump::PreDump::default(),
             dhcpv4: dhcp::DhcpServer::new(&config),
             dhcpv6: dhcpv6::Dhcpv6Server::new(&config),
             router_advert: ndp::RouterAdvertiser::new(&config),
@@ -610,6 +614,36 @@ impl GuestNet {
         );
     }
 
+    /// SAVE with `--migrate-drop-tcp` after a dump request failed as a whole: if the
+    /// helper died in it, the sockets of that request may be deaf and in repair mode,
+    /// where they could carry nothing even on a same-host target, and the dumped ones
+    /// need a live helper to leave repair mode at the handover. So take a fresh helper
+    /// (`--helper` starts one; bounded wait), which thaws and dumps them again
+    /// ([`crate::restore::redump_interrupted`]) and serves the rest of the SAVE.
+    pub(crate) fn redump_after_helper_died(&mut self, dump: &mut crate::restore::DumpOutcome) {
+        let dead = self
+            .repair
+            .as_ref()
+            .is_none_or(|client| hung_up(client.as_fd()));
+        if !dead {
+            // The helper answered the thaw right after the failure already.
+            return;
+        }
+        self.repair = None;
+        self.repair_attachment = None;
+        let wait = self.helper_start_wait().max(crate::repair_link::SAVE_WAIT);
+        self.refresh_repair_client(wait);
+        let Some(helper) = self.repair.as_mut() else {
+            tracing::error!(
+                "the repair helper died during SAVE and no fresh one came: {} TCP \
+                 connection(s) of the interrupted dump may stay in repair mode",
+                dump.unknown_flows.len()
+            );
+            return;
+        };
+        crate::restore::redump_interrupted(&self.tcp, helper, dump);
+    }
+
     /// SAVE of a migration is about to dump the TCP connections: make sure the helper is
     /// the current one, waiting a little for a late one; say loudly if there is none.
     fn prepare_repair_for_save(&mut self) {
@@ -697,6 +731,31 @@ impl GuestNet {
             guest_mac: self.observed.mac,
         };
         (&mut self.tcp, env, self.repair.as_mut())
+    }
+
+    /// [`GuestNet::tcp_and_repair`] with the helper held now, as it is: a SAVE that
+    /// dumped through it must go on with the same one (if it died, its failure path
+    /// knows what to thaw; see [`GuestNet::redump_after_helper_died`]).
+    pub(crate) fn tcp_and_held_repair(
+        &mut self,
+    ) -> (
+        &mut crate::tcp::TcpFlows,
+        crate::tcp::Env<'_>,
+        Option<&mut baton_repair_ipc::RepairClient>,
+    ) {
+        let env = crate::tcp::Env {
+            config: &self.config,
+            epoll: &self.epoll,
+            guest_mac: self.observed.mac,
+        };
+        (&mut self.tcp, env, self.repair.as_mut())
+    }
+
+    /// The pre-dumps for a migration SAVE (the running pass, if any, stops).
+    pub(crate) fn take_pre_dumps(
+        &mut self,
+    ) -> std::collections::HashMap<crate::flow::FlowId, crate::predump::Entry> {
+        self.pre_dump.take_for_save()
     }
 
     /// The UDP flows with what loading them needs (configuration, epoll set, the
@@ -1155,6 +1214,31 @@ impl crate::vu::NetworkEngine for GuestNet {
 
     fn close_frozen_silently(&mut self) -> usize {
         GuestNet::close_frozen_silently(self)
+    }
+
+    fn pre_dump_begin(&mut self) -> Option<u64> {
+        Some(self.pre_dump.begin(&self.tcp))
+    }
+
+    fn pre_dump_step(&mut self, number: u64) -> crate::predump::Step {
+        if !self.pre_dump.is_current(number) {
+            return crate::predump::Step::Done;
+        }
+        self.refresh_repair_client(Duration::ZERO);
+        self.pre_dump.step(number, &self.tcp, self.repair.as_mut())
+    }
+
+    fn pre_dump_abandon(&mut self, number: u64) {
+        self.pre_dump.abandon(number);
+    }
+
+    fn pre_dump_recover(&mut self) {
+        self.refresh_repair_client(Duration::ZERO);
+        self.pre_dump.recover(&self.tcp, self.repair.as_mut());
+    }
+
+    fn pre_dump_cancel(&mut self) {
+        self.pre_dump.cancel();
     }
 
     fn load_state(

@@ -98,7 +98,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
-use baton_proto::migration::{FlowId as WireFlowId, TcpFlowRecord};
+use baton_proto::migration::{FlowId as WireFlowId, HostSocketEnds, TcpFlowRecord};
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
 use crate::config::{MacAddr, NetConfig};
@@ -984,11 +984,13 @@ impl TcpFlows {
     }
 
     /// `pre_frozen`: flows whose sockets `baton-repair` already froze (attaching the
-    /// filter needs `CAP_NET_ADMIN` on some kernels); the others are frozen here.
+    /// filter needs `CAP_NET_ADMIN` on some kernels), with their host ends when its dump
+    /// read them (the same `getsockname`/`getpeername` of the same socket: two system
+    /// calls less per connection here); the others are frozen here.
     pub(crate) fn freeze_for_handover(
         &mut self,
         env: &Env<'_>,
-        pre_frozen: &std::collections::HashSet<FlowId>,
+        pre_frozen: &std::collections::HashMap<FlowId, Option<HostSocketEnds>>,
     ) -> FrozenFlows {
         self.unfreeze_offer();
         let mut frozen = FrozenFlows::default();
@@ -998,7 +1000,8 @@ impl TcpFlows {
             let Some(conn) = self.flows.get_mut(id) else {
                 continue;
             };
-            if pre_frozen.contains(&id) {
+            let known = pre_frozen.get(&id);
+            if known.is_some() {
                 // Frozen by the helper.
             } else if let Err(err) = crate::handover::attach_deaf_filter(conn.socket.as_fd()) {
                 tracing::warn!("{id}: cannot freeze the socket, it stays here: {err}");
@@ -1016,7 +1019,11 @@ impl TcpFlows {
                     continue;
                 }
             };
-            let host = match crate::handover::socket_ends(conn.socket.as_fd()) {
+            let host = match known
+                .copied()
+                .flatten()
+                .map_or_else(|| crate::handover::socket_ends(conn.socket.as_fd()), Ok)
+            {
                 Ok(host) => host,
                 Err(err) => {
                     tracing::warn!("{id}: not migrated: {err}");

@@ -206,8 +206,16 @@ impl VhostUserBackend for NetBackend {
             if log_all {
                 info!("dirty logging on: a migration is starting");
                 self.repair.migration_starting();
+                // Pre-dump the TCP connections while the VM still runs (see
+                // `crate::predump`); SAVE stops the pass and uses what it found.
+                if let Err(err) =
+                    crate::predump::spawn_pass(self.engine.clone(), self.repair.clone())
+                {
+                    warn!("starting the TCP pre-dump thread: {err}; SAVE dumps everything");
+                }
             } else {
                 info!("dirty logging off");
+                self.with_engine(|engine| engine.pre_dump_cancel());
             }
         }
     }

@@ -87,6 +87,32 @@ pub trait NetworkEngine: Send {
         0
     }
 
+    /// `LOG_ALL` on (a migration starts, the VM still runs): start a pre-dump pass
+    /// ([`crate::predump`]). Returns its number, or `None` if this engine has nothing
+    /// to pre-dump.
+    fn pre_dump_begin(&mut self) -> Option<u64> {
+        None
+    }
+
+    /// One chunk of pre-dump pass `number` (called with the engine lock held, released
+    /// between chunks).
+    fn pre_dump_step(&mut self, number: u64) -> crate::predump::Step {
+        let _ = number;
+        crate::predump::Step::Done
+    }
+
+    /// No helper came for pass `number`: stop it.
+    fn pre_dump_abandon(&mut self, number: u64) {
+        let _ = number;
+    }
+
+    /// After a pre-dump request failed as a whole: take the fresh helper and thaw the
+    /// sockets of that request.
+    fn pre_dump_recover(&mut self) {}
+
+    /// `LOG_ALL` off: the migration was cancelled; drop the pre-dumps.
+    fn pre_dump_cancel(&mut self) {}
+
     /// End of a migration on the source: close every frozen connection without a FIN
     /// or RST (those a same-host target took are left to it). Returns how many.
     fn close_frozen_silently(&mut self) -> usize {

@@ -692,6 +692,99 @@ pub fn load_device_state(fe: &Frontend, state: &[u8]) -> Result<(), HarnessError
     written.map_err(|e| HarnessError::Setup(format!("write device state: {e}")))
 }
 
+/// What [`migrate_device_state`] measured, each from its start.
+#[derive(Debug, Clone, Copy)]
+pub struct TransferTimes {
+    /// The source's first bytes arrived: the target's LOAD starts here.
+    pub first_bytes: Duration,
+    /// The source's stream ended (EOF) and its `CHECK_DEVICE_STATE` succeeded.
+    pub saved: Duration,
+    /// The target's `CHECK_DEVICE_STATE` succeeded: the device state is in place.
+    pub loaded: Duration,
+    /// Stream length in bytes.
+    pub bytes: u64,
+}
+
+/// Move the device state from `source` to `target` the way QEMU does in a live
+/// migration (`vhost_save_backend_state` on the source, `vhost_load_backend_state` on the
+/// target, the migration channel in between): the source's stream is read in chunks
+/// (QEMU: 1 MiB) and each chunk is passed on to the target while the source still
+/// writes. QEMU's target starts its LOAD when the device's section arrives, which is
+/// when the source has produced its first bytes; here LOAD starts at the first chunk.
+/// So the stream's transfer, reading and validation overlap the source's writing of it,
+/// as they do between two QEMUs. Either side's failure is returned (the source's first).
+pub fn migrate_device_state(
+    source: &Frontend,
+    target: &Frontend,
+) -> Result<TransferTimes, HarnessError> {
+    const CHUNK: usize = 1 << 20;
+    let started = Instant::now();
+    let (mut from_source, source_end) = pipe()?;
+    if source
+        .set_device_state_fd(
+            VhostTransferStateDirection::SAVE,
+            VhostTransferStatePhase::STOPPED,
+            source_end.into(),
+        )
+        .map_err(vu("SET_DEVICE_STATE_FD(SAVE)"))?
+        .is_some()
+    {
+        return Err(HarnessError::Setup("source returned its own fd".into()));
+    }
+    let mut chunk = vec![0u8; CHUNK];
+    let read_chunk = |from: &mut File, chunk: &mut [u8]| loop {
+        match from.read(chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => {
+                return other.map_err(|e| HarnessError::Setup(format!("read device state: {e}")))
+            }
+        }
+    };
+    let mut len = read_chunk(&mut from_source, &mut chunk)?;
+    let first_bytes = started.elapsed();
+    let (target_end, mut to_target) = pipe()?;
+    if target
+        .set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            target_end.into(),
+        )
+        .map_err(vu("SET_DEVICE_STATE_FD(LOAD)"))?
+        .is_some()
+    {
+        return Err(HarnessError::Setup("target returned its own fd".into()));
+    }
+    let mut bytes = 0u64;
+    // A target that stopped reading (it refused the stream) makes the write fail with
+    // EPIPE; the source is still read to its end, and the target's CHECK says why.
+    let mut written: Result<(), std::io::Error> = Ok(());
+    while len > 0 {
+        bytes += len as u64;
+        if written.is_ok() {
+            written = to_target.write_all(&chunk[..len]);
+        }
+        len = read_chunk(&mut from_source, &mut chunk)?;
+    }
+    let saved_check = source
+        .check_device_state()
+        .map_err(vu("CHECK_DEVICE_STATE(SAVE)"));
+    let saved = started.elapsed();
+    drop(to_target);
+    let loaded_check = target
+        .check_device_state()
+        .map_err(vu("CHECK_DEVICE_STATE(LOAD)"));
+    let loaded = started.elapsed();
+    saved_check?;
+    loaded_check?;
+    written.map_err(|e| HarnessError::Setup(format!("write device state: {e}")))?;
+    Ok(TransferTimes {
+        first_bytes,
+        saved,
+        loaded,
+        bytes,
+    })
+}
+
 fn wait_readable(ev: &EventFd, timeout: Duration) {
     // SAFETY: the eventfd outlives this call.
     let fd = unsafe { BorrowedFd::borrow_raw(ev.as_raw_fd()) };

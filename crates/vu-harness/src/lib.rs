@@ -23,6 +23,8 @@ pub mod memory;
 pub mod queue;
 pub mod smol;
 
-pub use frontend::{FrontendOptions, HarnessError, NetFrontend};
+pub use frontend::{
+    migrate_device_state, FrontendOptions, HarnessError, NetFrontend, TransferTimes,
+};
 pub use memory::GuestRam;
 pub use queue::DriverQueue;
