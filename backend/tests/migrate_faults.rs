@@ -48,13 +48,12 @@ use baton_testkit::hostflows::{self, FlowPlan, HostFlows, Report, Running};
 use baton_testkit::pattern::Pattern;
 use baton_vu_harness::{HarnessError, NetFrontend};
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
-use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 
 mod common;
 use common::guest::{
-    connect_loading, helper_binary, recv_verified, send_indexed, Guest, GUEST_MAC, GUEST_V4, GW_V4,
-    OUR_MAC,
+    connect_loading, helper_binary, run_guest, Guest, GuestConnection, StreamPair, GUEST_MAC,
+    GUEST_V4, GW_V4, OUR_MAC,
 };
 use common::{Baton, DUAL_STACK};
 
@@ -167,13 +166,8 @@ impl Peer {
 
 /// The guest's end of one connection.
 struct GuestConn {
-    index: u32,
-    handle: SocketHandle,
+    io: StreamPair,
     plan: Plan,
-    /// Index header and pattern bytes sent so far (header included).
-    sent: u64,
-    received: u64,
-    closed: bool,
     /// The connection ended before its streams did (a RST from the backend).
     reset: bool,
     /// Do not send our FIN yet, even when everything is sent.
@@ -184,63 +178,50 @@ impl GuestConn {
     fn open(guest: &mut Guest, port: u16, index: u32, plan: Plan) -> Self {
         let handle = guest.open_stream((GW_V4, port), FIRST_PORT + index as u16);
         GuestConn {
-            index,
-            handle,
+            io: StreamPair::new(index, handle),
             plan,
-            sent: 0,
-            received: 0,
-            closed: false,
             reset: false,
             hold_close: false,
         }
     }
 
     fn up_done(&self) -> u64 {
-        self.sent.saturating_sub(4)
+        self.io.up_done()
     }
 
+    fn done(&self, guest: &mut Guest) -> bool {
+        self.io.done_with(guest.tcp(self.io.handle), self.plan.down)
+    }
+}
+
+impl GuestConnection for GuestConn {
     /// Move data both ways; panics on a wrong byte, notes a reset.
     fn step(&mut self, guest: &mut Guest) {
         if self.reset {
             return;
         }
-        let socket = guest.sockets.get_mut::<tcp::Socket>(self.handle);
-        if socket.state() == tcp::State::Closed && !self.done_with(socket) {
+        let (plan, hold_close) = (self.plan, self.hold_close);
+        let io = &mut self.io;
+        let socket = guest.tcp(io.handle);
+        if io.ended_early(socket, plan.down) {
             self.reset = true;
             return;
         }
-        let total = self.plan.up + 4;
-        send_indexed(
+        let total = plan.up + 4;
+        let index = io.index;
+        io.exchange(
             socket,
-            self.index,
-            &up_pattern(self.index),
-            &mut self.sent,
-            total,
+            (&up_pattern(index), total),
+            // The guest closes once both streams are through (the peer then closes too).
+            |io| io.sent == total && io.received == plan.down && !hold_close,
+            // Everything that comes is read: surplus data fails the check below.
+            (&down_pattern(index), u64::MAX),
         );
-        // The guest closes once both streams are through (the peer then closes too).
-        let through = self.sent == total && self.received == self.plan.down;
-        if through && !self.closed && !self.hold_close {
-            socket.close();
-            self.closed = true;
-        }
-        // Everything that comes is read: surplus data fails the check below.
-        recv_verified(
-            socket,
-            self.index,
-            &down_pattern(self.index),
-            &mut self.received,
-            u64::MAX,
-        );
-        assert!(self.received <= self.plan.down, "guest received too much");
+        assert!(io.received <= plan.down, "guest received too much");
     }
 
-    fn done_with(&self, socket: &tcp::Socket<'_>) -> bool {
-        self.closed && self.received == self.plan.down && !socket.may_recv()
-    }
-
-    fn done(&self, guest: &mut Guest) -> bool {
-        let socket = guest.sockets.get_mut::<tcp::Socket>(self.handle);
-        self.done_with(socket)
+    fn streams(&self) -> &StreamPair {
+        &self.io
     }
 }
 
@@ -280,37 +261,27 @@ impl Workload {
         mut until: impl FnMut(&mut Guest, &[GuestConn]) -> bool,
         log: &dyn Fn() -> String,
     ) {
-        let deadline = Instant::now() + TEST_TIMEOUT;
-        loop {
-            self.guest.poll();
-            for conn in self.conns.iter_mut() {
-                conn.step(&mut self.guest);
-            }
-            self.guest.poll();
-            if !resets_expected {
-                if let Some(c) = self.conns.iter().find(|c| c.reset) {
-                    panic!(
-                        "{what}: connection {} was reset (sent {}, received {}); log:\n{}",
-                        c.index,
-                        c.up_done(),
-                        c.received,
-                        log()
-                    );
+        run_guest(
+            &mut self.guest,
+            &mut self.conns,
+            what,
+            TEST_TIMEOUT,
+            |guest, conns| {
+                if !resets_expected {
+                    if let Some(c) = conns.iter().find(|c| c.reset) {
+                        panic!(
+                            "{what}: connection {} was reset (sent {}, received {}); log:\n{}",
+                            c.io.index,
+                            c.up_done(),
+                            c.io.received,
+                            log()
+                        );
+                    }
                 }
-            }
-            if until(&mut self.guest, &self.conns) {
-                return;
-            }
-            if Instant::now() > deadline {
-                let progress: Vec<(u32, u64, u64)> = self
-                    .conns
-                    .iter()
-                    .map(|c| (c.index, c.up_done(), c.received))
-                    .collect();
-                panic!("{what}: timed out; progress {progress:?}; log:\n{}", log());
-            }
-            self.guest.wait();
-        }
+                until(guest, conns)
+            },
+            log,
+        );
     }
 
     /// Run until every connection moved at least `fraction` of its streams each way.
@@ -321,7 +292,7 @@ impl Workload {
             |_, conns| {
                 conns.iter().all(|c| {
                     c.up_done() as f64 >= c.plan.up as f64 * fraction
-                        && c.received as f64 >= c.plan.down as f64 * fraction
+                        && c.io.received as f64 >= c.plan.down as f64 * fraction
                 })
             },
             log,
@@ -347,9 +318,17 @@ impl Workload {
         assert!(report.is_ok(), "{what}: {report}; log:\n{}", log());
     }
 
+    /// Whether the guest holds back its FIN on every connection (even with both streams
+    /// through), so that they stay open.
+    fn hold_all_closes(&mut self, hold: bool) {
+        for conn in &mut self.conns {
+            conn.hold_close = hold;
+        }
+    }
+
     /// Bytes moved so far over all connections, both ways.
     fn progress(&self) -> u64 {
-        self.conns.iter().map(|c| c.up_done() + c.received).sum()
+        self.conns.iter().map(|c| c.up_done() + c.io.received).sum()
     }
 
     /// SAVE on the current device (the VM stops first): the stream, or the error.
@@ -529,6 +508,10 @@ fn helper_killed_during_save() {
     // Three dump requests (at most 253 sockets each): the helper dies inside one.
     let n = 600;
     let mut w = Workload::start(a.connect(), n, 16 << 10);
+    // Every connection must still be open at SAVE, or there is nothing to dump and so
+    // nothing to kill the helper in: 16 KiB each way can be through before the slowest
+    // connection has moved a quarter of it.
+    w.hold_all_closes(true);
     let log = || a.log();
     w.run_to(0.25, "before SAVE", &log);
 
@@ -553,6 +536,7 @@ fn helper_killed_during_save() {
         "{text}"
     );
     w.resume_on(&a);
+    w.hold_all_closes(false);
     w.finish("after SAVE failed (helper killed)", &log);
 }
 
@@ -600,6 +584,7 @@ fn helper_killed_during_save_with_drop_tcp() {
     let b = target("killhelperdrop", true);
     let n = 600;
     let mut w = Workload::start(a.connect(), n, 16 << 10);
+    w.hold_all_closes(true);
     let log = || a.log();
     w.run_to(0.25, "before SAVE", &log);
     let (saved, killed_after) = save_killing_the_helper(&mut w, &a);
@@ -630,6 +615,7 @@ fn helper_killed_during_save_with_drop_tcp() {
         b.log()
     );
     w.switch_to(dev);
+    w.hold_all_closes(false);
     let b_log = || format!("{}\n--- source:\n{}", b.log(), a.log());
     w.finish(
         "after a SAVE the helper died in (--migrate-drop-tcp)",
@@ -1001,9 +987,7 @@ fn twenty_migrations_back_and_forth_under_load() {
     // A connection whose both ends closed may be caught at SAVE with its socket already
     // CLOSE, which fails SAVE today (see `a_connection_closing_at_save_…`); this test is
     // about streams, so the guest closes only after the last switch.
-    for conn in &mut w.conns {
-        conn.hold_close = true;
-    }
+    w.hold_all_closes(true);
     let total = 2 * len * n as u64;
     // Migrate each time another slice of the traffic went through, so that streams
     // are busy at every switch and still running after the last.
@@ -1015,7 +999,13 @@ fn twenty_migrations_back_and_forth_under_load() {
         w.run(
             &format!("before migration {round}"),
             false,
-            |_, conns| conns.iter().map(|c| c.up_done() + c.received).sum::<u64>() >= goal,
+            |_, conns| {
+                conns
+                    .iter()
+                    .map(|c| c.up_done() + c.io.received)
+                    .sum::<u64>()
+                    >= goal
+            },
             &|| from.log(),
         );
         let taken_before = log_count(to, "TCP connection(s) taken over from the source");
@@ -1042,9 +1032,7 @@ fn twenty_migrations_back_and_forth_under_load() {
         w.progress() < total,
         "the streams were still running at the last switch"
     );
-    for conn in &mut w.conns {
-        conn.hold_close = false;
-    }
+    w.hold_all_closes(false);
     let last = backends[rounds % 2];
     w.finish("after twenty migrations", &|| last.log());
 }
@@ -1066,10 +1054,11 @@ fn a_connection_closing_at_save_does_not_fail_the_migration() {
         "until the guest's FIN is acknowledged",
         false,
         |guest, conns| {
-            let socket = guest.sockets.get_mut::<tcp::Socket>(conns[0].handle);
+            let socket = guest.sockets.get_mut::<tcp::Socket>(conns[0].io.handle);
             // Under load the peer's FIN may already have come through as well
             // (TIME_WAIT); the flow is then over, and SAVE must not stumble on it either.
-            conns[0].closed && matches!(socket.state(), tcp::State::FinWait2 | tcp::State::TimeWait)
+            conns[0].io.closed
+                && matches!(socket.state(), tcp::State::FinWait2 | tcp::State::TimeWait)
         },
         &|| a.log(),
     );
@@ -1110,7 +1099,7 @@ fn a_receive_only_guest_gets_its_data_again_when_the_source_resumes() {
     for c in &w.conns {
         w.guest
             .sockets
-            .get_mut::<tcp::Socket>(c.handle)
+            .get_mut::<tcp::Socket>(c.io.handle)
             .set_ack_delay(None);
     }
     let log = || a.log();

@@ -21,228 +21,22 @@
 //! And the failure path: a target without a helper fails LOAD, the source VM resumes
 //! (a new frontend connection to A), A thaws its sockets and every connection carries on.
 
-use std::fs::File;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
-use std::process::Command;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use baton_proto::migration::decode_stream;
 use baton_testkit::hostflows::{self, FlowPlan, HostFlows, Running};
 use baton_testkit::pattern::Pattern;
-use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 use smoltcp::wire::IpAddress;
 
 mod common;
-use common::guest::{connect_loading, helper_binary, recv_verified, send_indexed, Guest};
-use common::{Baton, V4_ONLY};
-
-const PEER: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
-/// The source host's address: the connections' local address, moved to T late.
-const MOVING: &str = "10.88.0.2";
-/// The target host's own address.
-const TARGET_OWN: &str = "10.88.0.3";
+use common::guest::{
+    connect_loading, run_guest, stop_and_save, Guest, GuestConnection, StreamPair,
+};
+use common::hosts::{Hosts, Target, PEER};
 const SERVER_PORT: u16 = 5000;
 const TEST_TIMEOUT: Duration = Duration::from_secs(180);
-
-// ---------------------------------------------------------------------------------------
-// Namespaces ("hosts") and the network between them
-// ---------------------------------------------------------------------------------------
-
-/// A network namespace, held open by a descriptor; commands run in it through
-/// `nsenter --net=/proc/<pid>/fd/<fd>`.
-struct Netns {
-    handle: File,
-}
-
-impl Netns {
-    /// The calling thread's namespace.
-    fn current() -> Self {
-        Netns {
-            handle: File::open("/proc/thread-self/ns/net").expect("open own netns"),
-        }
-    }
-
-    fn path(&self) -> String {
-        format!(
-            "/proc/{}/fd/{}",
-            std::process::id(),
-            self.handle.as_raw_fd()
-        )
-    }
-
-    /// Run `cmd` (a program and its arguments) in this namespace; panics on failure.
-    fn run(&self, cmd: &[&str]) -> String {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.path()))
-            .args(cmd)
-            .output()
-            .expect("run nsenter");
-        assert!(
-            out.status.success(),
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn ip(&self, args: &str) {
-        let mut cmd = vec!["ip"];
-        cmd.extend(args.split_whitespace());
-        self.run(&cmd);
-    }
-
-    /// Reverse-path filtering off: the peer sees the moving address on either link.
-    fn no_rp_filter(&self, devices: &[&str]) {
-        let mut script = String::from(
-            "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter; \
-             echo 0 > /proc/sys/net/ipv4/conf/default/rp_filter;",
-        );
-        for dev in devices {
-            script.push_str(&format!(
-                " echo 0 > /proc/sys/net/ipv4/conf/{dev}/rp_filter;"
-            ));
-        }
-        self.run(&["sh", "-c", &script]);
-    }
-
-    /// `Tcp: OutRsts` of this namespace.
-    fn out_rsts(&self) -> u64 {
-        let snmp = self.run(&["cat", "/proc/net/snmp"]);
-        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-        let names: Vec<&str> = tcp.next().expect("Tcp names").split_whitespace().collect();
-        let values: Vec<&str> = tcp.next().expect("Tcp values").split_whitespace().collect();
-        let at = names.iter().position(|n| *n == "OutRsts").expect("OutRsts");
-        values[at].parse().expect("OutRsts value")
-    }
-
-    /// How often this namespace's TCP had to fall back on a timer to recover data
-    /// nobody acknowledged: `(TcpExtTCPLossProbes, TcpExtTCPTimeouts)` — tail-loss probes
-    /// and retransmission timeouts.
-    fn timer_recoveries(&self) -> (u64, u64) {
-        let out = self.run(&["nstat", "-asz", "TcpExtTCPLossProbes", "TcpExtTCPTimeouts"]);
-        let counter = |name: &str| -> u64 {
-            out.lines()
-                .find_map(|line| {
-                    let mut fields = line.split_whitespace();
-                    (fields.next() == Some(name)).then(|| fields.next())?
-                })
-                .unwrap_or_else(|| panic!("{name} missing from nstat: {out}"))
-                .parse()
-                .expect("counter value")
-        };
-        (counter("TcpExtTCPLossProbes"), counter("TcpExtTCPTimeouts"))
-    }
-}
-
-/// A fresh namespace with baton started in it (by a thread that entered it).
-fn host_with_baton(name: &str, helper: bool) -> (Netns, Baton) {
-    let name = name.to_string();
-    std::thread::spawn(move || {
-        baton_testkit::netns::enter_private_netns().expect("netns (run as root)");
-        let ns = Netns::current();
-        let helper_arg = helper_binary();
-        let mut args: Vec<&str> = V4_ONLY.iter().copied().chain(["-d"]).collect();
-        if helper {
-            args.extend(["--helper", helper_arg.as_str()]);
-        }
-        let baton = Baton::spawn(&format!("hosts-{name}"), &args);
-        (ns, baton)
-    })
-    .join()
-    .expect("host thread")
-}
-
-/// Two hosts and the peer (the calling thread's new namespace), wired as in the module
-/// comment.
-struct Hosts {
-    peer: Netns,
-    source: Netns,
-    target: Netns,
-    a: Option<Baton>,
-    b: Baton,
-}
-
-/// Where the target backend runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
-    /// In T, with a helper.
-    OtherHost,
-    /// In T, without a helper.
-    OtherHostNoHelper,
-    /// In S, next to the source, with a helper (a same-host migration).
-    SameNamespace,
-}
-
-/// Start baton in `ns` (from a thread that joins it).
-fn baton_in(ns: &Netns, name: &str) -> Baton {
-    let handle = ns.handle.try_clone().expect("dup netns");
-    let name = name.to_string();
-    std::thread::spawn(move || {
-        nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let helper = helper_binary();
-        let args: Vec<&str> = V4_ONLY
-            .iter()
-            .copied()
-            .chain(["-d", "--helper", helper.as_str()])
-            .collect();
-        Baton::spawn(&format!("hosts-{name}"), &args)
-    })
-    .join()
-    .expect("baton thread")
-}
-
-fn build_hosts(name: &str, target_kind: Target) -> Hosts {
-    baton_testkit::netns::enter_private_netns().expect("peer netns (run as root)");
-    let peer = Netns::current();
-    let (source, a) = host_with_baton(&format!("{name}-a"), true);
-    let (target, b) = host_with_baton(&format!("{name}-b"), target_kind == Target::OtherHost);
-    let b = if target_kind == Target::SameNamespace {
-        drop(b);
-        baton_in(&source, &format!("{name}-b-same"))
-    } else {
-        b
-    };
-    peer.ip("link add pS type veth peer name vS");
-    peer.ip(&format!("link set vS netns {}", source.path()));
-    peer.ip("link add pT type veth peer name vT");
-    peer.ip(&format!("link set vT netns {}", target.path()));
-    peer.ip(&format!("addr add {PEER}/32 dev lo"));
-    peer.ip("link set pS up");
-    peer.ip("link set pT up");
-    peer.ip(&format!("route add {MOVING}/32 dev pS"));
-    peer.ip(&format!("route add {TARGET_OWN}/32 dev pT"));
-    peer.no_rp_filter(&["pS", "pT", "lo"]);
-    source.ip(&format!("addr add {MOVING}/32 dev vS"));
-    source.ip("link set vS up");
-    source.ip(&format!("route add {PEER}/32 dev vS"));
-    source.no_rp_filter(&["vS"]);
-    target.ip(&format!("addr add {TARGET_OWN}/32 dev vT"));
-    target.ip("link set vT up");
-    target.ip(&format!("route add {PEER}/32 dev vT"));
-    target.no_rp_filter(&["vT"]);
-    Hosts {
-        peer,
-        source,
-        target,
-        a: Some(a),
-        b,
-    }
-}
-
-impl Hosts {
-    /// The address moves from S to T; the peer routes it to T from now on.
-    fn move_address(&self) {
-        self.source.ip(&format!("addr del {MOVING}/32 dev vS"));
-        self.target.ip(&format!("addr add {MOVING}/32 dev vT"));
-        self.peer.ip(&format!("route replace {MOVING}/32 dev pT"));
-    }
-
-    fn a(&self) -> &Baton {
-        self.a.as_ref().expect("source baton")
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // The server at the peer
@@ -318,13 +112,8 @@ fn serve(plans: Vec<Plan>) -> Running {
 
 /// The guest's end of one connection.
 struct GuestConn {
-    index: u32,
-    handle: SocketHandle,
+    io: StreamPair,
     plan: Plan,
-    /// Index header and pattern bytes sent so far (header included).
-    sent: u64,
-    received: u64,
-    closed: bool,
     /// Before the migration the guest application stops at a gate in each long
     /// direction, so that no connection finishes before SAVE and data waits in the
     /// queues; after it, everything runs to the end.
@@ -335,12 +124,8 @@ impl GuestConn {
     fn open(guest: &mut Guest, index: u32, plan: Plan) -> Self {
         let handle = guest.open_stream((PEER, SERVER_PORT), 40000 + index as u16);
         GuestConn {
-            index,
-            handle,
+            io: StreamPair::new(index, handle),
             plan,
-            sent: 0,
-            received: 0,
-            closed: false,
             gated: true,
         }
     }
@@ -364,79 +149,34 @@ impl GuestConn {
     }
 
     fn up_done(&self) -> u64 {
-        self.sent.saturating_sub(4)
-    }
-
-    /// Move data both ways; panics on a wrong byte or a reset.
-    fn step(&mut self, guest: &mut Guest) {
-        let socket = guest.sockets.get_mut::<tcp::Socket>(self.handle);
-        assert!(
-            socket.state() != tcp::State::Closed || self.done_with(socket),
-            "connection {}: reset or closed early (sent {}, received {})",
-            self.index,
-            self.sent,
-            self.received
-        );
-        let total = self.plan.up + 4;
-        let gate = self.up_gate();
-        let down_gate = self.down_gate();
-        send_indexed(
-            socket,
-            self.index,
-            &up_pattern(self.index),
-            &mut self.sent,
-            gate,
-        );
-        if self.sent == total && !self.closed {
-            socket.close();
-            self.closed = true;
-        }
-        recv_verified(
-            socket,
-            self.index,
-            &down_pattern(self.index),
-            &mut self.received,
-            down_gate,
-        );
-        assert!(self.received <= self.plan.down, "guest received too much");
-    }
-
-    fn done_with(&self, socket: &tcp::Socket<'_>) -> bool {
-        self.closed && self.received == self.plan.down && !socket.may_recv()
+        self.io.up_done()
     }
 
     fn done(&self, guest: &mut Guest) -> bool {
-        let socket = guest.sockets.get_mut::<tcp::Socket>(self.handle);
-        self.done_with(socket)
+        self.io.done_with(guest.tcp(self.io.handle), self.plan.down)
     }
 }
 
-/// Run the guest until `until` says stop (or the deadline passes: panic).
-fn run_guest(
-    guest: &mut Guest,
-    conns: &mut [GuestConn],
-    what: &str,
-    mut until: impl FnMut(&mut Guest, &[GuestConn]) -> bool,
-    log: &dyn Fn() -> String,
-) {
-    let deadline = Instant::now() + TEST_TIMEOUT;
-    loop {
-        guest.poll();
-        for conn in conns.iter_mut() {
-            conn.step(guest);
-        }
-        guest.poll();
-        if until(guest, conns) {
-            return;
-        }
-        if Instant::now() > deadline {
-            let progress: Vec<(u32, u64, u64)> = conns
-                .iter()
-                .map(|c| (c.index, c.up_done(), c.received))
-                .collect();
-            panic!("{what}: timed out; progress {progress:?}; log:\n{}", log());
-        }
-        guest.wait();
+impl GuestConnection for GuestConn {
+    /// Move data both ways; panics on a wrong byte or a reset.
+    fn step(&mut self, guest: &mut Guest) {
+        let (up_gate, down_gate) = (self.up_gate(), self.down_gate());
+        let plan = self.plan;
+        let io = &mut self.io;
+        let socket = guest.tcp(io.handle);
+        io.assert_alive(socket, plan.down);
+        let index = io.index;
+        io.exchange(
+            socket,
+            (&up_pattern(index), up_gate),
+            |io| io.sent == plan.up + 4,
+            (&down_pattern(index), down_gate),
+        );
+        assert!(io.received <= plan.down, "guest received too much");
+    }
+
+    fn streams(&self) -> &StreamPair {
+        &self.io
     }
 }
 
@@ -476,16 +216,16 @@ fn plans(n: usize, len: u64) -> Vec<Plan> {
 /// acknowledged, FIN received).
 fn at_gates(guest: &mut Guest, conns: &[GuestConn]) -> bool {
     conns.iter().all(|c| {
-        let socket = guest.sockets.get_mut::<tcp::Socket>(c.handle);
+        let socket = guest.tcp(c.io.handle);
         let up = if c.plan.up > 1000 {
-            c.sent >= c.up_gate()
+            c.io.sent >= c.up_gate()
         } else {
             socket.state() == tcp::State::FinWait2
         };
         let down = if c.plan.down > 1000 {
-            c.received >= c.down_gate()
+            c.io.received >= c.down_gate()
         } else {
-            c.received == c.plan.down && !socket.may_recv()
+            c.io.received == c.plan.down && !socket.may_recv()
         };
         up && down
     })
@@ -523,7 +263,7 @@ fn migrate(name: &str, plans: Vec<Plan>, target_kind: Target) {
 fn migrate_checking(name: &str, plans: Vec<Plan>, target_kind: Target, check: Check) {
     let n = plans.len();
     let len = plans.iter().map(|p| p.up.max(p.down)).max().unwrap_or(0);
-    let mut hosts = build_hosts(name, target_kind);
+    let mut hosts = Hosts::build(&format!("hosts-{name}"), target_kind);
     let server = serve(plans.clone());
 
     let mut dev = hosts.a().connect();
@@ -539,6 +279,7 @@ fn migrate_checking(name: &str, plans: Vec<Plan>, target_kind: Target, check: Ch
         &mut guest,
         &mut conns,
         "before the migration",
+        TEST_TIMEOUT,
         at_gates,
         &a_log,
     );
@@ -594,6 +335,7 @@ fn migrate_checking(name: &str, plans: Vec<Plan>, target_kind: Target, check: Ch
         &mut guest,
         &mut conns,
         "on the target, before the address moves",
+        TEST_TIMEOUT,
         |_, _| ran_at.elapsed() > Duration::from_millis(300),
         &b_log,
     );
@@ -622,6 +364,7 @@ fn migrate_checking(name: &str, plans: Vec<Plan>, target_kind: Target, check: Ch
             &mut guest,
             &mut conns,
             "after the address moved, until the stream goes on",
+            TEST_TIMEOUT,
             |_, _| server.progress().bytes_received >= goal,
             &b_log,
         );
@@ -644,6 +387,7 @@ fn migrate_checking(name: &str, plans: Vec<Plan>, target_kind: Target, check: Ch
         &mut guest,
         &mut conns,
         "after the migration",
+        TEST_TIMEOUT,
         all_done,
         &b_log,
     );
@@ -695,7 +439,7 @@ fn a_hundred_connections_move_to_another_host() {
 
 #[test]
 fn a_target_without_helper_fails_load_and_the_source_carries_on() {
-    let hosts = build_hosts("nohelper", Target::OtherHostNoHelper);
+    let hosts = Hosts::build("hosts-nohelper", Target::OtherHostNoHelper);
     let plans = plans(4, 1 << 20);
     let server = serve(plans.clone());
     let mut dev = hosts.a().connect();
@@ -711,15 +455,12 @@ fn a_target_without_helper_fails_load_and_the_source_carries_on() {
         &mut guest,
         &mut conns,
         "before the migration",
+        TEST_TIMEOUT,
         at_gates,
         &a_log,
     );
 
-    let dev = guest.dev();
-    dev.stop_rings().expect("GET_VRING_BASE");
-    let stream = dev
-        .save_state()
-        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", hosts.a().log()));
+    let stream = stop_and_save(guest.dev(), hosts.a());
     let rsts_before = hosts.source.out_rsts();
     let (dev_b, loaded) = connect_loading(&hosts.b, &stream);
     assert!(loaded.is_err(), "B has no helper: LOAD must fail");
@@ -760,6 +501,7 @@ fn a_target_without_helper_fails_load_and_the_source_carries_on() {
         &mut guest,
         &mut conns,
         "after the source resumed",
+        TEST_TIMEOUT,
         all_done,
         &a_log,
     );

@@ -16,28 +16,21 @@
 //! the guest has not read yet waits in their receive queues); 4 and 5 send more and 6
 //! and 7 receive their first data (their peer was paused) after it (→ re-dumped, if
 //! their pre-dump held); 8 is opened after the pre-dump (→ dumped in full). Then SAVE, LOAD, the address moves,
-//! and every stream runs to its end with every byte checked at both ends. The
-//! infrastructure (namespaces, veths) is a trimmed copy of `migrate_hosts.rs`'s.
+//! and every stream runs to its end with every byte checked at both ends. The hosts
+//! (namespaces, veths, the moving address) are `common::hosts`, as in `migrate_hosts.rs`.
 
-use std::fs::File;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
-use std::process::Command;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use baton_proto::migration::decode_stream;
 use baton_testkit::hostflows::{self, FlowPlan, HostFlows, Running};
 use baton_testkit::pattern::Pattern;
-use smoltcp::iface::SocketHandle;
-use smoltcp::socket::tcp;
 
 mod common;
-use common::guest::{connect_loading, helper_binary, recv_verified, send_indexed, Guest};
-use common::{Baton, V4_ONLY};
-
-const PEER: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
-const MOVING: &str = "10.88.0.2";
-const TARGET_OWN: &str = "10.88.0.3";
+use common::guest::{
+    connect_loading, run_guest, stop_and_save, Guest, GuestConnection, StreamPair,
+};
+use common::hosts::{Hosts, Target, PEER};
 /// The peer that sends at once, and the one that sends only after the pre-dump.
 const SERVER_PORT: u16 = 5000;
 const LATE_PORT: u16 = 5001;
@@ -53,153 +46,6 @@ const SECOND_GATE: u64 = 24 << 10;
 const GUEST_RX: usize = 8 << 10;
 /// Connections open before the pre-dump; one more comes after it.
 const BEFORE: u32 = 8;
-
-struct Netns {
-    handle: File,
-}
-
-impl Netns {
-    fn current() -> Self {
-        Netns {
-            handle: File::open("/proc/thread-self/ns/net").expect("open own netns"),
-        }
-    }
-
-    fn path(&self) -> String {
-        format!(
-            "/proc/{}/fd/{}",
-            std::process::id(),
-            self.handle.as_raw_fd()
-        )
-    }
-
-    fn run(&self, cmd: &[&str]) -> String {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.path()))
-            .args(cmd)
-            .output()
-            .expect("run nsenter");
-        assert!(
-            out.status.success(),
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn ip(&self, args: &str) {
-        let mut cmd = vec!["ip"];
-        cmd.extend(args.split_whitespace());
-        self.run(&cmd);
-    }
-
-    fn no_rp_filter(&self, devices: &[&str]) {
-        let mut script = String::from(
-            "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter; \
-             echo 0 > /proc/sys/net/ipv4/conf/default/rp_filter;",
-        );
-        for dev in devices {
-            script.push_str(&format!(
-                " echo 0 > /proc/sys/net/ipv4/conf/{dev}/rp_filter;"
-            ));
-        }
-        self.run(&["sh", "-c", &script]);
-    }
-}
-
-fn baton_args() -> Vec<String> {
-    V4_ONLY
-        .iter()
-        .map(|s| s.to_string())
-        .chain(["-d".into(), "--helper".into(), helper_binary()])
-        .collect()
-}
-
-/// A fresh namespace with baton (and `--helper`) started in it.
-fn host_with_baton(name: &str) -> (Netns, Baton) {
-    let name = name.to_string();
-    std::thread::spawn(move || {
-        baton_testkit::netns::enter_private_netns().expect("netns (run as root)");
-        let ns = Netns::current();
-        let args = baton_args();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        (ns, Baton::spawn(&format!("predump-{name}"), &args))
-    })
-    .join()
-    .expect("host thread")
-}
-
-/// Another baton in `ns`.
-fn baton_in(ns: &Netns, name: &str) -> Baton {
-    let handle = ns.handle.try_clone().expect("dup netns");
-    let name = name.to_string();
-    std::thread::spawn(move || {
-        nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let args = baton_args();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Baton::spawn(&format!("predump-{name}"), &args)
-    })
-    .join()
-    .expect("baton thread")
-}
-
-struct Hosts {
-    peer: Netns,
-    source: Netns,
-    target: Netns,
-    a: Option<Baton>,
-    b: Baton,
-}
-
-fn build_hosts(name: &str, same_namespace: bool) -> Hosts {
-    baton_testkit::netns::enter_private_netns().expect("peer netns (run as root)");
-    let peer = Netns::current();
-    let (source, a) = host_with_baton(&format!("{name}-a"));
-    let (target, b) = host_with_baton(&format!("{name}-b"));
-    let b = if same_namespace {
-        drop(b);
-        baton_in(&source, &format!("{name}-b-same"))
-    } else {
-        b
-    };
-    peer.ip("link add pS type veth peer name vS");
-    peer.ip(&format!("link set vS netns {}", source.path()));
-    peer.ip("link add pT type veth peer name vT");
-    peer.ip(&format!("link set vT netns {}", target.path()));
-    peer.ip(&format!("addr add {PEER}/32 dev lo"));
-    peer.ip("link set pS up");
-    peer.ip("link set pT up");
-    peer.ip(&format!("route add {MOVING}/32 dev pS"));
-    peer.ip(&format!("route add {TARGET_OWN}/32 dev pT"));
-    peer.no_rp_filter(&["pS", "pT", "lo"]);
-    source.ip(&format!("addr add {MOVING}/32 dev vS"));
-    source.ip("link set vS up");
-    source.ip(&format!("route add {PEER}/32 dev vS"));
-    source.no_rp_filter(&["vS"]);
-    target.ip(&format!("addr add {TARGET_OWN}/32 dev vT"));
-    target.ip("link set vT up");
-    target.ip(&format!("route add {PEER}/32 dev vT"));
-    target.no_rp_filter(&["vT"]);
-    Hosts {
-        peer,
-        source,
-        target,
-        a: Some(a),
-        b,
-    }
-}
-
-impl Hosts {
-    fn move_address(&self) {
-        self.source.ip(&format!("addr del {MOVING}/32 dev vS"));
-        self.target.ip(&format!("addr add {MOVING}/32 dev vT"));
-        self.peer.ip(&format!("route replace {MOVING}/32 dev pT"));
-    }
-
-    fn a(&self) -> &Baton {
-        self.a.as_ref().expect("source baton")
-    }
-}
 
 fn up_pattern(index: u32) -> Pattern {
     Pattern::new(0x7_1000 + u64::from(index))
@@ -229,12 +75,8 @@ fn serve(port: u16, count: usize, paused: bool) -> Running {
 
 /// The guest's end of one connection, with a gate per direction.
 struct GuestConn {
-    index: u32,
-    handle: SocketHandle,
-    /// Index header and pattern bytes queued so far (header included).
-    sent: u64,
-    received: u64,
-    closed: bool,
+    io: StreamPair,
+    /// How far the guest sends (header excluded) and reads for now.
     up_gate: u64,
     down_gate: u64,
 }
@@ -247,81 +89,41 @@ impl GuestConn {
         guest.tcp(handle).set_nagle_enabled(false);
         guest.connect(handle, (PEER, port), 41000 + index as u16);
         GuestConn {
-            index,
-            handle,
-            sent: 0,
-            received: 0,
-            closed: false,
+            io: StreamPair::new(index, handle),
             up_gate: FIRST_GATE,
             down_gate: FIRST_GATE,
         }
     }
 
-    fn step(&mut self, guest: &mut Guest) {
-        let socket = guest.tcp(self.handle);
-        assert!(
-            socket.state() != tcp::State::Closed || self.done_with(socket),
-            "connection {}: reset or closed early (sent {}, received {})",
-            self.index,
-            self.sent,
-            self.received
-        );
-        send_indexed(
-            socket,
-            self.index,
-            &up_pattern(self.index),
-            &mut self.sent,
-            4 + self.up_gate,
-        );
-        if self.sent == 4 + LEN && !self.closed {
-            socket.close();
-            self.closed = true;
-        }
-        recv_verified(
-            socket,
-            self.index,
-            &down_pattern(self.index),
-            &mut self.received,
-            self.down_gate,
-        );
-    }
-
-    fn done_with(&self, socket: &tcp::Socket<'_>) -> bool {
-        self.closed && self.received == LEN && !socket.may_recv()
+    fn done(&self, guest: &mut Guest) -> bool {
+        self.io.done_with(guest.tcp(self.io.handle), LEN)
     }
 
     /// At both gates, with everything the guest queued acknowledged.
     fn at_gates(&self, guest: &mut Guest) -> bool {
-        let socket = guest.tcp(self.handle);
-        self.sent == 4 + self.up_gate && self.received == self.down_gate && socket.send_queue() == 0
+        let socket = guest.tcp(self.io.handle);
+        self.io.sent == 4 + self.up_gate
+            && self.io.received == self.down_gate
+            && socket.send_queue() == 0
     }
 }
 
-fn run_guest(
-    guest: &mut Guest,
-    conns: &mut [GuestConn],
-    what: &str,
-    mut until: impl FnMut(&mut Guest, &[GuestConn]) -> bool,
-    log: &dyn Fn() -> String,
-) {
-    let deadline = Instant::now() + TEST_TIMEOUT;
-    loop {
-        guest.poll();
-        for conn in conns.iter_mut() {
-            conn.step(guest);
-        }
-        guest.poll();
-        if until(guest, conns) {
-            return;
-        }
-        if Instant::now() > deadline {
-            let progress: Vec<(u32, u64, u64)> = conns
-                .iter()
-                .map(|c| (c.index, c.sent, c.received))
-                .collect();
-            panic!("{what}: timed out; progress {progress:?}; log:\n{}", log());
-        }
-        guest.wait();
+impl GuestConnection for GuestConn {
+    fn step(&mut self, guest: &mut Guest) {
+        let io = &mut self.io;
+        let socket = guest.tcp(io.handle);
+        io.assert_alive(socket, LEN);
+        let index = io.index;
+        io.exchange(
+            socket,
+            (&up_pattern(index), 4 + self.up_gate),
+            |io| io.sent == 4 + LEN,
+            (&down_pattern(index), self.down_gate),
+        );
+    }
+
+    fn streams(&self) -> &StreamPair {
+        &self.io
     }
 }
 
@@ -352,7 +154,12 @@ fn last_line_with(log: &str, needle: &str) -> Option<String> {
 }
 
 fn migrate_with_pre_dump(name: &str, same_namespace: bool) {
-    let mut hosts = build_hosts(name, same_namespace);
+    let target = if same_namespace {
+        Target::SameNamespace
+    } else {
+        Target::OtherHost
+    };
+    let mut hosts = Hosts::build(&format!("predump-{name}"), target);
     let total = BEFORE as usize + 1;
     // 6 and 7 are served by the late peer, which sends only after the pre-dump.
     let late = |i: u32| (6..8).contains(&i);
@@ -374,6 +181,7 @@ fn migrate_with_pre_dump(name: &str, same_namespace: bool) {
         &mut guest,
         &mut conns,
         "before the pre-dump",
+        TEST_TIMEOUT,
         |guest, conns| conns.iter().all(|c| c.at_gates(guest)),
         &a_log,
     );
@@ -383,6 +191,7 @@ fn migrate_with_pre_dump(name: &str, same_namespace: bool) {
         &mut guest,
         &mut conns,
         "settling",
+        TEST_TIMEOUT,
         |_, _| settle.elapsed() > Duration::from_millis(300),
         &a_log,
     );
@@ -393,6 +202,7 @@ fn migrate_with_pre_dump(name: &str, same_namespace: bool) {
         &mut guest,
         &mut conns,
         "waiting for the pre-dump pass",
+        TEST_TIMEOUT,
         |_, _| hosts.a().log().contains("pre-dump pass over"),
         &a_log,
     );
@@ -414,16 +224,13 @@ fn migrate_with_pre_dump(name: &str, same_namespace: bool) {
         &mut guest,
         &mut conns,
         "after the pre-dump",
+        TEST_TIMEOUT,
         |guest, conns| conns.iter().all(|c| c.at_gates(guest)),
         &a_log,
     );
 
     // SAVE on A.
-    let dev = guest.dev();
-    dev.stop_rings().expect("GET_VRING_BASE");
-    let stream = dev
-        .save_state()
-        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", hosts.a().log()));
+    let stream = stop_and_save(guest.dev(), hosts.a());
     let state = decode_stream(&stream).expect("valid stream");
     assert_eq!(state.tcp_flows.len(), total, "log:\n{}", hosts.a().log());
     assert!(
@@ -484,12 +291,8 @@ fn migrate_with_pre_dump(name: &str, same_namespace: bool) {
         &mut guest,
         &mut conns,
         "after the migration",
-        |guest, conns| {
-            conns.iter().all(|c| {
-                let socket = guest.tcp(c.handle);
-                c.done_with(socket)
-            })
-        },
+        TEST_TIMEOUT,
+        |guest, conns| conns.iter().all(|c| c.done(guest)),
         &b_log,
     );
     for (server, count) in [(server, total - 2), (late_server, 2)] {

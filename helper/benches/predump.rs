@@ -24,6 +24,8 @@
 //!
 //! Optional arguments: the list of N to run (e.g. `cargo bench ... -- 1000`).
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
@@ -33,6 +35,9 @@ use baton_proto::tcp::TcpConnState;
 use baton_repair_ipc::RepairClient;
 use baton_testkit::peer::{self, PeerProcess, Seeds, HEADER_LEN};
 use baton_testkit::{netns, tcp};
+use common::{
+    median, process_cpu_time, raise_nofile_for, sizes_from_args, spawn_helper, thread_cpu_time,
+};
 
 /// Bytes the peer queues in each connection's receive queue (after its header).
 const K: usize = 4 << 10;
@@ -47,30 +52,6 @@ const STEP: Duration = Duration::from_secs(120);
 /// connections are idle when pre-dumped.
 const SETTLE: Duration = Duration::from_millis(300);
 
-/// Time on CPU so far of every thread of process `pid`, from their `schedstat` files.
-fn process_cpu_time(pid: u32) -> Duration {
-    let tasks = format!("/proc/{pid}/task");
-    std::fs::read_dir(&tasks)
-        .unwrap_or_else(|e| panic!("read {tasks}: {e}"))
-        .map(|entry| {
-            let entry = entry.unwrap_or_else(|e| panic!("read {tasks}: {e}"));
-            cpu_time(&format!("{}/schedstat", entry.path().display()))
-        })
-        .sum()
-}
-
-/// Time on CPU so far, from the first field of a `schedstat` file (nanoseconds).
-fn cpu_time(schedstat: &str) -> Duration {
-    let text =
-        std::fs::read_to_string(schedstat).unwrap_or_else(|e| panic!("read {schedstat}: {e}"));
-    let ns: u64 = text
-        .split_whitespace()
-        .next()
-        .and_then(|f| f.parse().ok())
-        .unwrap_or_else(|| panic!("{schedstat}: unexpected content {text:?}"));
-    Duration::from_nanos(ns)
-}
-
 /// Wall time and the CPU time of the helper and of this thread, for one phase.
 #[derive(Debug, Clone, Copy, Default)]
 struct Cost {
@@ -82,14 +63,14 @@ struct Cost {
 /// Run `phase` and measure it.
 fn timed<T>(helper: u32, phase: impl FnOnce() -> T) -> (T, Cost) {
     let h0 = process_cpu_time(helper);
-    let c0 = cpu_time("/proc/thread-self/schedstat");
+    let c0 = thread_cpu_time();
     let t = Instant::now();
     let out = phase();
     let wall = t.elapsed();
     let cost = Cost {
         wall,
         helper: process_cpu_time(helper) - h0,
-        client: cpu_time("/proc/thread-self/schedstat") - c0,
+        client: thread_cpu_time() - c0,
     };
     (out, cost)
 }
@@ -226,16 +207,6 @@ fn run_once(client: &mut RepairClient, helper: u32, n: usize) -> Sample {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
-}
-
 fn print_phase(n: usize, name: &str, samples: &[(Cost, Outcome)]) {
     let per_conn = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
     let med = |f: &dyn Fn(&Cost) -> Duration| {
@@ -265,25 +236,10 @@ fn print_phase(n: usize, name: &str, samples: &[(Cost, Outcome)]) {
 fn main() {
     peer::run_if_peer();
 
-    let mut sizes: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    if sizes.is_empty() {
-        sizes = vec![1_000, 10_000];
-    }
+    let sizes = sizes_from_args(&[1_000, 10_000]);
     netns::enter_private_netns().expect("private netns (run the bench as root)");
-    let limit = netns::raise_nofile(1 << 20).expect("raise RLIMIT_NOFILE");
-    let max_n = sizes.iter().copied().max().unwrap_or(0);
-    assert!(
-        limit >= max_n as u64 + 200,
-        "RLIMIT_NOFILE {limit} is too low for {max_n} connections"
-    );
-
-    let (mut client, mut helper) =
-        RepairClient::spawn(env!("CARGO_BIN_EXE_baton-repair"), ["--quiet"])
-            .expect("spawn baton-repair");
-    client.set_timeout(STEP);
+    raise_nofile_for(sizes.iter().copied().max().unwrap_or(0));
+    let (mut client, mut helper) = spawn_helper(STEP);
     assert!(client.supports_pre_dump(), "this helper has no pre-dump");
     let helper_pid = helper.id();
 

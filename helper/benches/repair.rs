@@ -52,6 +52,8 @@
 //!
 //! Optional arguments: the list of N to run (e.g. `cargo bench ... -- 1000 10000`).
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -63,6 +65,9 @@ use baton_repair_ipc::RepairClient;
 use baton_testkit::netstat::Counters;
 use baton_testkit::peer::{self, PeerProcess, Seeds, HEADER_LEN};
 use baton_testkit::{netns, tcp};
+use common::{
+    median, process_cpu_time, raise_nofile_for, sizes_from_args, spawn_helper, thread_cpu_time,
+};
 
 /// Bytes queued each way per connection ("a few KiB").
 const K: usize = 4 << 10;
@@ -194,31 +199,6 @@ fn await_acknowledged(b: &[TcpStream], since: &Counters, timeout: Duration) -> R
     }
 }
 
-/// Time on CPU so far of every thread of process `pid` (the helper has a worker thread
-/// besides its main one), from their `schedstat` files.
-fn process_cpu_time(pid: u32) -> Duration {
-    let tasks = format!("/proc/{pid}/task");
-    std::fs::read_dir(&tasks)
-        .unwrap_or_else(|e| panic!("read {tasks}: {e}"))
-        .map(|entry| {
-            let entry = entry.unwrap_or_else(|e| panic!("read {tasks}: {e}"));
-            cpu_time(&format!("{}/schedstat", entry.path().display()))
-        })
-        .sum()
-}
-
-/// Time on CPU so far, from the first field of a `schedstat` file (nanoseconds).
-fn cpu_time(schedstat: &str) -> Duration {
-    let text =
-        std::fs::read_to_string(schedstat).unwrap_or_else(|e| panic!("read {schedstat}: {e}"));
-    let ns: u64 = text
-        .split_whitespace()
-        .next()
-        .and_then(|f| f.parse().ok())
-        .unwrap_or_else(|| panic!("{schedstat}: unexpected content {text:?}"));
-    Duration::from_nanos(ns)
-}
-
 /// CPU clocks of the helper and of this thread.
 #[derive(Clone, Copy)]
 struct Clocks {
@@ -230,7 +210,7 @@ impl Clocks {
     fn now(helper: u32) -> Self {
         Clocks {
             helper: process_cpu_time(helper),
-            client: cpu_time("/proc/thread-self/schedstat"),
+            client: thread_cpu_time(),
         }
     }
 
@@ -340,16 +320,6 @@ fn run_once(client: &mut RepairClient, helper: u32, n: usize, via: Via) -> Sampl
         dump_client_cpu,
         restore_client_cpu,
         resend,
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
     }
 }
 
@@ -491,29 +461,14 @@ fn print_table(title: &str, rows: &[Row]) {
 fn main() {
     peer::run_if_peer();
 
-    let mut sizes: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    if sizes.is_empty() {
-        sizes = vec![1, 100, 1_000, 10_000];
-    }
+    let sizes = sizes_from_args(&[1, 100, 1_000, 10_000]);
     netns::enter_private_netns().expect("private netns (run the bench as root)");
     // No RTT carried from one run's connections to the next run's restored sockets:
     // every run resends its lost sent parts the same way (module comment).
     std::fs::write("/proc/sys/net/ipv4/tcp_no_metrics_save", "1")
         .expect("net.ipv4.tcp_no_metrics_save in the bench's namespace");
-    let limit = netns::raise_nofile(1 << 20).expect("raise RLIMIT_NOFILE");
-    let max_n = sizes.iter().copied().max().unwrap_or(0);
-    assert!(
-        limit >= max_n as u64 + 200,
-        "RLIMIT_NOFILE {limit} is too low for {max_n} connections"
-    );
-
-    let (mut client, mut helper) =
-        RepairClient::spawn(env!("CARGO_BIN_EXE_baton-repair"), ["--quiet"])
-            .expect("spawn baton-repair");
-    client.set_timeout(STEP);
+    raise_nofile_for(sizes.iter().copied().max().unwrap_or(0));
+    let (mut client, mut helper) = spawn_helper(STEP);
     let helper_pid = helper.id();
 
     let rows: Vec<Row> = sizes

@@ -16,12 +16,6 @@ use baton_proto::frame::MAX_BODY_LEN;
 use baton_proto::repair::{caps, Hello, ProtocolErrorKind, Reply, Request};
 use common::*;
 
-fn finish_cleanly(mut helper: Helper) {
-    drop(helper.stream);
-    let (status, stderr) = wait_exit(&mut helper.child);
-    assert_eq!(status.code(), Some(0), "{stderr}");
-}
-
 /// Chosen behaviour: a frame cut short by the peer closing is an error (exit 1), logged
 /// with how much arrived.
 #[test]

@@ -10,30 +10,14 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::process::Child;
 
 use baton_proto::repair::{
     FreezeCheck, PreDumped, ProgressMark, ProtocolErrorKind, Reply, Request, SocketResult,
 };
 use baton_proto::tcp::{SocketFamily, TcpConnState};
-use baton_repair_ipc::RepairClient;
 use baton_testkit::pattern::Pattern;
 use baton_testkit::tcp;
 use common::*;
-
-fn spawn_client() -> (RepairClient, Child) {
-    RepairClient::spawn(HELPER, ["--debug"]).expect("spawn the helper and say hello")
-}
-
-fn finish(client: RepairClient, mut child: Child) {
-    drop(client);
-    let status = child.wait().expect("wait");
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "helper exits 0 when the backend closes"
-    );
-}
 
 /// Bytes the peer of connection `i` sent before the pre-dump (left unread by us): a
 /// different length per connection, some none.
@@ -196,12 +180,6 @@ fn freeze_check_raw(
         Reply::FreezeChecked(results) => results,
         other => panic!("expected FreezeChecked, got {other:?}"),
     }
-}
-
-fn finish_cleanly(mut helper: Helper) {
-    drop(helper.stream);
-    let (status, stderr) = wait_exit(&mut helper.child);
-    assert_eq!(status.code(), Some(0), "{stderr}");
 }
 
 #[test]

@@ -8,27 +8,12 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::process::Child;
 
 use baton_proto::repair::RepairMode;
 use baton_proto::tcp::{Endpoint, TcpConnState};
 use baton_repair_ipc::RepairClient;
 use baton_testkit::tcp;
 use common::*;
-
-fn spawn_client() -> (RepairClient, Child) {
-    RepairClient::spawn(HELPER, ["--debug"]).expect("spawn the helper and say hello")
-}
-
-fn finish(client: RepairClient, mut child: Child) {
-    drop(client);
-    let status = child.wait().expect("wait");
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "helper must exit 0 when the backend closes"
-    );
-}
 
 fn read_exactly(sock: &mut TcpStream, len: usize) -> Vec<u8> {
     sock.set_read_timeout(Some(STEP)).expect("timeout");

@@ -204,6 +204,116 @@ pub fn recv_verified(
     }
 }
 
+/// One guest connection of the migration tests: its streams in the format of
+/// [`send_indexed`] (up) and [`recv_verified`] (down), and how far each has come.
+pub struct StreamPair {
+    pub index: u32,
+    pub handle: SocketHandle,
+    /// Index header and pattern bytes queued so far (header included).
+    pub sent: u64,
+    /// Pattern bytes received and verified so far.
+    pub received: u64,
+    /// The guest closed its side (sent its FIN).
+    pub closed: bool,
+}
+
+impl StreamPair {
+    pub fn new(index: u32, handle: SocketHandle) -> Self {
+        StreamPair {
+            index,
+            handle,
+            sent: 0,
+            received: 0,
+            closed: false,
+        }
+    }
+
+    /// Pattern bytes queued so far (without the header).
+    pub fn up_done(&self) -> u64 {
+        self.sent.saturating_sub(4)
+    }
+
+    /// One round on `socket`: queue `up` up to `up_gate` bytes (header included), close
+    /// once `close` says so (asked after queuing, until closed), then read and verify
+    /// `down` up to `down_gate` bytes. Panics on a wrong byte.
+    pub fn exchange(
+        &mut self,
+        socket: &mut tcp::Socket<'_>,
+        (up, up_gate): (&Pattern, u64),
+        close: impl FnOnce(&Self) -> bool,
+        (down, down_gate): (&Pattern, u64),
+    ) {
+        send_indexed(socket, self.index, up, &mut self.sent, up_gate);
+        if !self.closed && close(self) {
+            socket.close();
+            self.closed = true;
+        }
+        recv_verified(socket, self.index, down, &mut self.received, down_gate);
+    }
+
+    /// The connection ended before its streams did (a reset, or closed early).
+    pub fn ended_early(&self, socket: &tcp::Socket<'_>, down_len: u64) -> bool {
+        socket.state() == tcp::State::Closed && !self.done_with(socket, down_len)
+    }
+
+    /// Panics if the connection [ended early](Self::ended_early).
+    pub fn assert_alive(&self, socket: &tcp::Socket<'_>, down_len: u64) {
+        assert!(
+            !self.ended_early(socket, down_len),
+            "connection {}: reset or closed early (sent {}, received {})",
+            self.index,
+            self.sent,
+            self.received
+        );
+    }
+
+    /// Over: the guest closed, received all `down_len` bytes and the peer's FIN.
+    pub fn done_with(&self, socket: &tcp::Socket<'_>, down_len: u64) -> bool {
+        self.closed && self.received == down_len && !socket.may_recv()
+    }
+}
+
+/// A guest connection that [`run_guest`] drives.
+pub trait GuestConnection {
+    /// Move data both ways as far as the connection's plan allows.
+    fn step(&mut self, guest: &mut Guest);
+    fn streams(&self) -> &StreamPair;
+}
+
+/// Run the guest and step every connection until `until` says stop (asked after each
+/// round); panics after `timeout` with every connection's progress and `log()`.
+pub fn run_guest<C: GuestConnection>(
+    guest: &mut Guest,
+    conns: &mut [C],
+    what: &str,
+    timeout: Duration,
+    mut until: impl FnMut(&mut Guest, &[C]) -> bool,
+    log: &dyn Fn() -> String,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        guest.poll();
+        for conn in conns.iter_mut() {
+            conn.step(guest);
+        }
+        guest.poll();
+        if until(guest, conns) {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let progress: Vec<(u32, u64, u64)> = conns
+                .iter()
+                .map(|c| {
+                    let s = c.streams();
+                    (s.index, s.up_done(), s.received)
+                })
+                .collect();
+            panic!("{what}: timed out; progress {progress:?}; log:\n{}", log());
+        }
+        guest.wait();
+    }
+}
+
 /// `baton-repair`, built next to `baton` (`scripts/test` builds both; benches want the
 /// release build).
 pub fn helper_binary() -> String {
@@ -214,6 +324,14 @@ pub fn helper_binary() -> String {
         path.display()
     );
     path.display().to_string()
+}
+
+/// The VM stops on `source`: its rings stop (GET_VRING_BASE), then SAVE; the saved
+/// device state (panics with `source`'s log if SAVE fails).
+pub fn stop_and_save(dev: &mut NetFrontend, source: &Baton) -> Vec<u8> {
+    dev.stop_rings().expect("GET_VRING_BASE");
+    dev.save_state()
+        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", source.log()))
 }
 
 /// Connect as a migration target: LOAD `state` before the rings, as QEMU does.

@@ -5,6 +5,7 @@
 #![allow(dead_code)] // every test binary uses a different part of this module
 
 pub mod guest;
+pub mod hosts;
 
 use std::path::PathBuf;
 use std::process::{Child, Command};

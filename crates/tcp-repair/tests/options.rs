@@ -5,40 +5,7 @@ mod scenario;
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
-use scenario::{enter_private_netns, listener, pair, Family};
-
-fn get_int(s: &impl AsRawFd, level: i32, name: i32) -> i32 {
-    let mut v: libc::c_int = 0;
-    let mut len = 4 as libc::socklen_t;
-    // SAFETY: getsockopt of an int into a local.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            level,
-            name,
-            (&mut v as *mut i32).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "getsockopt({level}, {name}): {}",
-        std::io::Error::last_os_error()
-    );
-    v
-}
-
-fn set_int(s: &impl AsRawFd, level: i32, name: i32, v: i32) {
-    // SAFETY: setsockopt of an int from a local.
-    let rc = unsafe { libc::setsockopt(s.as_raw_fd(), level, name, (&v as *const i32).cast(), 4) };
-    assert_eq!(
-        rc,
-        0,
-        "setsockopt({level}, {name}, {v}): {}",
-        std::io::Error::last_os_error()
-    );
-}
+use scenario::{enter_private_netns, get_sockopt_int, listener, pair, sockopt_int, Family};
 
 fn congestion(s: &impl AsRawFd) -> String {
     let mut buf = [0u8; 16];
@@ -98,7 +65,7 @@ fn options_and_negotiated_parameters_carry_over() {
         (ip, libc::IP_TTL, 33),
     ];
     for &(level, name, v) in &settings {
-        set_int(&a, level, name, v);
+        sockopt_int(a.as_fd(), level, name, v);
     }
     // SAFETY: setsockopt with a NUL-free name of its own length.
     let rc = unsafe {
@@ -111,7 +78,7 @@ fn options_and_negotiated_parameters_carry_over() {
         )
     };
     assert_eq!(rc, 0);
-    let ts_before = get_int(&a, tcp, 24 /* TCP_TIMESTAMP */);
+    let ts_before = get_sockopt_int(a.as_fd(), tcp, 24 /* TCP_TIMESTAMP */);
     let info_before = tcp_info_head(&a);
 
     let state = baton_tcp_repair::dump(a.as_fd()).expect("dump");
@@ -133,7 +100,7 @@ fn options_and_negotiated_parameters_carry_over() {
 
     for &(level, name, v) in &settings {
         assert_eq!(
-            get_int(&b, level, name),
+            get_sockopt_int(b.as_fd(), level, name),
             v,
             "option ({level}, {name}) after restore"
         );
@@ -147,13 +114,13 @@ fn options_and_negotiated_parameters_carry_over() {
         "SACK, timestamps, window scaling"
     );
     assert_eq!(info_after[6], info_before[6], "both window scales");
-    let ts_after = get_int(&b, tcp, 24);
+    let ts_after = get_sockopt_int(b.as_fd(), tcp, 24);
     assert!(
         (ts_after.wrapping_sub(ts_before) as u32) < 5_000,
         "the timestamp clock continues from the dumped value ({ts_before} -> {ts_after})"
     );
     assert_eq!(
-        get_int(&b, tcp, 19 /* TCP_REPAIR */),
+        get_sockopt_int(b.as_fd(), tcp, 19 /* TCP_REPAIR */),
         0,
         "out of repair mode"
     );

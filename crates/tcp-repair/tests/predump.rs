@@ -7,11 +7,14 @@ mod scenario;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use baton_proto::repair::{FreezeCheck, PreDumped};
 use baton_proto::tcp::{TcpConnState, TcpState};
-use scenario::{enter_private_netns, listener, outq, pair, pattern, wait_until, Family, Scenario};
+use scenario::{
+    enter_private_netns, get_sockopt_int, listener, outq, pair, pattern, sockopt_int, wait_until,
+    Family, Scenario,
+};
 
 /// What the freeze check must answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,12 +63,7 @@ fn migrate_pre_dumped(
         }
         assert_eq!(repair_flag(a.as_fd()), 1, "checked socket is frozen");
         let state = check.into_state(pre.state);
-        drop(a);
-        hear();
-        let b = scenario::fresh_socket(state.family);
-        let report = baton_tcp_repair::restore(b.as_fd(), &state).expect("restore");
-        scenario::finish_send_queue(&b, &state, report);
-        (b, state)
+        scenario::restore_after_close(a, state, hear)
     }
 }
 
@@ -178,38 +176,7 @@ fn changed_last_ack_v4_mapped() {
 }
 
 fn repair_flag(fd: BorrowedFd<'_>) -> i32 {
-    get_int(fd, libc::IPPROTO_TCP, 19)
-}
-
-fn get_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> i32 {
-    let mut v: libc::c_int = -7;
-    let mut len = 4 as libc::socklen_t;
-    // SAFETY: getsockopt of an int into a local.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut v as *mut i32).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
-    v
-}
-
-fn set_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) {
-    // SAFETY: setsockopt of an int from a local.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const i32).cast(),
-            4,
-        )
-    };
-    assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
+    get_sockopt_int(fd, libc::IPPROTO_TCP, 19)
 }
 
 const SO_PEEK_OFF: i32 = 42;
@@ -221,8 +188,8 @@ fn pre_dump_leaves_the_socket_live_as_it_found_it() {
     let (mut a, mut p) = pair(Family::V4, &l, None);
     p.write_all(&pattern(3, 0, 3000)).expect("P writes");
     wait_until("P's data acknowledged", || outq(p.as_fd()) == 0);
-    set_int(a.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
-    set_int(a.as_fd(), libc::SOL_SOCKET, SO_PEEK_OFF, 1000);
+    sockopt_int(a.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+    sockopt_int(a.as_fd(), libc::SOL_SOCKET, SO_PEEK_OFF, 1000);
 
     let pre = pre_dump(&a);
     assert_eq!(pre.state.recv_queue, pattern(3, 0, 3000), "whole queue");
@@ -233,8 +200,14 @@ fn pre_dump_leaves_the_socket_live_as_it_found_it() {
     assert_eq!(pre.mark.state, 1);
 
     assert_eq!(repair_flag(a.as_fd()), 0, "out of repair mode");
-    assert_eq!(get_int(a.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR), 1);
-    assert_eq!(get_int(a.as_fd(), libc::SOL_SOCKET, SO_PEEK_OFF), 1000);
+    assert_eq!(
+        get_sockopt_int(a.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR),
+        1
+    );
+    assert_eq!(
+        get_sockopt_int(a.as_fd(), libc::SOL_SOCKET, SO_PEEK_OFF),
+        1000
+    );
     // No queue is left selected: a send goes out as usual (with the send queue selected
     // it would be refused with EINVAL outside repair, or marked sent without leaving).
     a.write_all(b"after").expect("A writes");
@@ -242,7 +215,7 @@ fn pre_dump_leaves_the_socket_live_as_it_found_it() {
     p.read_exact(&mut five).expect("P reads");
     assert_eq!(&five, b"after");
     // Reading moves on from the peek offset and the queue is intact.
-    set_int(a.as_fd(), libc::SOL_SOCKET, SO_PEEK_OFF, -1);
+    sockopt_int(a.as_fd(), libc::SOL_SOCKET, SO_PEEK_OFF, -1);
     let mut got = vec![0u8; 3000];
     a.read_exact(&mut got).expect("A reads");
     assert_eq!(got, pattern(3, 0, 3000));

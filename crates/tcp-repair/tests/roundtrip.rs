@@ -13,12 +13,7 @@ use scenario::{Family, Scenario};
 /// Dump `a`, close it while frozen, restore into a fresh socket, finish the send queue.
 fn migrate_in_process(a: TcpStream, hear: &dyn Fn()) -> (TcpStream, TcpConnState) {
     let state = baton_tcp_repair::dump(a.as_fd()).expect("dump");
-    drop(a);
-    hear();
-    let b = scenario::fresh_socket(state.family);
-    let report = baton_tcp_repair::restore(b.as_fd(), &state).expect("restore");
-    scenario::finish_send_queue(&b, &state, report);
-    (b, state)
+    scenario::restore_after_close(a, state, hear)
 }
 
 fn run(family: Family, state: TcpState, send_bytes: usize, recv_bytes: usize) {

@@ -258,3 +258,29 @@ pub fn raw_socket(
 pub fn private_netns() {
     baton_testkit::netns::enter_private_netns().expect("private network namespace");
 }
+
+/// The real helper spawned by the backend's client library (`--debug`), hello done.
+pub fn spawn_client() -> (baton_repair_ipc::RepairClient, Child) {
+    baton_repair_ipc::RepairClient::spawn(HELPER, ["--debug"])
+        .expect("spawn the helper and say hello")
+}
+
+/// Close the client's end and check the helper exits 0, as it must when its backend
+/// goes away.
+pub fn finish(client: baton_repair_ipc::RepairClient, mut child: Child) {
+    drop(client);
+    let status = child.wait().expect("wait");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "helper must exit 0 when the backend closes"
+    );
+}
+
+/// Hang up on a helper spawned on a socket pair and check it exits 0 (its stderr in the
+/// failure message).
+pub fn finish_cleanly(mut helper: Helper) {
+    drop(helper.stream);
+    let (status, stderr) = wait_exit(&mut helper.child);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+}

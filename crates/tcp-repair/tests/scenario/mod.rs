@@ -55,7 +55,31 @@ pub fn enter_private_netns() {
     baton_testkit::netns::enter_private_netns().expect("private network namespace (needs root)");
 }
 
-fn sockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) {
+/// An int socket option's value; panics on failure.
+pub fn get_sockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> i32 {
+    let mut v: libc::c_int = -7;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt of an int into a live local, its size in `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "getsockopt({level}, {name}): {}",
+        std::io::Error::last_os_error()
+    );
+    v
+}
+
+/// Set an int socket option; panics on failure.
+pub fn sockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) {
     // SAFETY: setsockopt with a pointer to a live int.
     let rc = unsafe {
         libc::setsockopt(
@@ -191,6 +215,22 @@ pub fn fresh_socket(family: baton_proto::tcp::SocketFamily) -> TcpStream {
         baton_proto::tcp::SocketFamily::Inet6 => libc::AF_INET6,
     };
     TcpStream::from(new_socket(domain))
+}
+
+/// The usual end of a migration after the caller dumped `a` into `state`: close `a`
+/// while frozen, let the peer hear again, restore into a fresh socket and finish its
+/// send queue.
+pub fn restore_after_close(
+    a: TcpStream,
+    state: TcpConnState,
+    hear: &dyn Fn(),
+) -> (TcpStream, TcpConnState) {
+    drop(a);
+    hear();
+    let b = fresh_socket(state.family);
+    let report = baton_tcp_repair::restore(b.as_fd(), &state).expect("restore");
+    finish_send_queue(&b, &state, report);
+    (b, state)
 }
 
 /// Write what the restore left of the send queue, then our FIN if it is pending.
