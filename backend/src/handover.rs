@@ -343,28 +343,6 @@ fn same_addr(a: SocketAddr, b: SocketAddr) -> bool {
     a.ip() == b.ip() && a.port() == b.port()
 }
 
-/// `SO_NETNS_COOKIE` of a socket.
-fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie` and `len` live across the call; the kernel writes at most `len`
-    // bytes into `cookie` and updates `len`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(cookie)
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// `SO_NETNS_COOKIE` of this thread's network namespace, through a throw-away socket.
 fn netns_cookie_here() -> io::Result<u64> {
     let probe = socket(
@@ -374,7 +352,7 @@ fn netns_cookie_here() -> io::Result<u64> {
         None,
     )
     .map_err(io::Error::from)?;
-    netns_cookie(probe.as_fd())
+    crate::tcp::netns_cookie(probe.as_fd())
 }
 
 /// Check that a received descriptor is a connected TCP socket of this network namespace
@@ -400,7 +378,7 @@ fn check_socket_in(fd: BorrowedFd<'_>, expected: &HostSocketEnds, ours: u64) -> 
     if kind != libc::SOCK_STREAM || protocol != libc::IPPROTO_TCP {
         return Err(format!("type {kind}, protocol {protocol}: not TCP"));
     }
-    let theirs = netns_cookie(fd).map_err(|e| format!("SO_NETNS_COOKIE: {e}"))?;
+    let theirs = crate::tcp::netns_cookie(fd).map_err(|e| format!("SO_NETNS_COOKIE: {e}"))?;
     if theirs != ours {
         return Err("the socket belongs to another network namespace".into());
     }

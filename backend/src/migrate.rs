@@ -1039,12 +1039,11 @@ mod tests {
 
     mod tcp_handover {
         use super::super::*;
-        use crate::net::testing::{config, CapturedFrames};
-        use crate::tcp::conn::{GuestSide, Origin, TcpState};
-        use crate::tcp::seq::Seq;
+        use crate::net::testing::{config, established_guest_side as established, CapturedFrames};
+        use crate::tcp::conn::{GuestSide, TcpState};
         use nix::sys::epoll::{Epoll, EpollCreateFlags};
         use std::io::{Read, Write};
-        use std::net::{IpAddr, TcpListener, TcpStream};
+        use std::net::{TcpListener, TcpStream};
         use std::time::Instant;
 
         struct Side {
@@ -1067,30 +1066,6 @@ mod tests {
                     guest_mac: None,
                 };
                 (&mut self.tcp, env)
-            }
-        }
-
-        fn established(port: u16) -> GuestSide {
-            GuestSide {
-                origin: Origin::Guest,
-                guest_addr: IpAddr::V4(crate::net::testing::guest_v4()),
-                guest_port: port,
-                remote_addr: "192.0.2.1".parse().unwrap(),
-                remote_port: 80,
-                state: TcpState::Established,
-                isn: Seq(1000),
-                seq_to_guest: Seq(1001),
-                seq_max_to_guest: Seq(1001),
-                seq_ack_from_guest: Seq(1001),
-                seq_from_guest: Seq(5000),
-                fin_to_guest: None,
-                fin_from_guest: false,
-                guest_window: 65535,
-                guest_window_scale: 0,
-                our_window_scale: 0,
-                mss: 1460,
-                window_to_guest: 65535,
-                sack_permitted: true,
             }
         }
 

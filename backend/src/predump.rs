@@ -48,7 +48,7 @@
 //!   frozen.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,7 +59,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::flow::FlowId;
 use crate::repair_link::RepairLink;
-use crate::tcp::TcpFlows;
+use crate::tcp::{socket_cookie, TcpFlows};
 use crate::vu::NetworkEngine;
 
 /// How long the pass thread waits for a helper to attach (at `LOG_ALL` with
@@ -308,28 +308,6 @@ impl Pass {
     }
 }
 
-/// `SO_COOKIE`: the kernel's unique number of this socket (never reused while the
-/// system runs, unlike descriptor numbers and flow ids).
-pub(crate) fn socket_cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `fd` is a live descriptor for the call; `cookie` and `len` are valid for
-    // writes of the sizes given, and the kernel writes at most `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cookie)
-}
-
 /// Run one pass on a thread of its own (`LOG_ALL` arrived): chunks under the engine
 /// lock until the engine says it is over; helpers come from `link`.
 pub fn spawn_pass(
@@ -392,36 +370,10 @@ fn run_pass(engine: &Mutex<dyn NetworkEngine>, link: &RepairLink) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::testing::{config, guest_v4};
-    use crate::tcp::conn::{GuestSide, Origin, TcpState};
-    use crate::tcp::seq::Seq;
+    use crate::net::testing::{config, established_guest_side as established};
     use nix::sys::epoll::{Epoll, EpollCreateFlags};
-    use std::net::{IpAddr, TcpListener, TcpStream};
+    use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsFd;
-
-    fn established(port: u16) -> GuestSide {
-        GuestSide {
-            origin: Origin::Guest,
-            guest_addr: IpAddr::V4(guest_v4()),
-            guest_port: port,
-            remote_addr: "192.0.2.1".parse().unwrap(),
-            remote_port: 80,
-            state: TcpState::Established,
-            isn: Seq(1000),
-            seq_to_guest: Seq(1001),
-            seq_max_to_guest: Seq(1001),
-            seq_ack_from_guest: Seq(1001),
-            seq_from_guest: Seq(5000),
-            fin_to_guest: None,
-            fin_from_guest: false,
-            guest_window: 65535,
-            guest_window_scale: 0,
-            our_window_scale: 0,
-            mss: 1460,
-            window_to_guest: 65535,
-            sack_permitted: true,
-        }
-    }
 
     /// A table with `n` established connections to a local server (and their peers).
     fn table(n: u16) -> (TcpFlows, Vec<TcpStream>) {

@@ -157,7 +157,7 @@ fn dump_flows(
     for (id, fd) in flows {
         let entry = if use_pre { pre.remove(&id) } else { None };
         match entry {
-            Some(entry) if crate::predump::socket_cookie(fd).is_ok_and(|c| c == entry.cookie) => {
+            Some(entry) if crate::tcp::socket_cookie(fd).is_ok_and(|c| c == entry.cookie) => {
                 checks.push((id, fd, entry))
             }
             // None, or another socket under a reused flow id.

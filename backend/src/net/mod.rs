@@ -1490,6 +1490,34 @@ pub(crate) mod testing {
     pub(crate) const GUEST_MAC: MacAddr = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
     pub(crate) const OUR_MAC: MacAddr = crate::config::DEFAULT_OUR_MAC;
 
+    /// The guest side of an established guest-initiated connection from
+    /// `guest_v4():port` to 192.0.2.1:80, nothing in flight (migration tests).
+    pub(crate) fn established_guest_side(port: u16) -> crate::tcp::conn::GuestSide {
+        use crate::tcp::conn::{GuestSide, Origin, TcpState};
+        use crate::tcp::seq::Seq;
+        GuestSide {
+            origin: Origin::Guest,
+            guest_addr: IpAddr::V4(guest_v4()),
+            guest_port: port,
+            remote_addr: "192.0.2.1".parse().unwrap(),
+            remote_port: 80,
+            state: TcpState::Established,
+            isn: Seq(1000),
+            seq_to_guest: Seq(1001),
+            seq_max_to_guest: Seq(1001),
+            seq_ack_from_guest: Seq(1001),
+            seq_from_guest: Seq(5000),
+            fin_to_guest: None,
+            fin_from_guest: false,
+            guest_window: 65535,
+            guest_window_scale: 0,
+            our_window_scale: 0,
+            mss: 1460,
+            window_to_guest: 65535,
+            sack_permitted: true,
+        }
+    }
+
     pub(crate) fn guest_v4() -> Ipv4Addr {
         Ipv4Addr::new(192, 168, 10, 20)
     }

@@ -86,7 +86,8 @@ pub mod segment;
 pub mod seq;
 mod sock;
 pub(crate) use sock::{
-    is_closed as socket_is_closed, set_int_option, set_peek_offset, set_reset_on_close, tcp_info,
+    is_closed as socket_is_closed, netns_cookie, set_int_option, set_peek_offset,
+    set_reset_on_close, socket_cookie, tcp_info,
 };
 
 use std::cmp::Reverse;

@@ -60,6 +60,7 @@ pub(crate) fn set_int_option(
 /// valid value and any bytes the kernel writes are too.
 trait OptionValue: Copy {}
 impl OptionValue for i32 {}
+impl OptionValue for u64 {}
 impl OptionValue for u8 {}
 impl OptionValue for libc::tcp_info {}
 
@@ -89,6 +90,17 @@ fn get_option<T: OptionValue>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::
 
 fn get_int_option(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
     get_option(fd, level, name)
+}
+
+/// `SO_COOKIE`: the kernel's unique number of this socket (never reused while the
+/// system runs, unlike descriptor numbers and flow ids).
+pub(crate) fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    get_option(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+/// `SO_NETNS_COOKIE`: the unique number of the network namespace the socket lives in.
+pub(crate) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    get_option(fd, libc::SOL_SOCKET, libc::SO_NETNS_COOKIE)
 }
 
 /// `TCP_INFO` of a socket (no privilege needed).
