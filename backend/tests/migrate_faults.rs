@@ -503,17 +503,9 @@ fn without_helper_drop_tcp_migrates_the_rest_and_resets_the_connections() {
 #[test]
 #[cfg(target_arch = "x86_64")]
 fn helper_killed_during_save() {
-    baton_testkit::netns::raise_nofile(16_384).expect("RLIMIT_NOFILE");
     let a = source("killhelper", true, &[]);
-    // Three dump requests (at most 253 sockets each): the helper dies inside one.
-    let n = 600;
-    let mut w = Workload::start(a.connect(), n, 16 << 10);
-    // Every connection must still be open at SAVE, or there is nothing to dump and so
-    // nothing to kill the helper in: 16 KiB each way can be through before the slowest
-    // connection has moved a quarter of it.
-    w.hold_all_closes(true);
+    let mut w = busy_before_save(&a);
     let log = || a.log();
-    w.run_to(0.25, "before SAVE", &log);
 
     let (saved, killed_after) = save_killing_the_helper(&mut w, &a);
     let text = a.log();
@@ -538,6 +530,18 @@ fn helper_killed_during_save() {
     w.resume_on(&a);
     w.hold_all_closes(false);
     w.finish("after SAVE failed (helper killed)", &log);
+}
+
+/// 600 connections on `a`, a quarter of 16 KiB each way through: three dump requests
+/// (at most 253 sockets each) at SAVE, for the helper to die inside one. Every guest FIN
+/// is held, since a connection must still be open at SAVE to be dumped: 16 KiB each way
+/// can be through before the slowest connection has moved a quarter of it.
+fn busy_before_save(a: &Baton) -> Workload {
+    baton_testkit::netns::raise_nofile(16_384).expect("RLIMIT_NOFILE");
+    let mut w = Workload::start(a.connect(), 600, 16 << 10);
+    w.hold_all_closes(true);
+    w.run_to(0.25, "before SAVE", &|| a.log());
+    w
 }
 
 /// SAVE on `w`'s device, with baton `a`'s helper killed in the middle of its dump
@@ -579,14 +583,9 @@ fn save_killing_the_helper(w: &mut Workload, a: &Baton) -> (Result<Vec<u8>, Harn
 #[test]
 #[cfg(target_arch = "x86_64")]
 fn helper_killed_during_save_with_drop_tcp() {
-    baton_testkit::netns::raise_nofile(16_384).expect("RLIMIT_NOFILE");
     let a = source("killhelperdrop", true, &["--migrate-drop-tcp"]);
     let b = target("killhelperdrop", true);
-    let n = 600;
-    let mut w = Workload::start(a.connect(), n, 16 << 10);
-    w.hold_all_closes(true);
-    let log = || a.log();
-    w.run_to(0.25, "before SAVE", &log);
+    let mut w = busy_before_save(&a);
     let (saved, killed_after) = save_killing_the_helper(&mut w, &a);
     let stream = saved.unwrap_or_else(|e| {
         panic!(

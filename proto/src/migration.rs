@@ -1134,6 +1134,26 @@ struct Tally {
 }
 
 impl Tally {
+    /// What every record gets on both sides of the stream, writer and reader alike: its
+    /// own validation, then the checks against the records before it.
+    fn admit<T: RecordBody>(
+        &mut self,
+        record: &T,
+        snapshot: bool,
+        index: u32,
+        offset: u64,
+    ) -> Result<(), StreamError> {
+        record
+            .check(snapshot)
+            .map_err(|source| StreamError::Invalid {
+                index,
+                offset,
+                kind: record_type_name(T::TYPE),
+                source,
+            })?;
+        self.note(record.tally_key(), index, offset)
+    }
+
     fn note(&mut self, key: TallyKey, index: u32, offset: u64) -> Result<(), StreamError> {
         use std::collections::hash_map::Entry;
         let (seen, id) = match key {
@@ -1348,22 +1368,16 @@ impl<W: Write> StreamWriter<W> {
 
     /// Validate and write one record body of a known type.
     fn write_body<T: RecordBody>(&mut self, record: &T) -> Result<(), StreamError> {
-        let kind = record_type_name(T::TYPE);
         let (index, offset) = (self.records, self.offset);
-        record
-            .check(self.snapshot)
-            .map_err(|source| StreamError::Invalid {
-                index,
-                offset,
-                kind,
-                source,
-            })?;
-        self.tally.note(record.tally_key(), index, offset)?;
+        self.tally.admit(record, self.snapshot, index, offset)?;
         let start = self.pending.len();
         self.pending.extend_from_slice(&[0; RECORD_HEADER_LEN]);
         if let Err(source) = codec::encode_into(record, &mut self.pending) {
             self.pending.truncate(start);
-            return Err(StreamError::Encode { kind, source });
+            return Err(StreamError::Encode {
+                kind: record_type_name(T::TYPE),
+                source,
+            });
         }
         let flags = if T::SKIPPABLE {
             RECORD_FLAG_SKIPPABLE

@@ -725,12 +725,7 @@ impl GuestNet {
         Option<&mut baton_repair_ipc::RepairClient>,
     ) {
         self.refresh_repair_client(Duration::ZERO);
-        let env = crate::tcp::Env {
-            config: &self.config,
-            epoll: &self.epoll,
-            guest_mac: self.observed.mac,
-        };
-        (&mut self.tcp, env, self.repair.as_mut())
+        self.tcp_and_held_repair()
     }
 
     /// [`GuestNet::tcp_and_repair`] with the helper held now, as it is: a SAVE that

@@ -297,15 +297,7 @@ impl Assembler {
             kind,
             source,
         })?;
-        record
-            .check(self.snapshot)
-            .map_err(|source| StreamError::Invalid {
-                index,
-                offset,
-                kind,
-                source,
-            })?;
-        self.tally.note(record.tally_key(), index, offset)?;
+        self.tally.admit(&record, self.snapshot, index, offset)?;
         store(self, record);
         Ok(())
     }
