@@ -583,15 +583,21 @@ impl GuestNet {
         }
     }
 
+    /// Forget the current helper (dead, or out of sync) and wait, bounded, for a fresh
+    /// one (`--helper` starts one; an attached helper may reconnect).
+    fn take_fresh_helper(&mut self) {
+        self.repair = None;
+        self.repair_attachment = None;
+        let wait = self.helper_start_wait().max(crate::repair_link::SAVE_WAIT);
+        self.refresh_repair_client(wait);
+    }
+
     /// Drop the helper (dead, or out of sync), take a fresh one (`--helper` starts
     /// one), and thaw every TCP socket through it: a thaw is harmless on a socket that
     /// was never frozen (no filter to detach, repair mode already off). Closed sockets
     /// (nothing to thaw, refused by the helper) are left.
     fn thaw_through_fresh_helper(&mut self, why: &str) {
-        self.repair = None;
-        self.repair_attachment = None;
-        let wait = self.helper_start_wait().max(crate::repair_link::SAVE_WAIT);
-        self.refresh_repair_client(wait);
+        self.take_fresh_helper();
         let Some(helper) = self.repair.as_mut() else {
             tracing::error!(
                 "no baton-repair helper to thaw the sockets of {} TCP connection(s) {why}: \
@@ -629,10 +635,7 @@ impl GuestNet {
             // The helper answered the thaw right after the failure already.
             return;
         }
-        self.repair = None;
-        self.repair_attachment = None;
-        let wait = self.helper_start_wait().max(crate::repair_link::SAVE_WAIT);
-        self.refresh_repair_client(wait);
+        self.take_fresh_helper();
         let Some(helper) = self.repair.as_mut() else {
             tracing::error!(
                 "the repair helper died during SAVE and no fresh one came: {} TCP \
