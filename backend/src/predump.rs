@@ -49,6 +49,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -309,14 +310,16 @@ impl Pass {
 }
 
 /// Run one pass on a thread of its own (`LOG_ALL` arrived): chunks under the engine
-/// lock until the engine says it is over; helpers come from `link`.
+/// lock until the engine says it is over or `save` is set (a SAVE started: it takes
+/// the engine next and uses what the pass found); helpers come from `link`.
 pub fn spawn_pass(
     engine: Arc<Mutex<dyn NetworkEngine>>,
     link: Arc<RepairLink>,
+    save: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("baton-predump".into())
-        .spawn(move || run_pass(&engine, &link))
+        .spawn(move || run_pass(&engine, &link, &save))
         .map(|_| ())
 }
 
@@ -338,12 +341,18 @@ fn pause(time: Duration) {
     let _ = std::sync::Condvar::new().wait_timeout(guard, time);
 }
 
-fn run_pass(engine: &Mutex<dyn NetworkEngine>, link: &RepairLink) {
+fn run_pass(engine: &Mutex<dyn NetworkEngine>, link: &RepairLink, save: &AtomicBool) {
     let Some(number) = lock(engine).pre_dump_begin() else {
         return;
     };
     let mut waited = false;
     loop {
+        // Checked before each chunk, not only by the engine inside it: a mutex does not
+        // queue its waiters, and this thread would take the lock again before a SAVE
+        // thread that is not scheduled at once.
+        if save.load(Ordering::SeqCst) {
+            return;
+        }
         let step = lock(engine).pre_dump_step(number);
         match step {
             Step::More => pause(BETWEEN_CHUNKS),

@@ -85,6 +85,10 @@ pub struct NetBackend {
     /// stopped them: the next ring event tells the engine that they run
     /// ([`NetworkEngine::rings_started`]).
     rings_stopped: AtomicBool,
+    /// Set when a SAVE starts: the pre-dump pass (if one runs) takes no further chunk, so
+    /// that SAVE waits for the engine for at most the chunk in progress (the pass would
+    /// otherwise win the engine lock again and again on a busy machine).
+    pre_dump_yield: Arc<AtomicBool>,
 }
 
 impl NetBackend {
@@ -108,6 +112,7 @@ impl NetBackend {
             saving_for_migration: AtomicBool::new(false),
             migrated: AtomicBool::new(false),
             rings_stopped: AtomicBool::new(true),
+            pre_dump_yield: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -208,9 +213,12 @@ impl VhostUserBackend for NetBackend {
                 self.repair.migration_starting();
                 // Pre-dump the TCP connections while the VM still runs (see
                 // `crate::predump`); SAVE stops the pass and uses what it found.
-                if let Err(err) =
-                    crate::predump::spawn_pass(self.engine.clone(), self.repair.clone())
-                {
+                self.pre_dump_yield.store(false, Ordering::SeqCst);
+                if let Err(err) = crate::predump::spawn_pass(
+                    self.engine.clone(),
+                    self.repair.clone(),
+                    self.pre_dump_yield.clone(),
+                ) {
                     warn!("starting the TCP pre-dump thread: {err}; SAVE dumps everything");
                 }
             } else {
@@ -251,6 +259,9 @@ impl VhostUserBackend for NetBackend {
         };
         let migration_save =
             matches!(direction, VhostTransferStateDirection::SAVE) && self.logging();
+        if migration_save {
+            self.pre_dump_yield.store(true, Ordering::SeqCst);
+        }
         if matches!(direction, VhostTransferStateDirection::LOAD) {
             // Restoring connections from another host needs the helper: have it started
             // (`--helper`) while QEMU sends the stream.
