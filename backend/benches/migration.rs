@@ -53,7 +53,7 @@ const FIRST_PORT: u16 = 10000;
 /// Connections opened at a time.
 const WAVE: usize = 250;
 /// How long the backends get to move the peer's data towards the (silent) guest.
-const SETTLE: Duration = Duration::from_millis(500);
+const SETTLE: Duration = Duration::from_millis(2500);
 
 /// Accept `n` connections; keep them open.
 fn accept_all(listener: TcpListener, n: usize) -> JoinHandle<Vec<TcpStream>> {
