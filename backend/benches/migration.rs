@@ -44,8 +44,7 @@ use smoltcp::socket::tcp;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::guest::{helper_binary, Guest, GW_V4};
-use common::{Baton, V4_ONLY};
+use common::guest::{v4_pair_with_helper, Guest, GW_V4};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// Guest-side ports: connection `i` uses `FIRST_PORT + i`.
@@ -103,14 +102,7 @@ fn measure(
     keep_logs: Option<&str>,
 ) -> Result<Row, String> {
     baton_testkit::netns::enter_private_netns().expect("private network namespace (run as root)");
-    let helper = helper_binary();
-    let args: Vec<&str> = V4_ONLY
-        .iter()
-        .copied()
-        .chain(["--helper", helper.as_str()])
-        .collect();
-    let a = Baton::spawn(&format!("bench-migration-{conns}-a"), &args);
-    let b = Baton::spawn(&format!("bench-migration-{conns}-b"), &args);
+    let (a, b) = v4_pair_with_helper(&format!("bench-migration-{conns}"));
 
     let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
     let port = listener.local_addr().expect("addr").port();

@@ -52,7 +52,8 @@ use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TcpOptionElement, Transp
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 mod common;
-use common::{Baton, V4_ONLY};
+use common::guest::v4_pair_with_helper;
+use common::Baton;
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 /// baton's default MAC towards the guest.
@@ -1128,16 +1129,6 @@ fn open_fds(pid: u32) -> usize {
         .count()
 }
 
-fn helper_binary() -> String {
-    let path = std::path::PathBuf::from(env!("CARGO_BIN_EXE_baton")).with_file_name("baton-repair");
-    assert!(
-        path.exists(),
-        "{} missing: cargo build -p baton-repair",
-        path.display()
-    );
-    path.display().to_string()
-}
-
 fn migrate(n: usize) {
     baton_testkit::netns::enter_private_netns().expect("private network namespace (run as root)");
     // This process holds the peers' ends.
@@ -1146,14 +1137,7 @@ fn migrate(n: usize) {
         nofile >= n as u64 + 256,
         "RLIMIT_NOFILE {nofile} too low for {n}"
     );
-    let helper = helper_binary();
-    let args: Vec<&str> = V4_ONLY
-        .iter()
-        .copied()
-        .chain(["--helper", helper.as_str()])
-        .collect();
-    let source = Baton::spawn(&format!("scale-{n}-a"), &args);
-    let target = Baton::spawn(&format!("scale-{n}-b"), &args);
+    let (source, target) = v4_pair_with_helper(&format!("scale-{n}"));
     let host = Host::new();
     let tcp_port = host.listener.local_addr().expect("addr").port();
     let udp_port = host.udp.local_addr().expect("addr").port();

@@ -344,14 +344,17 @@ fn sack_is_negotiated_as_the_guest_offers_and_fills_only_holes() {
     conn.finish(&mut dev, &baton);
 }
 
-/// No duplicate ACKs, only one ACK reporting the hole: the retransmission timeout
-/// resends the hole alone (not what the guest holds, not the tail it holds).
-#[test]
-fn a_timeout_resends_only_the_holes() {
-    let baton = Baton::start("sack-rto", &[]);
+/// An outbound connection with SACK (guest port `port`) that received a burst, and one
+/// guest ACK reporting segment 1 lost and the rest held (a SACK block). The listener is
+/// returned to keep the host's end of the connection open.
+fn burst_with_first_segment_lost(
+    name: &str,
+    port: u16,
+) -> (Baton, NetFrontend, TcpListener, RawConn) {
+    let baton = Baton::start(name, &[]);
     let mut dev = baton.connect();
     let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
-    let (mut conn, sack) = connect_out(&mut dev, &baton, &listener, 30010, true);
+    let (mut conn, sack) = connect_out(&mut dev, &baton, &listener, port, true);
     assert!(sack);
     conn.receive_burst(&mut dev, &baton);
     let hole = conn.seq_of_segment(1);
@@ -360,6 +363,14 @@ fn a_timeout_resends_only_the_holes() {
         hole,
         Some((conn.seq_of_segment(2), conn.seq_of_segment(SEGMENTS))),
     );
+    (baton, dev, listener, conn)
+}
+
+/// No duplicate ACKs, only one ACK reporting the hole: the retransmission timeout
+/// resends the hole alone (not what the guest holds, not the tail it holds).
+#[test]
+fn a_timeout_resends_only_the_holes() {
+    let (baton, mut dev, _listener, mut conn) = burst_with_first_segment_lost("sack-rto", 30010);
     assert_eq!(
         retransmissions(&mut dev, &conn, &baton),
         [1],
@@ -376,18 +387,7 @@ fn a_timeout_resends_only_the_holes() {
 /// (not nothing, which would leave the connection to a chain of timeouts).
 #[test]
 fn a_guest_that_drops_sacked_data_gets_it_again() {
-    let baton = Baton::start("sack-renege", &[]);
-    let mut dev = baton.connect();
-    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
-    let (mut conn, sack) = connect_out(&mut dev, &baton, &listener, 30020, true);
-    assert!(sack);
-    conn.receive_burst(&mut dev, &baton);
-    let hole = conn.seq_of_segment(1);
-    conn.ack(
-        &mut dev,
-        hole,
-        Some((conn.seq_of_segment(2), conn.seq_of_segment(SEGMENTS))),
-    );
+    let (baton, mut dev, _listener, mut conn) = burst_with_first_segment_lost("sack-renege", 30020);
     assert_eq!(retransmissions(&mut dev, &conn, &baton), [1], "the hole");
     // The hole arrived, but segments 2 and 3 are gone from the guest.
     let reneged = conn.seq_of_segment(2);

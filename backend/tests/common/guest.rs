@@ -314,6 +314,21 @@ pub fn run_guest<C: GuestConnection>(
     }
 }
 
+/// A source and a target backend for `label` (IPv4 only), each starting
+/// `baton-repair` on demand (`--helper`).
+pub fn v4_pair_with_helper(label: &str) -> (super::Baton, super::Baton) {
+    let helper = helper_binary();
+    let args: Vec<&str> = super::V4_ONLY
+        .iter()
+        .copied()
+        .chain(["--helper", helper.as_str()])
+        .collect();
+    (
+        super::Baton::spawn(&format!("{label}-a"), &args),
+        super::Baton::spawn(&format!("{label}-b"), &args),
+    )
+}
+
 /// `baton-repair`, built next to `baton` (`scripts/test` builds both; benches want the
 /// release build).
 pub fn helper_binary() -> String {
