@@ -433,11 +433,7 @@ fn without_helper_drop_tcp_migrates_the_rest_and_resets_the_connections() {
     let a = source("droptcp", false, &["--migrate-drop-tcp"]);
     let b = target("droptcp", false);
     let n = 4;
-    let mut w = Workload::start(a.connect(), n, 1 << 20);
-    w.run_to(0.3, "before SAVE", &|| a.log());
-    let stream = w
-        .save()
-        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", a.log()));
+    let (mut w, stream) = saved_midway(&a, n);
     let state = decode_stream(&stream).expect("valid stream");
     assert!(state.tcp_flows.is_empty(), "no connection travels");
     assert_eq!(state.guest.mac, Some(GUEST_MAC));
@@ -530,6 +526,17 @@ fn helper_killed_during_save() {
     w.resume_on(&a);
     w.hold_all_closes(false);
     w.finish("after SAVE failed (helper killed)", &log);
+}
+
+/// `n` connections of 1 MiB each way on `a`, SAVE once 30% went through: the workload
+/// (its VM stopped) and the stream. Panics if SAVE fails.
+fn saved_midway(a: &Baton, n: usize) -> (Workload, Vec<u8>) {
+    let mut w = Workload::start(a.connect(), n, 1 << 20);
+    w.run_to(0.3, "before SAVE", &|| a.log());
+    let stream = w
+        .save()
+        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", a.log()));
+    (w, stream)
 }
 
 /// 600 connections on `a`, a quarter of 16 KiB each way through: three dump requests
@@ -787,12 +794,8 @@ fn a_damaged_stream_fails_load_and_the_source_carries_on() {
     let a = source("damaged", true, &[]);
     let b = target("damaged", false);
     let n = 6;
-    let mut w = Workload::start(a.connect(), n, 1 << 20);
+    let (mut w, stream) = saved_midway(&a, n);
     let log = || a.log();
-    w.run_to(0.3, "before SAVE", &log);
-    let stream = w
-        .save()
-        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", a.log()));
     assert_eq!(decode_stream(&stream).expect("valid").tcp_flows.len(), n);
 
     let mut flipped = stream.clone();
@@ -853,12 +856,8 @@ fn a_failed_load_leaves_the_source_in_charge() {
     let a = source("loadfail", true, &[]);
     let b = target("loadfail", false);
     let n = 6;
-    let mut w = Workload::start(a.connect(), n, 1 << 20);
+    let (mut w, stream) = saved_midway(&a, n);
     let log = || a.log();
-    w.run_to(0.3, "before SAVE", &log);
-    let stream = w
-        .save()
-        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", a.log()));
 
     let mut forged = decode_stream(&stream).expect("valid");
     forged
@@ -903,12 +902,8 @@ fn a_failed_load_leaves_the_source_in_charge() {
 fn cancel_after_save_thaws_everything() {
     let a = source("cancel", true, &[]);
     let n = 6;
-    let mut w = Workload::start(a.connect(), n, 1 << 20);
+    let (mut w, stream) = saved_midway(&a, n);
     let log = || a.log();
-    w.run_to(0.3, "before SAVE", &log);
-    let stream = w
-        .save()
-        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", a.log()));
     assert_eq!(decode_stream(&stream).expect("valid").tcp_flows.len(), n);
     // The VM stays stopped a while; the peer keeps writing into frozen sockets.
     std::thread::sleep(Duration::from_millis(300));
@@ -935,11 +930,7 @@ fn a_source_resumed_after_the_handover_resets_only_the_guest_side() {
     let a = source("splitbrain", true, &[]);
     let b = target("splitbrain", false);
     let n = 6;
-    let mut w = Workload::start(a.connect(), n, 1 << 20);
-    w.run_to(0.3, "before SAVE", &|| a.log());
-    let stream = w
-        .save()
-        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", a.log()));
+    let (mut w, stream) = saved_midway(&a, n);
     let (dev, loaded) = connect_loading(&b, &stream);
     loaded.unwrap_or_else(|e| panic!("LOAD: {e}; log:\n{}", b.log()));
     assert!(
@@ -1179,12 +1170,8 @@ fn a_new_call_fd_of_a_running_ring_is_signalled() {
 fn the_source_resumes_after_the_helper_of_its_save_died() {
     let a = source("deadafter", true, &[]);
     let n = 6;
-    let mut w = Workload::start(a.connect(), n, 1 << 20);
+    let (mut w, stream) = saved_midway(&a, n);
     let log = || a.log();
-    w.run_to(0.3, "before SAVE", &log);
-    let stream = w
-        .save()
-        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", a.log()));
     let state = decode_stream(&stream).expect("valid");
     assert_eq!(state.tcp_flows.len(), n);
     assert!(
