@@ -47,7 +47,7 @@
 //!   through it ([`PreDump::recover`]) — a thaw is harmless on a socket that is not
 //!   frozen.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -228,14 +228,13 @@ impl PreDump {
             self.pass = None;
             return Step::Done;
         }
-        let wanted: HashSet<FlowId> = pass.queue.iter().take(MAX_FDS).copied().collect();
-        let taken = wanted.len();
-        pass.queue.drain(..taken);
+        let taken = pass.queue.len().min(MAX_FDS);
         let mut chunk: Vec<(FlowId, BorrowedFd<'_>, u64)> = Vec::with_capacity(taken);
-        for (id, fd) in tcp.flow_sockets() {
-            if !wanted.contains(&id) {
+        // Looked up by id: a flow closed since the pass began is simply skipped.
+        for id in pass.queue.drain(..taken) {
+            let Some(fd) = tcp.flow_socket(id) else {
                 continue;
-            }
+            };
             match socket_cookie(fd) {
                 Ok(cookie) => chunk.push((id, fd, cookie)),
                 Err(err) => debug!("{id}: SO_COOKIE: {err}; no pre-dump"),

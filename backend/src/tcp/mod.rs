@@ -971,19 +971,24 @@ impl TcpFlows {
         matches!(self.freeze, Freeze::Frozen { .. })
     }
 
-    /// SAVE of a migration (the VM is stopped): make every socket deaf, take it out of
-    /// the epoll set, and describe each established connection. A connection whose
-    /// socket cannot be frozen or described stays live and is counted in `left_behind`
-    /// (as are handshakes in progress, which the guest restarts on the target).
     /// Every flow with its socket, for freezing through `baton-repair` in one batch.
     pub(crate) fn flow_sockets(&self) -> Vec<(FlowId, std::os::fd::BorrowedFd<'_>)> {
         self.flows
             .ids()
             .into_iter()
-            .filter_map(|id| self.flows.get(id).map(|conn| (id, conn.socket.as_fd())))
+            .filter_map(|id| self.flow_socket(id).map(|fd| (id, fd)))
             .collect()
     }
 
+    /// The socket of flow `id`, if it still exists.
+    pub(crate) fn flow_socket(&self, id: FlowId) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.flows.get(id).map(|conn| conn.socket.as_fd())
+    }
+
+    /// SAVE of a migration (the VM is stopped): make every socket deaf, take it out of
+    /// the epoll set, and describe each established connection. A connection whose
+    /// socket cannot be frozen or described stays live and is counted in `left_behind`
+    /// (as are handshakes in progress, which the guest restarts on the target).
     /// `pre_frozen`: flows whose sockets `baton-repair` already froze (attaching the
     /// filter needs `CAP_NET_ADMIN` on some kernels), with their host ends when its dump
     /// read them (the same `getsockname`/`getpeername` of the same socket: two system
