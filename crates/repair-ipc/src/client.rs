@@ -347,20 +347,16 @@ impl RepairClient {
     ) -> Result<Vec<SocketResult<TcpConnState>>, ClientError> {
         self.require(caps::DUMP, "Dump")?;
         let sizes: Vec<usize> = sockets.iter().map(|fd| queued_bytes(*fd)).collect();
-        let batches: Vec<(RequestOnWire<'_>, &[BorrowedFd<'_>])> = plan_batches(&sizes)
-            .into_iter()
-            .map(|batch| (RequestOnWire::Dump, &sockets[batch]))
-            .collect();
-        let mut results = Vec::with_capacity(sockets.len());
-        self.exchange_pipelined(&batches, |fds, reply| match reply {
-            Reply::Dumped(states) => {
-                check_count("Dump", fds, states.len())?;
-                results.extend(states);
-                Ok(())
-            }
-            other => Err(wrong_reply("Dump", other)),
-        })?;
-        Ok(results)
+        self.per_socket_pipelined(
+            "Dump",
+            sockets,
+            &sizes,
+            |_| RequestOnWire::Dump,
+            |reply| match reply {
+                Reply::Dumped(states) => Ok(states),
+                other => Err(other),
+            },
+        )
     }
 
     /// Undo a dump on each socket: it becomes live again.
@@ -399,23 +395,16 @@ impl RepairClient {
             .map(|(_, s)| s.send_queue.len() + s.recv_queue.len())
             .collect();
         let fds: Vec<BorrowedFd<'_>> = items.iter().map(|(fd, _)| *fd).collect();
-        let batches: Vec<(RequestOnWire<'_>, &[BorrowedFd<'_>])> = plan_batches(&sizes)
-            .into_iter()
-            .map(|batch| {
-                let states = items[batch.clone()].iter().map(|(_, s)| *s).collect();
-                (RequestOnWire::Restore(states), &fds[batch])
-            })
-            .collect();
-        let mut results = Vec::with_capacity(items.len());
-        self.exchange_pipelined(&batches, |fds, reply| match reply {
-            Reply::Restored(reports) => {
-                check_count("Restore", fds, reports.len())?;
-                results.extend(reports);
-                Ok(())
-            }
-            other => Err(wrong_reply("Restore", other)),
-        })?;
-        Ok(results)
+        self.per_socket_pipelined(
+            "Restore",
+            &fds,
+            &sizes,
+            |batch| RequestOnWire::Restore(items[batch].iter().map(|(_, s)| *s).collect()),
+            |reply| match reply {
+                Reply::Restored(reports) => Ok(reports),
+                other => Err(other),
+            },
+        )
     }
 
     /// Set `TCP_REPAIR` to `mode` on each socket.
@@ -476,20 +465,16 @@ impl RepairClient {
     ) -> Result<Vec<SocketResult<Option<PreDumped>>>, ClientError> {
         self.require_pre_dump("PreDump")?;
         let sizes: Vec<usize> = sockets.iter().map(|fd| queued_bytes(*fd)).collect();
-        let batches: Vec<(RequestOnWire<'_>, &[BorrowedFd<'_>])> = plan_batches(&sizes)
-            .into_iter()
-            .map(|batch| (RequestOnWire::PreDump, &sockets[batch]))
-            .collect();
-        let mut results = Vec::with_capacity(sockets.len());
-        self.exchange_pipelined(&batches, |fds, reply| match reply {
-            Reply::PreDumped(states) => {
-                check_count("PreDump", fds, states.len())?;
-                results.extend(states);
-                Ok(())
-            }
-            other => Err(wrong_reply("PreDump", other)),
-        })?;
-        Ok(results)
+        self.per_socket_pipelined(
+            "PreDump",
+            sockets,
+            &sizes,
+            |_| RequestOnWire::PreDump,
+            |reply| match reply {
+                Reply::PreDumped(states) => Ok(states),
+                other => Err(other),
+            },
+        )
     }
 
     /// Freeze each socket exactly as [`RepairClient::dump`] does and check it against
@@ -505,23 +490,40 @@ impl RepairClient {
         let sizes: Vec<usize> = items.iter().map(|(fd, _)| queued_bytes(*fd)).collect();
         let fds: Vec<BorrowedFd<'_>> = items.iter().map(|(fd, _)| *fd).collect();
         let marks: Vec<ProgressMark> = items.iter().map(|(_, mark)| *mark).collect();
-        let batches: Vec<(RequestOnWire<'_>, &[BorrowedFd<'_>])> = plan_batches(&sizes)
+        self.per_socket_pipelined(
+            "FreezeCheck",
+            &fds,
+            &sizes,
+            |batch| RequestOnWire::FreezeCheck(&marks[batch]),
+            |reply| match reply {
+                Reply::FreezeChecked(checks) => Ok(checks),
+                other => Err(other),
+            },
+        )
+    }
+
+    /// `op` on every socket of `fds`: one request per batch planned from `sizes` (the
+    /// bytes each socket's state carries), built by `request` for the batch's range,
+    /// kept in flight as [`Self::exchange_pipelined`] does; `unpack` takes a reply's
+    /// per-socket results, or gives back a reply of another kind.
+    fn per_socket_pipelined<'w, T>(
+        &mut self,
+        op: &'static str,
+        fds: &[BorrowedFd<'_>],
+        sizes: &[usize],
+        request: impl Fn(std::ops::Range<usize>) -> RequestOnWire<'w>,
+        unpack: impl Fn(Reply) -> Result<Vec<SocketResult<T>>, Reply>,
+    ) -> Result<Vec<SocketResult<T>>, ClientError> {
+        let batches: Vec<(RequestOnWire<'w>, &[BorrowedFd<'_>])> = plan_batches(sizes)
             .into_iter()
-            .map(|batch| {
-                (
-                    RequestOnWire::FreezeCheck(&marks[batch.clone()]),
-                    &fds[batch],
-                )
-            })
+            .map(|batch| (request(batch.clone()), &fds[batch]))
             .collect();
-        let mut results = Vec::with_capacity(items.len());
-        self.exchange_pipelined(&batches, |fds, reply| match reply {
-            Reply::FreezeChecked(checks) => {
-                check_count("FreezeCheck", fds, checks.len())?;
-                results.extend(checks);
-                Ok(())
-            }
-            other => Err(wrong_reply("FreezeCheck", other)),
+        let mut results = Vec::with_capacity(fds.len());
+        self.exchange_pipelined(&batches, |count, reply| {
+            let done = unpack(reply).map_err(|other| wrong_reply(op, other))?;
+            check_count(op, count, done.len())?;
+            results.extend(done);
+            Ok(())
         })?;
         Ok(results)
     }
