@@ -1,5 +1,5 @@
 //! Same-host TCP socket handover (issue 5), through the public `baton::handover` API:
-//! a connection carries a pattern both ways, is frozen (drop-all filter) and handed over
+//! a connection carries a pattern both ways, is frozen (deaf: a TCP-MD5 key) and handed over
 //! to a "target", and continues there with every byte checked — including what the peer
 //! sent while the socket was frozen (not acknowledged, so retransmitted by the peer's
 //! kernel after the thaw). And the other ending: the source resumes, thaws, continues.

@@ -323,7 +323,8 @@ fn migrate(guest: &mut Guest, source: &Baton, target: &Baton) {
 }
 
 fn run(s: Scenario) {
-    // The source's sandbox has no `CAP_NET_ADMIN` to freeze the sockets itself.
+    // With a helper, as deployed: its dump freezes the sockets (repair mode too) and the
+    // handover ends repair mode. (Without one baton freezes them itself: migrate_faults.)
     let helper = helper_binary();
     let source = Baton::start(&format!("{}-src", s.name), &["--helper", &helper]);
     let args: Vec<&str> = DUAL_STACK.iter().copied().chain(["-d"]).collect();

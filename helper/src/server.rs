@@ -233,7 +233,8 @@ impl<'a> Session<'a> {
             (Request::Freeze, Some(_)) => {
                 let results =
                     self.each_socket("freeze", fds, Expect::Connected, |fd, _, _, _: &()| {
-                        Ok(baton_tcp_repair::attach_deaf_filter(fd)?)
+                        baton_tcp_repair::make_deaf(fd)?;
+                        Ok(())
                     });
                 (Reply::Frozen(results), Next::Continue)
             }

@@ -208,7 +208,9 @@ fn the_peers_fin_moves_state_and_segs_in() {
 
 /// Segments the drop-all socket filter discards are not counted (tcp_segs_in comes
 /// after tcp_filter): a frozen socket's mark stays put while its peer keeps sending,
-/// so a freeze check finds an idle connection unchanged however busy the peer is.
+/// so a freeze check finds an idle connection unchanged however busy the peer is. The
+/// filter is the fallback freeze; the usual one, the TCP-MD5 key, drops even earlier
+/// and is pinned the same way in `kernel_facts_md5_freeze`.
 #[test]
 fn segments_the_socket_filter_drops_count_nothing() {
     private_netns();

@@ -176,9 +176,10 @@ pub const ALLOWED_SYSCALLS: &[AllowedSyscall] = &[
     allow!(SYS_connect, "TCP/UDP flows (later): connect to the guest's destination; repair socket liveness probe"),
     allow!(SYS_bind, "port forwarding and flows with a fixed source (later); repair socket"),
     allow!(SYS_listen, "port forwarding (later); repair socket"),
-    allow!(SYS_setsockopt, "TCP/UDP flows (later): socket options"),
+    allow!(SYS_setsockopt, "TCP/UDP flows (later): socket options; handover: TCP_MD5SIG (freeze key), SO_ATTACH/DETACH_FILTER (fallback)"),
     allow!(SYS_getsockopt, "TCP/UDP flows (later): SO_ERROR, TCP_INFO; repair socket: SO_PEERCRED"),
     allow!(SYS_getsockname, "port forwarding, UDP flows (later): the local port actually bound"),
+    allow!(SYS_getpeername, "handover: the peer address of the freeze key (baton_tcp_repair::make_deaf/make_hearing)"),
     allow!(SYS_splice, "TCP flows (later): zero-copy between sockets through a pipe"),
     allow!(SYS_pipe2, "TCP flows (later): the pipes splice() needs"),
     allow!(SYS_getegid, "net/icmp: our group, for the ping_group_range warning"),
@@ -214,7 +215,7 @@ pub const ALLOWED_SYSCALLS: &[AllowedSyscall] = &[
     allow!(SYS_brk, "glibc malloc: heap growth"),
     allow!(SYS_mremap, "glibc realloc of large buffers"),
     allow!(SYS_clock_gettime, "tracing timestamps, Instant::now (vDSO fallback)"),
-    allow!(SYS_getrandom, "std: HashMap keys; dhcproto: rand::random() seeds its thread RNG when building answers"),
+    allow!(SYS_getrandom, "std: HashMap keys; dhcproto: rand::random() seeds its thread RNG when building answers; handover: the token and the freeze key"),
 ];
 
 /// Answered `ENOSYS` by the second filter (and listed in [`ALLOWED_SYSCALLS`] so that

@@ -427,8 +427,10 @@ impl RepairClient {
         Ok(results)
     }
 
-    /// Freeze each socket (drop-all filter, no repair mode) for a same-host handover.
-    /// Undo with `baton_tcp_repair::detach_filter`, which needs no privilege.
+    /// Freeze each socket (deaf: `baton_tcp_repair::make_deaf`, no repair mode) for a
+    /// same-host handover. Undo with `baton_tcp_repair::make_hearing`, which needs no
+    /// privilege. (The freeze itself needs none either where the kernel has TCP-MD5; the
+    /// helper's fallback, the socket filter, does.)
     pub fn freeze(
         &mut self,
         sockets: &[BorrowedFd<'_>],

@@ -3,9 +3,10 @@
 //! Theory of operation. The order matters, and each step has a kernel reason:
 //! 1. Read `SO_REUSEADDR` and `SO_PEEK_OFF` first: repair mode makes the former read 2
 //!    (SK_FORCE_REUSE), and the latter shifts every peek.
-//! 2. Attach the drop-all filter, *then* enter repair mode. From here on no incoming
-//!    segment is processed, so nothing we read can change under us and the kernel
-//!    acknowledges nothing more (repair mode alone would keep ACKing, E5).
+//! 2. Make the socket deaf (module `deaf`: a TCP-MD5 key the peer does not have, or the
+//!    drop-all filter where the kernel refuses keys), *then* enter repair mode. From
+//!    here on no incoming segment is processed, so nothing we read can change under us
+//!    and the kernel acknowledges nothing more (repair mode alone would keep ACKing, E5).
 //! 3. `TCP_INFO` gives the state and the negotiated options; `SIOCINQ` the receive
 //!    queue length. Neither changes when a timer transmits (step 6).
 //! 4. Receive queue: select it, read `rcv_nxt` with `TCP_QUEUE_SEQ`, peek `SIOCINQ` bytes.
@@ -38,8 +39,10 @@
 //! sequence reads nothing twice: the caller that validated the socket passes its family
 //! ([`dump_as`]), the queue is selected twice, not more.
 //!
-//! The socket stays frozen (filter attached, repair on) after a successful dump. On any
-//! error it is rolled back to live, so a failed dump never leaves a deaf socket behind.
+//! The socket stays frozen (deaf, repair on) after a successful dump. On any error it is
+//! rolled back to live, so a failed dump never leaves a deaf socket behind. Thaw and
+//! rollback make the socket hear *before* leaving repair mode with a window probe: with
+//! the key still installed the probe would go out signed and the peer drop it.
 //!
 //! The reads of steps 3 to 8 ([`dump_frozen`]) are shared with the pre-dump of a live
 //! socket and the freeze check (module `predump`); a pre-dump selects the send queue
@@ -54,8 +57,8 @@ use baton_proto::tcp::{
 use nix::errno::Errno;
 use tracing::warn;
 
+use crate::deaf::{make_deaf, make_hearing};
 use crate::error::{RepairError, Result};
-use crate::filter::{attach_deaf_filter, detach_filter};
 use crate::sys::{self, TcpRepairWindow};
 use crate::{set_repair_in, sockopts};
 
@@ -106,11 +109,11 @@ impl Untouched {
     }
 }
 
-/// Steps 1 and 2: read what repair mode changes, attach the drop-all filter, enter
-/// repair mode (no queue selected). On error the socket is rolled back to live.
+/// Steps 1 and 2: read what repair mode changes, make the socket deaf, enter repair
+/// mode (no queue selected). On error the socket is rolled back to live.
 pub(crate) fn freeze(fd: BorrowedFd<'_>) -> Result<Untouched> {
     let before = Untouched::read(fd)?;
-    attach_deaf_filter(fd)?;
+    make_deaf(fd)?;
     if let Err(e) = set_repair_in(fd, RepairMode::On, "dump") {
         rollback(fd, before.reuseaddr, before.peek_off, false);
         return Err(e);
@@ -121,6 +124,10 @@ pub(crate) fn freeze(fd: BorrowedFd<'_>) -> Result<Untouched> {
 /// Put a socket whose dump failed back into live operation. Errors here are logged, not
 /// returned: the dump error is the one the caller needs to see.
 pub(crate) fn rollback(fd: BorrowedFd<'_>, reuseaddr: bool, peek_off: i32, repair_on: bool) {
+    // Hearing first: repair off sends a window probe, which must go out unsigned.
+    if let Err(e) = make_hearing(fd) {
+        warn!("dump rollback: {e}");
+    }
     if repair_on {
         let _ = sys::set_int(
             fd,
@@ -132,9 +139,6 @@ pub(crate) fn rollback(fd: BorrowedFd<'_>, reuseaddr: bool, peek_off: i32, repai
         if let Err(e) = set_repair_in(fd, RepairMode::Off, "dump rollback") {
             warn!("dump rollback: {e}");
         }
-    }
-    if let Err(e) = detach_filter(fd) {
-        warn!("dump rollback: {e}");
     }
     let _ = sys::set_int(
         fd,
@@ -457,7 +461,8 @@ fn read_queues(
 
 /// See [`crate::thaw`].
 pub fn thaw(fd: BorrowedFd<'_>) -> Result<()> {
-    detach_filter(fd)?;
+    // Before repair off: its window probe must go out unsigned, and its answer be heard.
+    make_hearing(fd)?;
     // Selecting no queue needs repair mode; a socket that is not in repair is fine.
     match sys::set_int(
         fd,

@@ -1,12 +1,13 @@
-//! The freeze primitive: a drop-all classic BPF socket filter.
+//! The fallback freeze: a drop-all classic BPF socket filter.
 //!
-//! Repair mode alone does not freeze a connection: the kernel keeps processing incoming
-//! segments, acknowledges and queues them (reference E5), so data arriving after a dump
-//! would be acknowledged to the peer and then lost with the source socket. `tcp_v4_rcv`
-//! and `tcp_v6_rcv` run the socket filter before any TCP processing; a filter that
-//! returns 0 discards every segment for this socket: no ACK, no queueing, no RST. The
-//! peer sees silence and retransmits later (reference E24). Any process may attach a
-//! filter to a socket it holds, so this needs no privilege.
+//! `tcp_v4_rcv` and `tcp_v6_rcv` run the socket filter (`tcp_filter()`) before any TCP
+//! processing and before `tcp_segs_in()`; a filter that returns 0 discards every segment
+//! for this socket: no ACK, no queueing, no RST. The peer sees silence and retransmits
+//! later (reference E24). It is as deaf as the TCP-MD5 key (module `md5`) but costs
+//! 9–12 µs per socket (the kernel JITs and vmallocs every program it is given) against
+//! about 2 µs, and on recent kernels it needs `CAP_NET_ADMIN` (6.18 refuses it with EPERM
+//! otherwise). So it is used only where the kernel refuses the key (module `deaf`), and
+//! detached by every thaw, since an older helper froze with it.
 
 use std::os::fd::BorrowedFd;
 

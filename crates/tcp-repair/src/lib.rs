@@ -1,14 +1,18 @@
 //! `baton-tcp-repair`: the TCP_REPAIR operations `baton-repair` runs on sockets it was
 //! handed. Linux only. The repair toggles need `CAP_NET_ADMIN` in the user namespace that
 //! owns the socket's network namespace; large queues also use `SO_*BUFFORCE` (same
-//! capability). Nothing else is privileged.
+//! capability). Nothing else is privileged: the freeze itself ([`make_deaf`], a TCP-MD5
+//! key) needs no capability, except on a kernel without TCP-MD5, where it falls back to a
+//! socket filter.
 //!
 //! What it is not: it knows nothing of the helper protocol framing or of the backend's
 //! flows. It turns one socket into one [`TcpConnState`] and back.
 
+mod deaf;
 mod dump;
 pub mod error;
 mod filter;
+mod md5;
 mod predump;
 mod restore;
 mod sockopts;
@@ -20,6 +24,7 @@ use std::os::fd::BorrowedFd;
 use baton_proto::repair::{FreezeCheck, PreDumped, ProgressMark, RepairMode, RestoreReport};
 use baton_proto::tcp::{SocketFamily, TcpConnState};
 
+pub use deaf::Deafness;
 pub use error::{RepairError, Result};
 
 /// What a socket handed to the helper must look like.
@@ -48,11 +53,11 @@ pub fn netns_cookie(fd: BorrowedFd<'_>) -> Result<u64> {
     validate::netns_cookie_of(fd)
 }
 
-/// Freeze the connection and read its complete state. Freezing = attach a drop-all
-/// classic BPF filter (the kernel stops processing, hence acknowledging, incoming
-/// segments) and then enter repair mode, with the send queue selected (so that its
-/// timers cannot transmit new data beyond the dumped state). On success the socket
-/// stays frozen; on error it is rolled back to live (filter detached, repair off).
+/// Freeze the connection and read its complete state. Freezing = make it deaf
+/// ([`make_deaf`]: the kernel stops processing, hence acknowledging, incoming segments)
+/// and then enter repair mode, with the send queue selected (so that its timers cannot
+/// transmit new data beyond the dumped state). On success the socket stays frozen; on
+/// error it is rolled back to live (hearing again, repair off).
 pub fn dump(fd: BorrowedFd<'_>) -> Result<TcpConnState> {
     dump::dump(fd)
 }
@@ -72,7 +77,7 @@ pub fn progress_mark(fd: BorrowedFd<'_>) -> Result<ProgressMark> {
 }
 
 /// Read the complete state of a *live* connection without freezing it: repair mode only
-/// while reading (left without a window probe), no filter; `SO_REUSEADDR` and
+/// while reading (left without a window probe), never deaf; `SO_REUSEADDR` and
 /// `SO_PEEK_OFF` are put back. `Ok(None)` when the connection moved while it was read
 /// (its progress mark differs before and after). The caller must do no I/O on the
 /// socket meanwhile. On error the socket is live and out of repair mode as far as the
@@ -104,7 +109,8 @@ pub fn freeze_check(fd: BorrowedFd<'_>, mark: &ProgressMark) -> Result<FreezeChe
     freeze_check_as(fd, sys::family(fd, "freeze check: SO_DOMAIN")?, mark)
 }
 
-/// Undo [`dump`]: detach the filter, select no queue, leave repair mode with a window
+/// Undo [`dump`]: hear again ([`make_hearing`], first: the window probe must go out
+/// unsigned and its answer be heard), select no queue, leave repair mode with a window
 /// probe, and put back `SO_REUSEADDR`/`SO_PEEK_OFF` as the dump found them.
 pub fn thaw(fd: BorrowedFd<'_>) -> Result<()> {
     dump::thaw(fd)
@@ -160,13 +166,27 @@ pub(crate) fn set_repair_in(fd: BorrowedFd<'_>, mode: RepairMode, op: &str) -> R
     })
 }
 
-/// Attach the drop-all ("deaf") classic BPF filter: incoming segments are discarded
-/// before TCP sees them — no ACK, no RST; the peer retransmits later. Unprivileged.
-pub fn attach_deaf_filter(fd: BorrowedFd<'_>) -> Result<()> {
-    filter::attach_deaf_filter(fd)
+/// Make the socket deaf: every segment from its peer is dropped before TCP processes
+/// it — no ACK, no queueing, no state change, nothing counted in `tcpi_segs_in`; the
+/// peer retransmits later. A TCP-MD5 key for the peer's address that the peer does not
+/// have (unprivileged, about 2 µs); where the kernel refuses the key, a drop-all socket
+/// filter (needs `CAP_NET_ADMIN` on recent kernels), said once in the log. The socket
+/// must be connected (getpeername). Returns which of the two it got. The key disables
+/// GSO on the socket for the rest of its life (see the `deaf` module).
+pub fn make_deaf(fd: BorrowedFd<'_>) -> Result<Deafness> {
+    deaf::make_deaf(fd)
 }
 
-/// Detach any socket filter (ENOENT, no filter attached, is not an error).
-pub fn detach_filter(fd: BorrowedFd<'_>) -> Result<()> {
-    filter::detach_filter(fd)
+/// Undo [`make_deaf`], whichever way it went, or a freeze by an older helper (filter):
+/// remove the key and detach the filter; either one absent is fine, so this may be
+/// repeated. Unprivileged. Leave repair mode with a window probe only after this.
+pub fn make_hearing(fd: BorrowedFd<'_>) -> Result<()> {
+    deaf::make_hearing(fd)
+}
+
+/// Attach the drop-all socket filter itself, without trying the key first: for tests
+/// that need a deaf socket whose own segments go out unsigned (a deaf *peer*). Needs
+/// `CAP_NET_ADMIN` on recent kernels. [`make_hearing`] detaches it.
+pub fn attach_deaf_filter(fd: BorrowedFd<'_>) -> Result<()> {
+    filter::attach_deaf_filter(fd)
 }

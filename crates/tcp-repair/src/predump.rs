@@ -14,10 +14,12 @@
 //! * Every incoming segment that reaches TCP increments `segs_in`: `tcp_v4_rcv` and
 //!   `tcp_v6_rcv` call `tcp_segs_in()` right after `tcp_filter()` and before any TCP
 //!   processing, whether the segment is processed at once or queued to the backlog. A
-//!   segment the deaf filter drops changes nothing and counts nothing. Everything an
-//!   incoming segment can change — `rcv_nxt`, the receive queue, `snd_una`, the peer's
-//!   window (`snd_wl1`, `snd_wnd`, `max_window`), SACK and timestamp state (`ts_recent`),
-//!   the state machine (a FIN, a RST) — therefore comes with a `segs_in` step.
+//!   segment a deaf socket drops (module `deaf`: the TCP-MD5 check, `tcp_inbound_hash`,
+//!   runs even before `tcp_filter()`, and so does the fallback filter) changes nothing
+//!   and counts nothing. Everything an incoming segment can change — `rcv_nxt`, the
+//!   receive queue, `snd_una`, the peer's window (`snd_wl1`, `snd_wnd`, `max_window`),
+//!   SACK and timestamp state (`ts_recent`), the state machine (a FIN, a RST) —
+//!   therefore comes with a `segs_in` step.
 //! * Every transmitted segment, data, pure ACK, retransmission, window or keepalive
 //!   probe alike, goes through `__tcp_transmit_skb`, which increments `segs_out`.
 //!   Everything a transmission changes — `snd_nxt`, our advertised window (`rcv_wnd`,
@@ -53,7 +55,7 @@
 //! (no segment), so the pre-dumped `send_unsent` may be larger than what the kernel
 //! believes; restoring it as unsent is right, since it never left.
 //!
-//! Freeze check at the stop ([`freeze_check_as`]): freeze as a dump does (filter, repair
+//! Freeze check at the stop ([`freeze_check_as`]): freeze as a dump does (deaf, repair
 //! on), select the send queue (and leave it selected, as a dump does), then read the mark
 //! and `TCP_TIMESTAMP`. Equal → [`FreezeCheck::Unchanged`] with the fresh timestamp and
 //! the `SO_PEEK_OFF` read before freezing; different → the full dump of the frozen
@@ -61,8 +63,8 @@
 //! failed dump is. Either way a checked socket ends exactly as after a dump, so thaw,
 //! handover and close work unchanged.
 //!
-//! A limit shared with [`crate::dump`]: a segment that passed the socket filter on
-//! another CPU just before the filter was attached reaches `tcp_segs_in()` a few
+//! A limit shared with [`crate::dump`]: a segment that passed the MD5 check (or the
+//! filter) on another CPU just before the key was installed reaches `tcp_segs_in()` a few
 //! instructions later (same softirq, no sleeping in between), and repair-on, the queue
 //! selection and `TCP_INFO` each take the socket lock first, so in practice the count is
 //! in before the mark is read.

@@ -400,6 +400,27 @@ fn name_call(
     raw.to_socket_addr(step)
 }
 
+/// The peer's address as getpeername(2) writes it (`sockaddr_in`, or `sockaddr_in6` on an
+/// `AF_INET6` socket, v4-mapped peers included): the form options such as `TCP_MD5SIG`
+/// take, so nothing is converted in between.
+pub fn peer_storage(fd: BorrowedFd<'_>, step: &'static str) -> Result<libc::sockaddr_storage> {
+    // SAFETY: all-zero sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` is writable for `len` bytes; the kernel updates `len`.
+    let rc = unsafe {
+        libc::getpeername(
+            fd.as_raw_fd(),
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(RepairError::sys(step, last_errno()));
+    }
+    Ok(storage)
+}
+
 pub fn local_addr(fd: BorrowedFd<'_>, step: &'static str) -> Result<SocketAddr> {
     name_call(fd, false, step)
 }

@@ -78,7 +78,7 @@ pub const ALLOWED_SYSCALLS: &[AllowedSyscall] = &[
     allow!(SYS_close, "server: close the received descriptors before replying"),
     // --- repair operations (baton-tcp-repair) ---
     allow!(SYS_getsockopt, "tcp-repair: SO_TYPE/SO_PROTOCOL/SO_NETNS_COOKIE checks, TCP_INFO, TCP_REPAIR_* and option reads"),
-    allow!(SYS_setsockopt, "tcp-repair: TCP_REPAIR*, TCP_QUEUE_SEQ, TCP_TIMESTAMP, SO_ATTACH/DETACH_FILTER, option writes"),
+    allow!(SYS_setsockopt, "tcp-repair: TCP_REPAIR*, TCP_QUEUE_SEQ, TCP_TIMESTAMP, TCP_MD5SIG (freeze key), SO_ATTACH/DETACH_FILTER, option writes"),
     allow!(SYS_ioctl, only QUEUE_IOCTLS, "tcp-repair: SIOCINQ/SIOCOUTQ/SIOCOUTQNSD/SIOCATMARK in dump"),
     allow!(SYS_recvfrom, "tcp-repair: recv(MSG_PEEK) of the queues in repair mode"),
     allow!(SYS_sendto, "tcp-repair: send() of the queues in repair mode and of the unsent tail after restore"),
@@ -87,7 +87,7 @@ pub const ALLOWED_SYSCALLS: &[AllowedSyscall] = &[
     allow!(SYS_connect, "tcp-repair: restore connects the fresh socket (repair mode, no handshake)"),
     allow!(SYS_shutdown, "tcp-repair: restore of a state whose FIN was sent"),
     allow!(SYS_getsockname, "tcp-repair: local endpoint in dump; a fresh socket must be unbound"),
-    allow!(SYS_getpeername, "tcp-repair: peer endpoint in dump; a fresh socket must be unconnected"),
+    allow!(SYS_getpeername, "tcp-repair: peer endpoint in dump; the freeze key's address; a fresh socket must be unconnected"),
     allow!(SYS_statx, "std: descriptor metadata"),
     allow!(SYS_fcntl, only FLAG_FCNTLS, "std: F_GETFD check when closing an OwnedFd (debug builds); O_NONBLOCK"),
     // --- process, memory, runtime (std, glibc, tracing) ---
@@ -104,7 +104,7 @@ pub const ALLOWED_SYSCALLS: &[AllowedSyscall] = &[
     allow!(SYS_rt_sigprocmask, "glibc/std: signal masks around exit"),
     allow!(SYS_sigaltstack, "std: main-thread stack-overflow handler teardown at exit"),
     allow!(SYS_clock_gettime, "tracing: timestamps; transport: deadlines (vDSO fallback)"),
-    allow!(SYS_getrandom, "std: HashMap random keys"),
+    allow!(SYS_getrandom, "std: HashMap random keys; tcp-repair: the freeze key (once per process)"),
 ];
 
 /// The filter could not be built or installed.

@@ -116,7 +116,7 @@ pub fn deafen(fd: BorrowedFd<'_>) {
 }
 
 pub fn undeafen(fd: BorrowedFd<'_>) {
-    baton_tcp_repair::detach_filter(fd).expect("detach filter");
+    baton_tcp_repair::make_hearing(fd).expect("hear again");
 }
 
 pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
