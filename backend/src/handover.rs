@@ -9,27 +9,39 @@
 //!
 //! ```text
 //!  source (SAVE, VM stopped)                       target (LOAD, rings not started)
-//!  freeze: drop-all socket filter on every flow
+//!  HandoverOffer::listen: endpoint in the stream's prefix (written before freezing)
+//!  freeze: every flow made deaf (TCP-MD5 key, see `attach_deaf_filter`)
 //!  HandoverOffer::lend(the flows' own sockets)
 //!   └ abstract UNIX listener "\0baton-handover-…"
-//!     + 32-byte random token  ── both in the stream's SourceRecord ──▶ take_over():
+//!     + 32-byte random token  ── both in the stream's SourceRecord ──▶ TakeOver::start
+//!                                                   as soon as the stream's SOURCE record
+//!                                                   is read (the rest still arriving):
 //!                                                   connect (abstract names are scoped
 //!                                                   to the network namespace: reaching
 //!                                                   it proves the namespace is shared)
 //!   peer uid == ours?  ◀──────────── Hello { token }
 //!   token right (once)?
-//!   Sockets { flows } + fds ─────────────────────▶ every fd checked: TCP socket, same
-//!   … (≤ MAX_FDS per frame)                        namespace, local and peer address
-//!   Done { total } ──────────────────────────────▶ exactly as the record says
+//!   Sockets { flows } + fds ─────────────────────▶ each fd on arrival: inspected (TCP
+//!   … (≤ MAX_FDS per frame)                        socket, same namespace, addresses)
+//!   Done { total } ──────────────────────────────▶ and thawed (receiving thread)
+//!                                                   … stream read and validated …
+//!                                                   TakeOver::finish: every record has
+//!                                                   exactly its socket, addresses equal
 //!   ownership recorded ◀──────────── Taken { flows }
-//!   Released ────────────────────────────────────▶ filters detached, flows rebuilt
+//!   Released ────────────────────────────────────▶ flows rebuilt
 //! ```
 //!
+//! * Nothing moves before the target has the whole stream validated: the sockets travel
+//!   while it is read (that is the point: the exchange overlaps the stream instead of
+//!   following it), but only `Taken` transfers ownership. A stream that fails, or any
+//!   other failure of the LOAD, drops the [`TakeOver`], which refuses: the source keeps
+//!   everything. The source therefore waits for `Taken` longer than for other steps
+//!   ([`TAKEN_TIMEOUT`]).
 //! * The source's sockets stay frozen (deaf) from SAVE until one of two things happens:
 //!   the target takes them ([`OfferStatus::Taken`]: the source drops its descriptors,
 //!   which closes nothing because the target holds the same open file descriptions, and
 //!   never thaws them), or the source VM resumes ([`HandoverOffer::cancel`] succeeds: the
-//!   source detaches its filters and carries on). Both decisions go through one mutex,
+//!   source thaws them and carries on). Both decisions go through one mutex,
 //!   so they exclude each other; while sockets are on their way
 //!   ([`OfferStatus::Busy`]) the source must wait for the outcome before thawing.
 //! * The engine *lends* its flows' own descriptors to the offer ([`LentSocket`]) rather
@@ -41,13 +53,18 @@
 //!   transfer under way). A transfer is bounded by its step timeouts.
 //! * Sockets `baton-repair` dumped at SAVE are also in repair mode (see [`Repaired`] for
 //!   why the source keeps them so): the offer thread ends repair mode through the
-//!   helper (filter kept) frame by frame, right before sending each frame, so that the
+//!   helper (still deaf) frame by frame, right before sending each frame, so that the
 //!   helper works on the next frame while the target checks this one; a cancel thaws
 //!   them through it; a target never needs privilege.
-//! * The target thaws (detaches the filters, thousands of them over two threads) only
-//!   after `Released`: from then on the source has recorded that it no longer owns the
-//!   sockets. Without `Released` the target closes its copies and fails: two owners
-//!   would be worse than none.
+//! * The target *uses* the sockets only after `Released`: from then on the source has
+//!   recorded that it no longer owns them. Without `Released` the target closes its
+//!   copies and fails: two owners would be worse than none. It thaws each socket (the
+//!   freeze undone: it hears the peer again) on arrival, though, off the critical path:
+//!   deafness only keeps a socket equal to its dump for a target on another host, and
+//!   the stream with that dump went to this target, which takes the live socket; the
+//!   kernel queues whatever arrives meanwhile, for whichever side ends up owning the
+//!   socket (a refused handover leaves the source owning hearing sockets, which its
+//!   resume would thaw anyway).
 //! * Everything from the peer is untrusted and bounded: the peer's uid must be ours
 //!   (`SO_PEERCRED`), the token is compared in constant time and consumed by the first
 //!   correct attempt, every step has a deadline ([`STEP_TIMEOUT`]), messages are
@@ -57,14 +74,16 @@
 //!   SOCK_STREAM)`, `bind`, `listen`, `accept4`, `connect`, `sendmsg`/`recvmsg`, `poll`,
 //!   `getsockname`, `getsockopt` (`SO_PEERCRED`, `SO_PEERNAME` instead of `getpeername`,
 //!   `SO_DOMAIN`/`SO_TYPE`/`SO_PROTOCOL`, `SO_NETNS_COOKIE`), `setsockopt`
-//!   (`SO_ATTACH_FILTER`/`SO_DETACH_FILTER`), `getrandom`, `clone` (the offer thread;
-//!   on the target a second thread that detaches half of the filters).
+//!   (`TCP_MD5SIG`; `SO_ATTACH_FILTER`/`SO_DETACH_FILTER` where the kernel has no
+//!   TCP-MD5), `getpeername`, `getrandom`, `clone` (the offer thread;
+//!   on the target the thread that receives the sockets).
 
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -85,6 +104,13 @@ use nix::sys::socket::{
 
 /// Deadline of each step of the exchange (one frame sent or received).
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the source waits for `Taken` once every socket is sent: a target connects
+/// as soon as the stream's SOURCE record arrives and confirms only after the whole
+/// stream has been read and validated ([`TakeOver`]), which takes as long as QEMU needs
+/// to pass the rest on. A target that fails or dies closes the connection, which ends
+/// the wait at once; meanwhile a resuming source waits for the outcome. Also how long a
+/// target that came early waits for the first sockets (the source still freezing).
+pub const TAKEN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a source keeps its offer open if neither a target nor a resume comes.
 pub const OFFER_LIFETIME: Duration = Duration::from_secs(600);
 /// How often the offer thread looks at the shared state while no target connects.
@@ -111,6 +137,13 @@ pub enum HandoverError {
     Closed,
     #[error("the peer refused the handover: {0}")]
     Refused(String),
+    #[error("the target's LOAD failed before it took the sockets")]
+    Abandoned,
+    #[error(
+        "handover: connect to the source: {0} (not on this host, or not in this network \
+         namespace?)"
+    )]
+    Unreachable(#[source] io::Error),
     #[error("unexpected handover message (wanted {0})")]
     Unexpected(&'static str),
     #[error("handover peer runs as uid {peer}, this backend as uid {ours}")]
@@ -154,64 +187,32 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 // Freezing
 // ---------------------------------------------------------------------------------------
 
-/// `BPF_RET | BPF_K`: return the constant `k` (0 = drop the packet).
-const BPF_RET_K: u16 = 0x06;
-
-/// Attach the drop-all ("deaf") classic BPF filter: incoming segments are discarded
-/// before TCP sees them — no ACK, no RST; the peer retransmits later. Unprivileged.
-/// (The same primitive as `baton_tcp_repair::attach_deaf_filter`, which the backend does
-/// not link.)
+/// Make the socket deaf: every segment from its peer is dropped before TCP processes it —
+/// no ACK, no queueing, no RST; the peer retransmits later. This is
+/// `baton_tcp_repair::make_deaf`, the helper's own freeze: a TCP-MD5 key for the peer's
+/// address that the peer does not have (unprivileged, so the backend freezes by itself
+/// when there is no helper), or, where the kernel refuses keys, the drop-all socket filter
+/// (which needs `CAP_NET_ADMIN` on recent kernels: EPERM here). The key disables GSO on
+/// the socket for the rest of its life. (Named after the filter it used to be.)
 pub fn attach_deaf_filter(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let program = [libc::sock_filter {
-        code: BPF_RET_K,
-        jt: 0,
-        jf: 0,
-        k: 0,
-    }];
-    let fprog = libc::sock_fprog {
-        len: program.len() as u16,
-        filter: program.as_ptr().cast_mut(),
-    };
-    // SAFETY: `fprog` and the program it points to live across the call; the kernel
-    // copies the program and only reads `size_of::<sock_fprog>()` bytes of `fprog`.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            (&fprog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    baton_tcp_repair::make_deaf(fd).map(drop).map_err(|e| {
+        let kind = e.errno().map_or(io::ErrorKind::Other, |errno| {
+            io::Error::from_raw_os_error(errno as i32).kind()
+        });
+        io::Error::new(kind, e)
+    })
 }
 
-/// Detach any socket filter; `ENOENT` (no filter) is not an error.
+/// Make the socket hear again, however it was frozen (by [`attach_deaf_filter`], by the
+/// helper, or by an older helper's filter): `baton_tcp_repair::make_hearing` removes the
+/// key and detaches any filter; either one absent is fine. Unprivileged.
 pub fn detach_filter(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let zero: libc::c_int = 0;
-    // SAFETY: `zero` lives across the call and its size is passed; the kernel ignores it.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_DETACH_FILTER,
-            (&zero as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ENOENT) {
-        Ok(())
-    } else {
-        Err(err)
-    }
+    baton_tcp_repair::make_hearing(fd).map_err(|e| {
+        let kind = e.errno().map_or(io::ErrorKind::Other, |errno| {
+            io::Error::from_raw_os_error(errno as i32).kind()
+        });
+        io::Error::new(kind, e)
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -365,8 +366,25 @@ pub fn check_socket(fd: BorrowedFd<'_>, expected: &HostSocketEnds) -> Result<(),
 /// [`check_socket`] with this namespace's cookie already known (a handover checks
 /// thousands of sockets).
 fn check_socket_in(fd: BorrowedFd<'_>, expected: &HostSocketEnds, ours: u64) -> Result<(), String> {
+    let (local, peer) = inspect_socket(fd, ours)?;
+    if !same_addr(local, expected.local.to_socket_addr())
+        || !same_addr(peer, expected.peer.to_socket_addr())
+    {
+        return Err(format!(
+            "addresses {local} -> {peer}, the record says {} -> {}",
+            expected.local.to_socket_addr(),
+            expected.peer.to_socket_addr()
+        ));
+    }
+    Ok(())
+}
+
+/// The part of [`check_socket`] that needs no record: a connected TCP socket of the
+/// network namespace whose cookie is `ours`. Returns its local and peer addresses.
+fn inspect_socket(fd: BorrowedFd<'_>, ours: u64) -> Result<(SocketAddr, SocketAddr), String> {
     // getsockname tells the family (and fails the check for anything but IPv4/IPv6):
-    // one `SO_DOMAIN` less per socket; a handover checks thousands.
+    // one `SO_DOMAIN` less per socket; a handover checks thousands. (`SO_TYPE` stays:
+    // a raw socket of protocol `IPPROTO_TCP` can be connected too.)
     let local = local_addr(fd).map_err(|e| format!("getsockname: {e}"))?;
     let domain = if local.is_ipv4() {
         libc::AF_INET
@@ -384,16 +402,7 @@ fn check_socket_in(fd: BorrowedFd<'_>, expected: &HostSocketEnds, ours: u64) -> 
     }
     let peer =
         peer_addr_of(fd, domain).map_err(|e| format!("SO_PEERNAME (not connected?): {e}"))?;
-    if !same_addr(local, expected.local.to_socket_addr())
-        || !same_addr(peer, expected.peer.to_socket_addr())
-    {
-        return Err(format!(
-            "addresses {local} -> {peer}, the record says {} -> {}",
-            expected.local.to_socket_addr(),
-            expected.peer.to_socket_addr()
-        ));
-    }
-    Ok(())
+    Ok((local, peer))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -413,9 +422,18 @@ fn send(
     Ok(())
 }
 
-/// Receive one message and its descriptors (each owned at once).
+/// Receive one message and its descriptors (each owned at once), within [`STEP_TIMEOUT`].
 fn recv(sock: BorrowedFd<'_>) -> Result<(HandoverMessage, Vec<OwnedFd>), HandoverError> {
-    let frame = transport::recv_frame(sock, deadline())?.ok_or(HandoverError::Closed)?;
+    recv_within(sock, STEP_TIMEOUT)
+}
+
+/// [`recv`] with another timeout.
+fn recv_within(
+    sock: BorrowedFd<'_>,
+    timeout: Duration,
+) -> Result<(HandoverMessage, Vec<OwnedFd>), HandoverError> {
+    let deadline = transport::deadline_after(timeout);
+    let frame = transport::recv_frame(sock, deadline)?.ok_or(HandoverError::Closed)?;
     let msg: HandoverMessage = baton_proto::decode(&frame.body)?;
     msg.validate()?;
     if !frame.fd_count_matches() {
@@ -553,6 +571,11 @@ struct Offered {
 
 #[derive(Debug)]
 enum Phase {
+    /// The offer exists (its endpoint is in the stream) but its sockets do not yet: SAVE
+    /// is still freezing them ([`HandoverOffer::listen`], [`HandoverOffer::provide`]).
+    /// A target that presents the token now waits for them, and SAVE learns that one
+    /// is there ([`HandoverOffer::target_waiting`]).
+    Preparing,
     /// Waiting for a target (or a resume).
     Open(Vec<Offered>),
     /// A target presented the token; the sockets are on their way.
@@ -582,15 +605,18 @@ pub enum OfferStatus {
 /// offer can still thaw them).
 ///
 /// Why the source keeps them in repair mode after the dump, instead of leaving repair
-/// mode at once (filter still attached): a socket closed in repair mode goes silently.
+/// mode at once (still deaf): a socket closed in repair mode goes silently.
 /// After a migration to another host the source closes its frozen copies sooner or
 /// later (linger, backend exit); outside repair mode that close sends a FIN, or a RST
 /// when data is queued, with sequence numbers the peer accepts — it would end the
 /// connection the target has just restored. So repair mode is left only where the
 /// source, or a same-host target, carries the connection on: right before the sockets
-/// go to the target ([`serve_target`]; the unprivileged target then only detaches the
-/// filter), and when the source VM resumes ([`HandoverOffer::cancel`] thaws them through
-/// the helper).
+/// go to the target ([`serve_target`]; the unprivileged target then only thaws
+/// them), and when the source VM resumes ([`HandoverOffer::cancel`] thaws them through
+/// the helper). A same-host target that then refuses (its stream failed validation)
+/// leaves the source owning them outside repair mode: it carries them on when its VM
+/// resumes; should it never resume, closing them is right, since no copy lives anywhere
+/// else.
 #[derive(Debug)]
 struct Repaired {
     helper: RepairClient,
@@ -603,8 +629,19 @@ struct Repaired {
 pub struct HandoverOffer {
     endpoint: HandoverEndpoint,
     phase: Arc<Mutex<Phase>>,
+    signal: Arc<Signal>,
     repaired: Arc<Mutex<Option<Repaired>>>,
     thread: JoinHandle<()>,
+}
+
+/// What the offer thread and the owner of an offer tell each other besides the phase.
+#[derive(Debug, Default)]
+struct Signal {
+    /// Notified (with the phase's mutex) when the phase leaves [`Phase::Preparing`].
+    changed: Condvar,
+    /// A target presented the token: it runs on this host, in this namespace, and has
+    /// the stream.
+    claimed: AtomicBool,
 }
 
 impl HandoverOffer {
@@ -618,7 +655,21 @@ impl HandoverOffer {
                 socket: OfferFd::Owned(s.socket),
             })
             .collect();
-        Self::start_inner(sockets, lifetime, None)
+        Self::start_inner(Phase::Open(sockets), lifetime, None)
+    }
+
+    /// Listen before the sockets are ready (SAVE writes the endpoint into the stream
+    /// first, then freezes): a target that comes meanwhile waits for
+    /// [`HandoverOffer::provide`].
+    pub fn listen(lifetime: Duration) -> Result<Self, HandoverError> {
+        Self::start_inner(Phase::Preparing, lifetime, None)
+    }
+
+    /// Whether a target has presented the token (it waits for the sockets, or has them):
+    /// a target on this host, in this namespace, that has read the stream — it takes
+    /// the live sockets, so nothing needs to be dumped for it.
+    pub fn target_waiting(&self) -> bool {
+        self.signal.claimed.load(Ordering::Acquire)
     }
 
     /// [`HandoverOffer::start`] for sockets the caller keeps (see [`LentSocket`] for the
@@ -631,6 +682,22 @@ impl HandoverOffer {
         lifetime: Duration,
         repaired: Option<(RepairClient, Vec<FlowId>)>,
     ) -> Result<Self, HandoverError> {
+        let offer = Self::listen(lifetime)?;
+        offer.provide(sockets, repaired)?;
+        Ok(offer)
+    }
+
+    /// The sockets of an offer made with [`HandoverOffer::listen`] (the rules of
+    /// [`HandoverOffer::lend`] apply), handed to a target waiting for them, if any.
+    /// Fails if the offer is no longer being prepared (cancelled, withdrawn, expired).
+    pub fn provide(
+        &self,
+        sockets: Vec<LentSocket>,
+        repaired: Option<(RepairClient, Vec<FlowId>)>,
+    ) -> Result<(), HandoverError> {
+        if sockets.len() > MAX_HANDOVER_FLOWS {
+            return Err(HandoverError::TooMany);
+        }
         let repaired = match repaired {
             Some((helper, flows)) if !flows.is_empty() => {
                 let flows: HashSet<FlowId> = flows.into_iter().collect();
@@ -654,15 +721,24 @@ impl HandoverOffer {
                 socket: OfferFd::Lent(s.fd),
             })
             .collect();
-        Self::start_inner(sockets, lifetime, repaired)
+        let mut phase = lock(&self.phase);
+        if !matches!(*phase, Phase::Preparing) {
+            return Err(HandoverError::NotOpen);
+        }
+        // The repaired list first: the offer thread reads it once it sees the sockets.
+        *lock(&self.repaired) = repaired;
+        *phase = Phase::Open(sockets);
+        drop(phase);
+        self.signal.changed.notify_all();
+        Ok(())
     }
 
     fn start_inner(
-        sockets: Vec<Offered>,
+        initial: Phase,
         lifetime: Duration,
         repaired: Option<Repaired>,
     ) -> Result<Self, HandoverError> {
-        if sockets.len() > MAX_HANDOVER_FLOWS {
+        if matches!(&initial, Phase::Open(sockets) if sockets.len() > MAX_HANDOVER_FLOWS) {
             return Err(HandoverError::TooMany);
         }
         let repaired = Arc::new(Mutex::new(repaired));
@@ -685,12 +761,23 @@ impl HandoverOffer {
         bind(listener.as_raw_fd(), &addr).map_err(sys("handover listener: bind"))?;
         let backlog = Backlog::new(4).map_err(sys("handover listener: backlog"))?;
         listen(&listener, backlog).map_err(sys("handover listener: listen"))?;
-        let phase = Arc::new(Mutex::new(Phase::Open(sockets)));
+        let phase = Arc::new(Mutex::new(initial));
+        let signal = Arc::new(Signal::default());
         let shared = Arc::clone(&phase);
+        let shared_signal = Arc::clone(&signal);
         let shared_repaired = Arc::clone(&repaired);
         let thread = std::thread::Builder::new()
             .name("baton-handover".into())
-            .spawn(move || serve(listener, token, shared, shared_repaired, lifetime))
+            .spawn(move || {
+                serve(
+                    listener,
+                    token,
+                    &shared,
+                    &shared_signal,
+                    &shared_repaired,
+                    lifetime,
+                )
+            })
             .map_err(|source| HandoverError::Sys {
                 step: "handover thread",
                 source,
@@ -701,6 +788,7 @@ impl HandoverOffer {
                 token,
             },
             phase,
+            signal,
             repaired,
             thread,
         })
@@ -715,7 +803,7 @@ impl HandoverOffer {
     pub fn status(&self) -> OfferStatus {
         let mut phase = lock(&self.phase);
         match &*phase {
-            Phase::Open(_) => OfferStatus::Waiting,
+            Phase::Preparing | Phase::Open(_) => OfferStatus::Waiting,
             Phase::Sending => OfferStatus::Busy,
             Phase::Closed => OfferStatus::Closed,
             Phase::Taken(_) => match std::mem::replace(&mut *phase, Phase::Closed) {
@@ -730,12 +818,7 @@ impl HandoverOffer {
     /// [`OfferStatus::Busy`] when a handover is under way (ask again), or
     /// [`OfferStatus::Taken`] when the target already owns those flows.
     pub fn cancel(&self) -> OfferStatus {
-        let mut phase = lock(&self.phase);
-        if let Phase::Open(_) = &*phase {
-            // Drops owned descriptors; lent ones stay with the flows.
-            *phase = Phase::Closed;
-        }
-        drop(phase);
+        self.close_if_waiting();
         let status = self.status();
         if status == OfferStatus::Closed {
             self.thaw_repaired();
@@ -747,12 +830,20 @@ impl HandoverOffer {
     /// over, exit), when the remaining sockets are about to be closed silently — dumped
     /// ones stay in repair mode for that. Returns what [`HandoverOffer::cancel`] would.
     pub fn withdraw(&self) -> OfferStatus {
+        self.close_if_waiting();
+        self.status()
+    }
+
+    /// Close the offer unless sockets are on their way or taken, and tell a target
+    /// waiting for sockets that none will come.
+    fn close_if_waiting(&self) {
         let mut phase = lock(&self.phase);
-        if let Phase::Open(_) = &*phase {
+        if let Phase::Open(_) | Phase::Preparing = &*phase {
+            // Drops owned descriptors; lent ones stay with the flows.
             *phase = Phase::Closed;
         }
         drop(phase);
-        self.status()
+        self.signal.changed.notify_all();
     }
 
     /// Withdraw the offer without thawing anything, and wait while sockets are on their
@@ -782,7 +873,7 @@ impl HandoverOffer {
         }
     }
 
-    /// The source keeps its sockets: end repair mode (and detach the filter) on those
+    /// The source keeps its sockets: end repair mode (and thaw) on those
     /// the helper dumped. A socket that cannot be thawed is logged; its flow fails on
     /// its next write (a socket in repair mode refuses data) and the guest gets a RST.
     fn thaw_repaired(&self) {
@@ -831,18 +922,19 @@ impl Drop for HandoverOffer {
 fn serve(
     listener: OwnedFd,
     token: [u8; 32],
-    phase: Arc<Mutex<Phase>>,
-    repaired: Arc<Mutex<Option<Repaired>>>,
+    phase: &Mutex<Phase>,
+    signal: &Signal,
+    repaired: &Mutex<Option<Repaired>>,
     lifetime: Duration,
 ) {
     let expires = Instant::now() + lifetime;
     loop {
-        if !matches!(&*lock(&phase), Phase::Open(_)) {
+        if !matches!(&*lock(phase), Phase::Open(_) | Phase::Preparing) {
             return;
         }
         if Instant::now() >= expires {
             tracing::warn!("TCP handover: no target came within {lifetime:?}; offer withdrawn");
-            *lock(&phase) = Phase::Closed;
+            *lock(phase) = Phase::Closed;
             return;
         }
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
@@ -851,7 +943,7 @@ fn serve(
             Ok(_) => {}
             Err(err) => {
                 tracing::error!("TCP handover: poll: {err}; offer withdrawn");
-                *lock(&phase) = Phase::Closed;
+                *lock(phase) = Phase::Closed;
                 return;
             }
         }
@@ -864,7 +956,7 @@ fn serve(
                 continue;
             }
         };
-        match serve_target(conn.as_fd(), &token, &phase, &repaired) {
+        match serve_target(conn.as_fd(), &token, phase, signal, repaired, expires) {
             Ok(count) => {
                 tracing::info!("TCP handover: the target took {count} connection(s)");
                 return;
@@ -877,7 +969,7 @@ fn serve(
             Err(Served::Failed(err)) => {
                 tracing::error!("TCP handover failed, this backend keeps its connections: {err}");
                 refuse(conn.as_fd(), &err);
-                *lock(&phase) = Phase::Closed;
+                *lock(phase) = Phase::Closed;
                 return;
             }
         }
@@ -895,7 +987,9 @@ fn serve_target(
     conn: BorrowedFd<'_>,
     token: &[u8; 32],
     phase: &Mutex<Phase>,
+    signal: &Signal,
     repaired: &Mutex<Option<Repaired>>,
+    expires: Instant,
 ) -> Result<usize, Served> {
     check_uid(conn).map_err(Served::Rejected)?;
     let (hello, _fds) = recv(conn).map_err(Served::Rejected)?;
@@ -906,19 +1000,49 @@ fn serve_target(
         return Err(Served::Rejected(HandoverError::Token));
     }
     let sockets = {
-        let mut phase = lock(phase);
-        match std::mem::replace(&mut *phase, Phase::Sending) {
-            Phase::Open(sockets) => sockets,
-            other => {
-                *phase = other;
-                return Err(Served::Rejected(HandoverError::NotOpen));
+        let mut guard = lock(phase);
+        loop {
+            match std::mem::replace(&mut *guard, Phase::Sending) {
+                Phase::Open(sockets) => break sockets,
+                Phase::Preparing => {
+                    // SAVE is still freezing: from now on it knows that a target on
+                    // this host takes the sockets live.
+                    *guard = Phase::Preparing;
+                    if !signal.claimed.swap(true, Ordering::AcqRel) {
+                        tracing::info!(
+                            "TCP handover: a target on this host presented the token \
+                             while SAVE prepares the sockets"
+                        );
+                    }
+                    if Instant::now() >= expires {
+                        *guard = Phase::Closed;
+                        return Err(Served::Failed(HandoverError::NotOpen));
+                    }
+                    guard = signal
+                        .changed
+                        .wait_timeout(guard, Duration::from_millis(u64::from(ACCEPT_POLL_MS)))
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+                }
+                other => {
+                    let claimed = signal.claimed.load(Ordering::Acquire);
+                    *guard = other;
+                    // A target that waited for sockets that never came (SAVE failed)
+                    // was told it had the offer: it is over for both.
+                    return Err(if claimed {
+                        Served::Failed(HandoverError::NotOpen)
+                    } else {
+                        Served::Rejected(HandoverError::NotOpen)
+                    });
+                }
             }
         }
     };
+    signal.claimed.store(true, Ordering::Release);
     // From here on the token is used up; owned descriptors in `sockets` close on return.
     let started = Instant::now();
     let result = send_sockets(conn, &sockets, repaired).and_then(|in_helper| {
-        let (taken, _fds) = recv(conn)?;
+        let (taken, _fds) = recv_within(conn, TAKEN_TIMEOUT)?;
         let HandoverMessage::Taken { flows } = taken else {
             return Err(HandoverError::Unexpected("Taken"));
         };
@@ -1019,8 +1143,8 @@ fn send_sockets(
     Ok(in_helper)
 }
 
-/// End repair mode on `r.sockets[range]` through the helper, keeping the drop-all filter
-/// (the target detaches it, which needs no privilege), without a window probe: the
+/// End repair mode on `r.sockets[range]` through the helper, keeping them deaf
+/// (the target thaws them, which needs no privilege), without a window probe: the
 /// socket is still deaf, the probe's answer would be dropped. Only ever after the target
 /// presented the token.
 fn leave_repair(r: &mut Repaired, range: std::ops::Range<usize>) -> Result<(), HandoverError> {
@@ -1053,62 +1177,288 @@ pub struct ExpectedSocket {
     pub host: HostSocketEnds,
 }
 
-/// Take the sockets of `expected` from the source at `endpoint`. On success every
-/// socket was checked, the source has recorded that it gave them up, and their filters
-/// are detached: the caller owns live connections. On error nothing was taken (the
-/// received descriptors are closed; the source keeps its sockets).
+/// Take the sockets of `expected` from the source at `endpoint`: [`TakeOver::start`]
+/// and [`TakeOver::finish`] in one go. On success every socket was checked, the source
+/// has recorded that it gave them up, and they are thawed: the caller owns
+/// live connections. On error nothing was taken (the received descriptors are closed;
+/// the source keeps its sockets).
 pub fn take_over(
     endpoint: &HandoverEndpoint,
     expected: &[ExpectedSocket],
 ) -> Result<Vec<(FlowId, OwnedFd)>, HandoverError> {
-    if expected.len() > MAX_HANDOVER_FLOWS {
-        return Err(HandoverError::TooMany);
+    TakeOver::start(endpoint)?.finish(expected)
+}
+
+/// A socket that arrived, checked as far as it can be without its record: a TCP socket
+/// of this network namespace, with these addresses.
+#[derive(Debug)]
+struct Arrived {
+    flow: FlowId,
+    socket: OwnedFd,
+    local: SocketAddr,
+    peer: SocketAddr,
+}
+
+/// A handover under way on the target: the sockets arrive on a thread of their own
+/// while the caller still reads the stream that names them (a LOAD starts one as soon
+/// as the stream's SOURCE record says the source runs in this namespace), and nothing
+/// is taken before [`TakeOver::finish`] has checked them against the validated records
+/// and the source has confirmed. Dropped unfinished, it refuses: the source keeps its
+/// sockets.
+#[derive(Debug)]
+pub struct TakeOver {
+    conn: Arc<OwnedFd>,
+    receiver: Option<JoinHandle<Result<(), HandoverError>>>,
+    inspection: Arc<Inspection>,
+    started: Instant,
+}
+
+/// The sockets received and the inspection of each (the system calls of the check, and
+/// the thaw), shared by the receiving thread, which inspects as frames arrive, and the
+/// LOAD thread, which joins in once it has read the stream ([`TakeOver::finish`]): a
+/// short stream (the target came early, no kernel state in it) leaves thousands of
+/// sockets to inspect after it, which two threads do in half the time.
+#[derive(Debug, Default)]
+struct Inspection {
+    state: Mutex<InspectionState>,
+    /// This namespace's cookie, set by the receiving thread before the first frame.
+    ours: std::sync::OnceLock<u64>,
+}
+
+#[derive(Debug, Default)]
+struct InspectionState {
+    /// Frames received, not yet taken for inspection, with their position.
+    queue: std::collections::VecDeque<(usize, Vec<(FlowId, OwnedFd)>)>,
+    /// Frames inspected, with their position.
+    done: Vec<(usize, Vec<Arrived>)>,
+    /// The first socket found wrong.
+    failed: Option<HandoverError>,
+}
+
+impl Inspection {
+    /// Inspect queued frames until none is left (or one fails).
+    fn work(&self) {
+        let Some(&ours) = self.ours.get() else {
+            return;
+        };
+        loop {
+            let Some((index, frame)) = lock(&self.state).queue.pop_front() else {
+                return;
+            };
+            let result = inspect_frame(frame, ours);
+            let mut state = lock(&self.state);
+            match result {
+                Ok(arrived) => state.done.push((index, arrived)),
+                Err(err) => {
+                    state.failed.get_or_insert(err);
+                    return;
+                }
+            }
+        }
     }
-    let conn = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(sys("handover: socket"))?;
-    let addr =
-        UnixAddr::new_abstract(&endpoint.abstract_name).map_err(sys("handover: socket name"))?;
-    connect(conn.as_raw_fd(), &addr).map_err(sys(
-        "handover: connect to the source (not on this host, or not in this network namespace?)",
-    ))?;
-    let result = take_over_on(conn.as_fd(), endpoint, expected);
+
+    fn failure(&self) -> Option<HandoverError> {
+        lock(&self.state).failed.take()
+    }
+
+    /// Every socket, in the order received (all frames inspected by now).
+    fn take_arrived(&self) -> Vec<Arrived> {
+        let mut done = std::mem::take(&mut lock(&self.state).done);
+        done.sort_unstable_by_key(|(index, _)| *index);
+        done.into_iter().flat_map(|(_, arrived)| arrived).collect()
+    }
+}
+
+/// Inspect and thaw the sockets of one frame.
+fn inspect_frame(frame: Vec<(FlowId, OwnedFd)>, ours: u64) -> Result<Vec<Arrived>, HandoverError> {
+    frame
+        .into_iter()
+        .map(|(flow, socket)| {
+            let (local, peer) = inspect_socket(socket.as_fd(), ours).map_err(|reason| {
+                HandoverError::BadSocket {
+                    flow: flow.0,
+                    reason,
+                }
+            })?;
+            // Hearing again already (see the module's notes): whichever side ends up
+            // owning the socket reads what arrives from now on.
+            detach_filter(socket.as_fd()).map_err(|e| HandoverError::BadSocket {
+                flow: flow.0,
+                reason: format!("thawing: {e}"),
+            })?;
+            Ok(Arrived {
+                flow,
+                socket,
+                local,
+                peer,
+            })
+        })
+        .collect()
+}
+
+impl TakeOver {
+    /// Connect to the source's offer (an error here means it is not reachable: another
+    /// host or namespace, or no offer any more), present the token and start receiving.
+    pub fn start(endpoint: &HandoverEndpoint) -> Result<Self, HandoverError> {
+        let conn = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(sys("handover: socket"))?;
+        let addr = UnixAddr::new_abstract(&endpoint.abstract_name)
+            .map_err(sys("handover: socket name"))?;
+        connect(conn.as_raw_fd(), &addr)
+            .map_err(|errno| HandoverError::Unreachable(io::Error::from(errno)))?;
+        let conn = Arc::new(conn);
+        let shared = Arc::clone(&conn);
+        let inspection = Arc::new(Inspection::default());
+        let shared_inspection = Arc::clone(&inspection);
+        let token = endpoint.token;
+        let receiver = std::thread::Builder::new()
+            .name("baton-handover-rx".into())
+            .spawn(move || receive(shared.as_fd(), token, &shared_inspection))
+            .map_err(|source| HandoverError::Sys {
+                step: "handover: receiving thread",
+                source,
+            })?;
+        Ok(TakeOver {
+            conn,
+            receiver: Some(receiver),
+            inspection,
+            started: Instant::now(),
+        })
+    }
+
+    /// Wait for every socket, check each against its record in `expected` (the
+    /// stream's TCP flows, validated), confirm with `Taken`, and wait for the source's
+    /// `Released`. See [`take_over`].
+    pub fn finish(
+        mut self,
+        expected: &[ExpectedSocket],
+    ) -> Result<Vec<(FlowId, OwnedFd)>, HandoverError> {
+        let result = self.finish_inner(expected);
+        if let Err(err) = &result {
+            if !matches!(err, HandoverError::Refused(_) | HandoverError::Closed) {
+                refuse(self.conn.as_fd(), err);
+            }
+        }
+        result
+    }
+
+    fn finish_inner(
+        &mut self,
+        expected: &[ExpectedSocket],
+    ) -> Result<Vec<(FlowId, OwnedFd)>, HandoverError> {
+        if expected.len() > MAX_HANDOVER_FLOWS {
+            return Err(HandoverError::TooMany);
+        }
+        let waiting = Instant::now();
+        // Help with the inspection while frames are queued, then wait for the rest.
+        self.inspection.work();
+        if let Some(err) = self.inspection.failure() {
+            return Err(err);
+        }
+        self.join_receiver()?;
+        self.inspection.work();
+        if let Some(err) = self.inspection.failure() {
+            return Err(err);
+        }
+        let arrived = self.inspection.take_arrived();
+        let arrived_after = self.started.elapsed();
+        let waited = waiting.elapsed();
+        let received = match_records(arrived, expected)?;
+        let conn = self.conn.as_fd();
+        let flows = received.iter().map(|(f, _)| *f).collect();
+        send(conn, &HandoverMessage::Taken { flows }, &[])?;
+        let (released, _fds) = recv(conn)?;
+        if released != HandoverMessage::Released {
+            return Err(HandoverError::Unexpected("Released"));
+        }
+        tracing::info!(
+            "TCP handover: {} socket(s) taken over: all received, inspected and thawed \
+             {:.1} ms after connecting (while the stream was read), then {:.1} ms waiting \
+             for them, checked against the records and released after {:.1} ms more",
+            received.len(),
+            arrived_after.as_secs_f64() * 1e3,
+            waited.as_secs_f64() * 1e3,
+            (waiting.elapsed() - waited).as_secs_f64() * 1e3,
+        );
+        Ok(received)
+    }
+
+    /// The receiving thread's result (the sockets are in `inspection`).
+    fn join_receiver(&mut self) -> Result<(), HandoverError> {
+        let Some(receiver) = self.receiver.take() else {
+            return Err(HandoverError::Unexpected(
+                "sockets (receiver already joined)",
+            ));
+        };
+        receiver.join().unwrap_or_else(|_| {
+            Err(HandoverError::Sys {
+                step: "handover: receiving thread",
+                source: io::Error::other("the thread ended abnormally"),
+            })
+        })
+    }
+}
+
+impl Drop for TakeOver {
+    fn drop(&mut self) {
+        if self.receiver.is_none() {
+            return;
+        }
+        // Abandoned (a LOAD that failed before its TCP part): tell the source, and cut
+        // the connection so that the thread stops waiting for frames; what it received
+        // closes with it.
+        refuse(self.conn.as_fd(), &HandoverError::Abandoned);
+        let _ = nix::sys::socket::shutdown(self.conn.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        let _ = self.join_receiver();
+    }
+}
+
+/// The receiving thread: present the token, then take every frame of sockets up to
+/// `Done` into `inspection`, inspecting a frame after each one received (the system
+/// calls of the check, and the thaw; the comparison with its record waits for the
+/// validated stream), and the rest after `Done`. Refuses the source on any error.
+fn receive(
+    conn: BorrowedFd<'_>,
+    token: [u8; 32],
+    inspection: &Inspection,
+) -> Result<(), HandoverError> {
+    let result = receive_inner(conn, token, inspection);
     if let Err(err) = &result {
         if !matches!(err, HandoverError::Refused(_) | HandoverError::Closed) {
-            refuse(conn.as_fd(), err);
+            refuse(conn, err);
         }
     }
     result
 }
 
-fn take_over_on(
+fn receive_inner(
     conn: BorrowedFd<'_>,
-    endpoint: &HandoverEndpoint,
-    expected: &[ExpectedSocket],
-) -> Result<Vec<(FlowId, OwnedFd)>, HandoverError> {
+    token: [u8; 32],
+    inspection: &Inspection,
+) -> Result<(), HandoverError> {
     check_uid(conn)?;
-    send(
-        conn,
-        &HandoverMessage::Hello {
-            token: endpoint.token,
-        },
-        &[],
-    )?;
-    let wanted: HashMap<FlowId, &HostSocketEnds> =
-        expected.iter().map(|e| (e.flow, &e.host)).collect();
-    let mut seen: HashSet<FlowId> = HashSet::with_capacity(expected.len());
+    send(conn, &HandoverMessage::Hello { token }, &[])?;
     let ours = netns_cookie_here().map_err(|source| HandoverError::Sys {
         step: "handover: SO_NETNS_COOKIE of this namespace",
         source,
     })?;
-    let mut received: Vec<(FlowId, OwnedFd)> = Vec::with_capacity(expected.len());
-    let started = Instant::now();
+    let _ = inspection.ours.set(ours);
+    let mut received = 0usize;
+    let mut frames = 0usize;
     loop {
-        let (msg, fds) = recv(conn)?;
+        // The first frame may wait for the source to finish freezing (a target that
+        // comes early, see `Phase::Preparing`); the source is quick after that.
+        let timeout = if received == 0 {
+            TAKEN_TIMEOUT
+        } else {
+            STEP_TIMEOUT
+        };
+        let (msg, fds) = recv_within(conn, timeout)?;
         match msg {
             HandoverMessage::Sockets { flows } => {
                 if flows.len() != fds.len() {
@@ -1118,97 +1468,95 @@ fn take_over_on(
                         received: fds.len(),
                     });
                 }
-                for (flow, fd) in flows.into_iter().zip(fds) {
-                    let host = wanted
-                        .get(&flow)
-                        .ok_or(HandoverError::UnknownFlow(flow.0))?;
-                    if !seen.insert(flow) {
-                        return Err(HandoverError::UnknownFlow(flow.0));
+                received += flows.len();
+                if received > MAX_HANDOVER_FLOWS {
+                    return Err(HandoverError::TooMany);
+                }
+                let frame = flows.into_iter().zip(fds).collect();
+                lock(&inspection.state).queue.push_back((frames, frame));
+                frames += 1;
+                // One frame's inspection per frame received: the queue only grows
+                // while the source sends faster, and the LOAD thread drains it too.
+                // (Popped first: the guard must not live into the block, which locks again.)
+                let next = lock(&inspection.state).queue.pop_front();
+                if let Some((index, frame)) = next {
+                    let result = inspect_frame(frame, ours);
+                    let mut state = lock(&inspection.state);
+                    match result {
+                        Ok(arrived) => state.done.push((index, arrived)),
+                        Err(err) => return Err(err),
                     }
-                    check_socket_in(fd.as_fd(), host, ours).map_err(|reason| {
-                        HandoverError::BadSocket {
-                            flow: flow.0,
-                            reason,
-                        }
-                    })?;
-                    received.push((flow, fd));
+                }
+                if let Some(err) = inspection.failure() {
+                    return Err(err);
                 }
             }
             HandoverMessage::Done { total } => {
-                if total as usize != received.len() || received.len() != expected.len() {
+                if total as usize != received {
                     return Err(HandoverError::Incomplete {
-                        got: received.len(),
-                        want: expected.len(),
+                        got: received,
+                        want: total as usize,
                     });
                 }
-                break;
+                inspection.work();
+                return match inspection.failure() {
+                    Some(err) => Err(err),
+                    None => Ok(()),
+                };
             }
             _ => return Err(HandoverError::Unexpected("Sockets or Done")),
         }
     }
-    let checked = started.elapsed();
-    let flows = received.iter().map(|(f, _)| *f).collect();
-    send(conn, &HandoverMessage::Taken { flows }, &[])?;
-    let (released, _fds) = recv(conn)?;
-    if released != HandoverMessage::Released {
-        return Err(HandoverError::Unexpected("Released"));
-    }
-    let thawing = Instant::now();
-    detach_all(&received)?;
-    tracing::info!(
-        "TCP handover: {} socket(s) taken over: received and checked in {:.1} ms (waiting \
-         for the source included), released after {:.1} ms more, filters detached in \
-         {:.1} ms",
-        received.len(),
-        checked.as_secs_f64() * 1e3,
-        (thawing - started - checked).as_secs_f64() * 1e3,
-        thawing.elapsed().as_secs_f64() * 1e3,
-    );
-    Ok(received)
 }
 
-/// From how many sockets [`detach_all`] splits the work over two threads.
-const PARALLEL_DETACH_FROM: usize = 1024;
-
-/// Detach the filters of all `received` sockets (after `Released`). Each is a system
-/// call (about a microsecond) and the exchange is over at this point, so many sockets
-/// are split over this thread and one more (8,000 sockets: 4–5 ms instead of 7.5 on an
-/// otherwise idle core); without that thread, this one does all.
-fn detach_all(received: &[(FlowId, OwnedFd)]) -> Result<(), HandoverError> {
-    let detach = |part: &[(FlowId, OwnedFd)]| -> Result<(), HandoverError> {
-        for (flow, fd) in part {
-            detach_filter(fd.as_fd()).map_err(|e| HandoverError::BadSocket {
-                flow: flow.0,
-                reason: format!("detaching the filter: {e}"),
-            })?;
+/// Every record of `expected` has exactly one socket in `arrived`, with its addresses.
+/// The source sends them in the stream's order: then one pass pairs them; any other
+/// order goes through a map.
+fn match_records(
+    arrived: Vec<Arrived>,
+    expected: &[ExpectedSocket],
+) -> Result<Vec<(FlowId, OwnedFd)>, HandoverError> {
+    let check = |a: &Arrived, host: &HostSocketEnds| -> Result<(), HandoverError> {
+        if same_addr(a.local, host.local.to_socket_addr())
+            && same_addr(a.peer, host.peer.to_socket_addr())
+        {
+            return Ok(());
         }
-        Ok(())
+        Err(HandoverError::BadSocket {
+            flow: a.flow.0,
+            reason: format!(
+                "addresses {} -> {}, the record says {} -> {}",
+                a.local,
+                a.peer,
+                host.local.to_socket_addr(),
+                host.peer.to_socket_addr()
+            ),
+        })
     };
-    if received.len() < PARALLEL_DETACH_FROM {
-        return detach(received);
-    }
-    let (mine, theirs) = received.split_at(received.len() / 2);
-    std::thread::scope(|scope| {
-        let other = std::thread::Builder::new()
-            .name("baton-handover-thaw".into())
-            .spawn_scoped(scope, || detach(theirs));
-        match other {
-            Ok(thread) => {
-                let here = detach(mine);
-                let there = thread.join().unwrap_or_else(|_| {
-                    Err(HandoverError::Sys {
-                        step: "handover: detaching filters on a second thread",
-                        source: io::Error::other("the thread ended abnormally"),
-                    })
-                });
-                here.and(there)
-            }
-            Err(err) => {
-                tracing::debug!("TCP handover: no second thread to detach filters ({err})");
-                detach(received)
-            }
+    let in_order = arrived.len() == expected.len()
+        && arrived.iter().zip(expected).all(|(a, e)| a.flow == e.flow);
+    if in_order {
+        for (a, e) in arrived.iter().zip(expected) {
+            check(a, &e.host)?;
         }
-    })
+    } else {
+        let mut wanted: HashMap<FlowId, &HostSocketEnds> =
+            expected.iter().map(|e| (e.flow, &e.host)).collect();
+        for a in &arrived {
+            // Removed once met: a flow sent twice is unknown the second time.
+            let host = wanted
+                .remove(&a.flow)
+                .ok_or(HandoverError::UnknownFlow(a.flow.0))?;
+            check(a, host)?;
+        }
+        if !wanted.is_empty() || arrived.len() != expected.len() {
+            return Err(HandoverError::Incomplete {
+                got: arrived.len(),
+                want: expected.len(),
+            });
+        }
+    }
+    Ok(arrived.into_iter().map(|a| (a.flow, a.socket)).collect())
 }
 
 #[cfg(test)]
@@ -1256,6 +1604,75 @@ mod tests {
         let mut buf = [0u8; 4];
         moved.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"ping");
+    }
+
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "waited in vain: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// An offer listens before its sockets exist: a target that presents the token
+    /// then is noticed (SAVE then skips the dump) and gets the sockets once provided.
+    #[test]
+    fn a_target_that_comes_before_the_sockets_waits_for_them() {
+        let (client, mut server) = pair();
+        let want = [expected(3, &client)];
+        let offer = HandoverOffer::listen(Duration::from_secs(30)).unwrap();
+        assert!(!offer.target_waiting());
+        assert_eq!(offer.status(), OfferStatus::Waiting);
+        let early = TakeOver::start(offer.endpoint()).unwrap();
+        wait_until("the target's token", || offer.target_waiting());
+        assert_eq!(offer.status(), OfferStatus::Waiting);
+        attach_deaf_filter(client.as_fd()).unwrap();
+        // SAFETY: `client` outlives the offer's use of it (the offer settles below).
+        let lent = unsafe { LentSocket::new(FlowId(3), client.as_fd()) };
+        offer.provide(vec![lent], None).unwrap();
+        let taken = early.finish(&want).unwrap();
+        assert_eq!(offer.status(), OfferStatus::Taken(vec![FlowId(3)]));
+        drop(offer);
+        drop(client);
+        let mut moved = TcpStream::from(taken.into_iter().next().unwrap().1);
+        server.write_all(b"pong").unwrap();
+        let mut buf = [0u8; 4];
+        moved.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"pong");
+    }
+
+    /// SAVE fails after a target came early (the offer is dropped unprovided): the
+    /// target is refused at once, not left waiting for sockets.
+    #[test]
+    fn a_target_waiting_for_an_offer_that_is_dropped_is_refused() {
+        let (client, _server) = pair();
+        let want = [expected(3, &client)];
+        let offer = HandoverOffer::listen(Duration::from_secs(30)).unwrap();
+        let early = TakeOver::start(offer.endpoint()).unwrap();
+        wait_until("the target's token", || offer.target_waiting());
+        let started = Instant::now();
+        drop(offer);
+        let err = early.finish(&want).unwrap_err();
+        assert!(matches!(err, HandoverError::Refused(_)), "{err}");
+        assert!(started.elapsed() < STEP_TIMEOUT, "refused late: {err}");
+    }
+
+    /// A resumed source cancels an offer still being prepared: closed, nothing to wait
+    /// for, and sockets provided afterwards are refused.
+    #[test]
+    fn an_offer_cancelled_while_being_prepared_takes_no_sockets() {
+        let (client, _server) = pair();
+        let offer = HandoverOffer::listen(Duration::from_secs(30)).unwrap();
+        assert_eq!(offer.cancel(), OfferStatus::Closed);
+        // SAFETY: `client` outlives the call (refused: the offer keeps nothing).
+        let lent = unsafe { LentSocket::new(FlowId(1), client.as_fd()) };
+        assert!(matches!(
+            offer.provide(vec![lent], None),
+            Err(HandoverError::NotOpen)
+        ));
+        assert!(TakeOver::start(offer.endpoint())
+            .and_then(|t| t.finish(&[expected(1, &client)]))
+            .is_err());
     }
 
     #[test]
@@ -1312,7 +1729,7 @@ mod tests {
             token: [0; 32],
         };
         let err = take_over(&endpoint, &[]).unwrap_err();
-        assert!(matches!(err, HandoverError::Sys { .. }), "{err}");
+        assert!(matches!(err, HandoverError::Unreachable(_)), "{err}");
     }
 
     #[test]

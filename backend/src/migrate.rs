@@ -37,7 +37,10 @@
 //!
 //! * LOAD, TCP ([`load_tcp_flows`]): the stream's [`SourceRecord`] (boot id, network
 //!   namespace cookie) says whether the source ran in this very namespace: then the live
-//!   sockets are taken over ([`crate::handover`]) and the dumped states ignored;
+//!   sockets are taken over ([`crate::handover`]) and the dumped states ignored — the
+//!   exchange starts as soon as the SOURCE record is read ([`EarlyTakeOver`]), so the
+//!   sockets travel while the rest of the stream arrives, and the dumped states are
+//!   dropped as they are read; ownership moves only after the whole stream validated;
 //!   otherwise the states are restored through the helper ([`crate::restore`]). Without
 //!   a helper, or when nothing could be restored, LOAD fails (the source resumes with
 //!   everything) unless `--migrate-drop-tcp`.
@@ -57,22 +60,24 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
 use baton_proto::migration::{
-    read_stream, write_stream, DeviceRecord, ForwardRuleRecord, ForwardsRecord, GuestRecord,
-    IpAddress, MigrationState, NetnsIdentity, SourceRecord, StreamError, TcpFlowRecord,
-    UdpFlowRecord, MAX_FORWARD_RULES, MAX_HOSTNAME,
+    read_stream_observed, DeviceRecord, ForwardRuleRecord, ForwardsRecord, GuestRecord, IpAddress,
+    KernelStates, Limits, NetnsIdentity, ReadObserver, SourceRecord, StreamError, StreamWriter,
+    TcpFlowRecord, UdpFlowRecord, HEADER_FLAG_SNAPSHOT, MAX_FORWARD_RULES, MAX_HOSTNAME,
 };
 use tracing::{error, info, warn};
 use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
 
 use crate::flow::FlowId;
-use crate::handover::{take_over, ExpectedSocket, HandoverError, HandoverOffer, OFFER_LIFETIME};
+use crate::handover::{
+    take_over, ExpectedSocket, HandoverError, HandoverOffer, TakeOver, OFFER_LIFETIME,
+};
 use crate::net::{GuestNet, ObservedGuest};
 use crate::ports::PortForwards;
 use crate::tcp::{Env as TcpEnv, TcpFlows};
@@ -92,7 +97,7 @@ pub enum SaveMode {
 
 /// The network engine's part of the device state: everything in the stream except the
 /// device's feature bits.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct EngineState {
     /// The MAC baton uses towards the guest.
     pub our_mac: [u8; 6],
@@ -104,6 +109,13 @@ pub struct EngineState {
     pub forwards: Option<ForwardsRecord>,
     pub tcp_flows: Vec<TcpFlowRecord>,
     pub udp_flows: Vec<UdpFlowRecord>,
+    /// SAVE only: sockets were left in repair mode by the helper's dump (they leave it
+    /// through that helper when they go to a target or thaw).
+    pub repaired: bool,
+    /// LOAD only: the handover of the live sockets, started while the stream was read
+    /// because its SOURCE record named this namespace ([`EarlyTakeOver`]); the TCP
+    /// records then carry no kernel state.
+    pub take_over: Option<TakeOver>,
 }
 
 /// The engine cannot produce or take a state.
@@ -113,6 +125,8 @@ pub enum EngineStateError {
     Unsupported,
     #[error("offering the TCP connections for a handover: {0}")]
     Offer(#[source] HandoverError),
+    #[error("writing the stream's first records: {0}")]
+    Prefix(#[source] io::Error),
     #[error(
         "taking over {flows} TCP connection(s) from the source failed \
          (use --migrate-drop-tcp to migrate without them): {source}"
@@ -318,46 +332,129 @@ fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// What [`widen_pipe`] asks for: the default `fs.pipe-max-size`, which an unprivileged
+/// process may use.
+const PIPE_BYTES: libc::c_int = 1 << 20;
+
+/// QEMU passes the stream through a pipe, which holds 64 KiB by default: tens of
+/// megabytes (10,000 connections with 4 KiB queued each) then cost a wake-up of each
+/// side every 64 KiB. A pipe of 1 MiB lets both sides work in larger steps. Best
+/// effort: a descriptor that is not a pipe, or a lower system limit, keeps its size.
+fn widen_pipe(file: &File) {
+    match nix::fcntl::fcntl(
+        file.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES),
+    ) {
+        Ok(_) => {}
+        Err(err) => tracing::debug!("device state: pipe size left as it is ({err})"),
+    }
+}
+
+/// Padding after the stream's prefix: more than QEMU's migration buffer (32 KiB), so
+/// that QEMU passes the prefix, with the handover endpoint, on to the target at once.
+const PREFIX_PADDING: u32 = 40 << 10;
+
 /// The SAVE thread: snapshot the engine, write the stream, close the fd (EOF for QEMU).
+///
+/// The stream's prefix (Device, Source, Guest, Forwards) goes out first, padded and
+/// flushed, before the engine freezes anything: a target on this host reads the Source
+/// record, connects to the handover offer named there and so tells the engine, while it
+/// is still freezing, that the sockets move live — no dump needed
+/// ([`HandoverOffer::target_waiting`]).
 fn save(file: File, device: &DeviceSide, mode: SaveMode) -> Result<(), TransferError> {
+    widen_pipe(&file);
     let started = std::time::Instant::now();
-    // The guard is dropped at the end of this statement: writing does not hold the lock.
-    let engine = lock(&device.engine).save_state(mode)?;
-    let engine_done = started.elapsed();
-    let state = MigrationState {
-        snapshot: mode == SaveMode::Snapshot,
-        device: DeviceRecord {
-            acked_features: device.acked_features,
-            our_mac: engine.our_mac,
-            mtu: engine.mtu,
-        },
-        source: engine.source,
-        guest: engine.guest,
-        forwards: engine.forwards,
-        tcp_flows: engine.tcp_flows,
-        udp_flows: engine.udp_flows,
-        skipped: Vec::new(),
+    let flags = if mode == SaveMode::Snapshot {
+        HEADER_FLAG_SNAPSHOT
+    } else {
+        0
     };
-    let mut out = BufWriter::with_capacity(1 << 16, file);
-    write_stream(&mut out, &state)?;
-    out.flush().map_err(TransferError::Write)?;
+    let mut writer = StreamWriter::new(BufWriter::with_capacity(1 << 16, file), flags)?;
+    let acked_features = device.acked_features;
+    let mut prefix_done = None;
+    let mut write_prefix = |state: &EngineState| -> io::Result<()> {
+        let device = DeviceRecord {
+            acked_features,
+            our_mac: state.our_mac,
+            mtu: state.mtu,
+        };
+        writer
+            .write_prefix(
+                &device,
+                &state.source,
+                &state.guest,
+                state.forwards.as_ref(),
+            )
+            .and_then(|()| writer.write_padding(PREFIX_PADDING))
+            .and_then(|()| writer.flush())
+            .map_err(io::Error::other)?;
+        prefix_done = Some(started.elapsed());
+        Ok(())
+    };
+    // The guard is dropped at the end of this statement: writing the flows does not
+    // hold the lock.
+    let engine = lock(&device.engine).save_state(mode, &mut write_prefix)?;
+    let engine_done = started.elapsed();
+    for flow in &engine.tcp_flows {
+        writer.write_tcp_flow(flow)?;
+    }
+    for flow in &engine.udp_flows {
+        writer.write_udp_flow(flow)?;
+    }
+    writer.finish()?;
     info!(
-        snapshot = state.snapshot,
-        tcp_flows = state.tcp_flows.len(),
-        udp_flows = state.udp_flows.len(),
-        "device state saved (engine {:.1} ms, stream {:.1} ms)",
+        snapshot = mode == SaveMode::Snapshot,
+        tcp_flows = engine.tcp_flows.len(),
+        udp_flows = engine.udp_flows.len(),
+        "device state saved (prefix out after {:.1} ms, engine {:.1} ms, stream {:.1} ms)",
+        ms(prefix_done.unwrap_or_default()),
         ms(engine_done),
         ms(started.elapsed() - engine_done)
     );
     Ok(())
-    // `out` (and the fd) closes here.
+    // The writer (and the fd) closes here.
+}
+
+/// Starts the same-host handover as soon as the stream's SOURCE record shows that the
+/// source runs in this network namespace, so that the sockets travel (and are inspected)
+/// while the rest of the stream is still being read; the kernel states in the stream,
+/// which a handover does not use, are then dropped as they are read. Nothing is taken
+/// before the whole stream is valid ([`TakeOver`]); if it is not, dropping the handover
+/// refuses it and the source keeps everything.
+#[derive(Default)]
+struct EarlyTakeOver {
+    started: Option<TakeOver>,
+}
+
+impl ReadObserver for EarlyTakeOver {
+    fn source(&mut self, source: &SourceRecord) -> KernelStates {
+        let Some(endpoint) = &source.handover else {
+            return KernelStates::Keep;
+        };
+        if placement(source, &local_source_record()) != Placement::SameNamespace {
+            return KernelStates::Keep;
+        }
+        match TakeOver::start(endpoint) {
+            Ok(started) => {
+                self.started = Some(started);
+                KernelStates::Drop
+            }
+            Err(err) => {
+                // The TCP part tries once more after the stream, and fails with this.
+                warn!("device state LOAD: cannot start the TCP handover early: {err}");
+                KernelStates::Keep
+            }
+        }
+    }
 }
 
 /// The LOAD thread: read and validate everything, check it fits this device, then hand
 /// it to the engine.
 fn load(file: File, device: &DeviceSide) -> Result<(), TransferError> {
+    widen_pipe(&file);
     let started = std::time::Instant::now();
-    let state = read_stream(file)?;
+    let mut early = EarlyTakeOver::default();
+    let state = read_stream_observed(file, &Limits::DEFAULT, &mut early)?;
     let read = started.elapsed();
     let foreign = state.device.acked_features & !OFFERED_FEATURES;
     if foreign != 0 {
@@ -377,6 +474,8 @@ fn load(file: File, device: &DeviceSide) -> Result<(), TransferError> {
         forwards: state.forwards,
         tcp_flows: state.tcp_flows,
         udp_flows: state.udp_flows,
+        repaired: false,
+        take_over: early.started.take(),
     };
     lock(&device.engine).load_state(engine_state)?;
     info!(
@@ -402,52 +501,66 @@ impl GuestNet {
     /// frozen and offered for a same-host handover ([`freeze_and_offer_tcp_flows`]); a
     /// snapshot leaves them alone. UDP flows are carried in both (they hold no kernel
     /// state worth freezing: the record keeps the source port and the idle time left).
-    pub fn save_engine_state(&mut self, mode: SaveMode) -> Result<EngineState, EngineStateError> {
-        let mut source = local_source_record();
-        let tcp_flows = match mode {
-            SaveMode::Migration => {
-                let drop = self.drop_unmigratable_tcp();
-                let pre_dumps = self.take_pre_dumps();
-                let mut dump = {
-                    let (tcp, _env, repair) = self.tcp_and_repair();
-                    repair.map(|helper| crate::restore::dump_all(tcp, helper, pre_dumps))
-                };
-                if let Some(dump) = dump
-                    .as_mut()
-                    .filter(|d| drop && !d.unknown_flows.is_empty())
-                {
-                    self.redump_after_helper_died(dump);
-                }
-                let (tcp, env, repair) = self.tcp_and_held_repair();
-                save_tcp_flows(tcp, &env, repair, &mut source, drop, dump)?
-            }
-            SaveMode::Snapshot => Vec::new(),
-        };
-        // Flow ids are unique across TCP and UDP in one stream.
-        let first_udp_id = tcp_flows
-            .iter()
-            .map(|r| r.id.0)
-            .max()
-            .unwrap_or(0)
-            .saturating_add(1);
-        let udp_flows = self
-            .udp_parts()
-            .0
-            .save_records(std::time::Instant::now(), first_udp_id);
+    pub fn save_engine_state(
+        &mut self,
+        mode: SaveMode,
+        prefix: &mut dyn FnMut(&EngineState) -> io::Result<()>,
+    ) -> Result<EngineState, EngineStateError> {
         let config = self.config().clone();
         let forwards = forwards_record(&config.tcp_forwards, &config.udp_forwards);
         if forwards.is_none() {
             warn!("device state SAVE: more than {MAX_FORWARD_RULES} forward rules; not recorded");
         }
-        Ok(EngineState {
+        let mut state = EngineState {
             our_mac: config.our_mac,
             mtu: config.mtu,
-            source,
+            source: local_source_record(),
             guest: GuestRecord::from(*self.observed()),
             forwards,
-            tcp_flows,
-            udp_flows,
-        })
+            ..EngineState::default()
+        };
+        // The offer listens before anything is frozen, so that its endpoint is in the
+        // prefix and a target on this host can come while the sockets are frozen.
+        let offer = if mode == SaveMode::Migration && self.tcp_and_repair().0.len() > 0 {
+            let offer = HandoverOffer::listen(OFFER_LIFETIME).map_err(EngineStateError::Offer)?;
+            state.source.handover = Some(offer.endpoint().clone());
+            Some(offer)
+        } else {
+            None
+        };
+        prefix(&state).map_err(EngineStateError::Prefix)?;
+        if let Some(offer) = offer {
+            let drop = self.drop_unmigratable_tcp();
+            let pre_dumps = self.take_pre_dumps();
+            let mut dump = {
+                let (tcp, _env, repair) = self.tcp_and_repair();
+                let stop = || offer.target_waiting();
+                repair.map(|helper| crate::restore::dump_all(tcp, helper, pre_dumps, &stop))
+            };
+            if let Some(dump) = dump
+                .as_mut()
+                .filter(|d| drop && !d.unknown_flows.is_empty())
+            {
+                self.redump_after_helper_died(dump);
+            }
+            let (tcp, env, repair) = self.tcp_and_held_repair();
+            let saved = save_tcp_flows(tcp, &env, repair, offer, drop, dump)?;
+            state.tcp_flows = saved.records;
+            state.repaired = saved.repaired;
+        }
+        // Flow ids are unique across TCP and UDP in one stream.
+        let first_udp_id = state
+            .tcp_flows
+            .iter()
+            .map(|r| r.id.0)
+            .max()
+            .unwrap_or(0)
+            .saturating_add(1);
+        state.udp_flows = self
+            .udp_parts()
+            .0
+            .save_records(std::time::Instant::now(), first_udp_id);
+        Ok(state)
     }
 
     /// Adopt a validated state. Differences in configuration are logged, not fatal: the
@@ -461,7 +574,14 @@ impl GuestNet {
         let drop = self.drop_unmigratable_tcp();
         {
             let (tcp, _env, repair) = self.tcp_and_repair();
-            load_tcp_flows(tcp, repair, &state.source, &state.tcp_flows, drop)?;
+            load_tcp_flows(
+                tcp,
+                repair,
+                &state.source,
+                &state.tcp_flows,
+                drop,
+                state.take_over,
+            )?;
         }
         let config = self.config().clone();
         if state.our_mac != config.our_mac {
@@ -519,13 +639,25 @@ impl GuestNet {
 // TCP connections: same-host handover
 // ---------------------------------------------------------------------------------------
 
+/// What SAVE's TCP part produced.
+#[derive(Debug, Default)]
+pub(crate) struct SavedTcp {
+    pub records: Vec<TcpFlowRecord>,
+    /// Sockets were left in repair mode (see [`EngineState::repaired`]).
+    pub repaired: bool,
+}
+
 /// SAVE of a migration, TCP part. The source cannot know where the target is, so with
-/// a helper every socket was dumped through it (`dump`, from
+/// a helper every socket is dumped through it (`dump`, from
 /// [`crate::restore::dump_all`]: frozen, deaf and in repair mode, its kernel state goes
-/// into the record) and is now *also* offered for a same-host handover; the target
-/// picks one. Without a helper the sockets are only frozen and offered: a target on
-/// this host and in this namespace takes them, any other target fails LOAD (so the
-/// source resumes with everything) unless it runs with `--migrate-drop-tcp`.
+/// into the record) and is *also* offered for a same-host handover on `offer` (listening
+/// since before the freeze; its endpoint is in the stream's prefix); the target picks
+/// one. A target on this host that presented the token meanwhile tells that it picks
+/// the handover: the dump stopped when it came, and no kernel state goes into the stream
+/// ([`freeze_and_offer_tcp_flows`]). Without a helper the sockets are only frozen and
+/// offered: a target on this host and in this namespace takes them, any other target
+/// fails LOAD (so the source resumes with everything) unless it runs with
+/// `--migrate-drop-tcp`.
 ///
 /// `repair` is the helper held now: after a helper died in the middle of the dump
 /// (`--migrate-drop-tcp` only; otherwise SAVE fails) a fresh one, which dumped the
@@ -535,27 +667,31 @@ pub(crate) fn save_tcp_flows(
     tcp: &mut TcpFlows,
     env: &TcpEnv<'_>,
     repair: Option<&mut baton_repair_ipc::RepairClient>,
-    source: &mut SourceRecord,
+    offer: HandoverOffer,
     drop_unmigratable: bool,
     dump: Option<crate::restore::DumpOutcome>,
-) -> Result<Vec<TcpFlowRecord>, EngineStateError> {
+) -> Result<SavedTcp, EngineStateError> {
     let (Some(helper), Some(dump)) = (repair, dump) else {
-        if tcp.len() > 0 {
+        if tcp.len() > 0 && !offer.target_waiting() {
             warn!(
                 "device state SAVE: no baton-repair helper: the {} TCP connection(s) can only \
                  move to a target on this host, in this network namespace",
                 tcp.len()
             );
         }
-        return freeze_and_offer_tcp_flows(tcp, env, source, drop_unmigratable, None);
+        return freeze_and_offer_tcp_flows(tcp, env, offer, drop_unmigratable, None);
     };
     let failed = dump.failed + dump.unknown;
-    if failed > 0 && !drop_unmigratable {
+    // A target on this host takes the sockets live: one the helper could not dump (and
+    // rolled back to live) moves as well as any. Not so one whose helper died under
+    // it (`unknown`): it may be left in repair mode, which the target cannot end.
+    let live_only = offer.target_waiting() && dump.unknown == 0;
+    if failed > 0 && !drop_unmigratable && !live_only {
         let dumped: Vec<FlowId> = dump.states.keys().copied().collect();
         crate::restore::thaw_flows(tcp, helper, &dumped, "after a failed SAVE");
         return Err(EngineStateError::CannotDump(failed));
     }
-    if failed > 0 {
+    if failed > 0 && !live_only {
         warn!(
             "device state SAVE: {failed} TCP connection(s) could not be dumped; \
              --migrate-drop-tcp: they move only to a target on this host (elsewhere the \
@@ -565,7 +701,7 @@ pub(crate) fn save_tcp_flows(
     freeze_and_offer_tcp_flows(
         tcp,
         env,
-        source,
+        offer,
         drop_unmigratable,
         Some(Dumped {
             helper,
@@ -584,19 +720,22 @@ pub(crate) struct Dumped<'a> {
     pub closed: Vec<FlowId>,
 }
 
-/// Freeze every connection (those in `dumped` already are), offer the sockets on a
-/// fresh abstract socket and name it in `source` (see [`crate::handover`]); each record
-/// carries its kernel state from `dumped`. The frozen flows' fate is decided later by
-/// the table itself: taken by a same-host target, or thawed when the guest talks here
-/// again. If no offer can be made the flows are thawed at once and SAVE fails, so that
-/// the source keeps everything (the design's default policy).
+/// Freeze every connection (those in `dumped` already are), give the sockets to `offer`
+/// (see [`crate::handover`]); each record carries its kernel state from `dumped` —
+/// unless a target on this host has come for the stream by now
+/// ([`HandoverOffer::target_waiting`]): it takes the live sockets, so the records go
+/// without (and the stream without megabytes of queue data nobody reads). The frozen
+/// flows' fate is decided later by the table itself: taken by a same-host target, or
+/// thawed when the guest talks here again. If the sockets cannot be offered the flows
+/// are thawed at once and SAVE fails, so that the source keeps everything (the
+/// design's default policy).
 pub(crate) fn freeze_and_offer_tcp_flows(
     tcp: &mut TcpFlows,
     env: &TcpEnv<'_>,
-    source: &mut SourceRecord,
+    offer: HandoverOffer,
     drop_unmigratable: bool,
     dumped: Option<Dumped<'_>>,
-) -> Result<Vec<TcpFlowRecord>, EngineStateError> {
+) -> Result<SavedTcp, EngineStateError> {
     let (mut helper, mut states, closed) = match dumped {
         Some(d) => (Some(d.helper), d.states, d.closed),
         None => (None, HashMap::new(), Vec::new()),
@@ -638,6 +777,9 @@ pub(crate) fn freeze_and_offer_tcp_flows(
             frozen.left_behind
         );
     }
+    // Decided once: a target that comes from now on still takes the sockets, but the
+    // records are written as they are.
+    let live_only = offer.target_waiting();
     // Pair the records with the dumped states (records and offered flows come in the
     // same order, one pair per record); dumped sockets that are not offered stay here
     // and must leave repair mode now.
@@ -647,12 +789,15 @@ pub(crate) fn freeze_and_offer_tcp_flows(
             continue;
         }
         if let Some(state) = states.remove(id) {
+            in_repair.push(record.id);
+            if live_only {
+                continue;
+            }
             record.kernel = Some(state);
             if let Err(err) = record.validate(false) {
                 warn!("{id}: dumped state not usable ({err}); it moves only within this host");
                 record.kernel = None;
             }
-            in_repair.push(record.id);
         }
     }
     if let Some(helper) = helper.as_deref_mut() {
@@ -660,24 +805,39 @@ pub(crate) fn freeze_and_offer_tcp_flows(
         crate::restore::thaw_flows(tcp, helper, &left, "of a connection that stays here");
     }
     if frozen.records.is_empty() {
-        return Ok(Vec::new());
+        // Nothing to offer: a target waiting is refused (the stream lists no flow).
+        drop(offer);
+        return Ok(SavedTcp::default());
     }
     let sockets = std::mem::take(&mut frozen.sockets);
-    let repaired = helper.as_deref().map(|h| (h.share(), in_repair));
+    let repaired = !in_repair.is_empty();
+    let lent_repaired = helper.as_deref().map(|h| (h.share(), in_repair));
     // The flows' own sockets are lent to the offer (one descriptor per connection); the
     // table keeps them open until the offer has settled (see `TcpFlows`).
-    match HandoverOffer::lend(sockets, OFFER_LIFETIME, repaired) {
-        Ok(offer) => {
-            source.handover = Some(offer.endpoint().clone());
+    match offer.provide(sockets, lent_repaired) {
+        Ok(()) => {
             tcp.set_offer(offer);
-            let dumped = frozen.records.iter().filter(|r| r.kernel.is_some()).count();
-            info!(
-                "device state SAVE: {} TCP connection(s) frozen ({dumped} with kernel state) \
-                 and offered for a handover in {:.1} ms",
-                frozen.records.len(),
-                ms(started.elapsed())
-            );
-            Ok(frozen.records)
+            let with_state = frozen.records.iter().filter(|r| r.kernel.is_some()).count();
+            if live_only {
+                info!(
+                    "device state SAVE: a target on this host came for the stream: {} TCP \
+                     connection(s) frozen and offered in {:.1} ms; they move live, without \
+                     their kernel state in the stream",
+                    frozen.records.len(),
+                    ms(started.elapsed())
+                );
+            } else {
+                info!(
+                    "device state SAVE: {} TCP connection(s) frozen ({with_state} with kernel \
+                     state) and offered for a handover in {:.1} ms",
+                    frozen.records.len(),
+                    ms(started.elapsed())
+                );
+            }
+            Ok(SavedTcp {
+                records: frozen.records,
+                repaired,
+            })
         }
         Err(err) => {
             give_up(tcp, helper);
@@ -714,13 +874,15 @@ fn placement(source: &SourceRecord, here: &SourceRecord) -> Placement {
 
 /// LOAD, TCP part: same host and namespace as the source → take the live sockets over
 /// ([`take_over_tcp_flows`]); otherwise → restore the dumped states through the helper
-/// ([`crate::restore::restore_all`]). Returns how many connections were rebuilt.
+/// ([`crate::restore::restore_all`]). `started`: the handover begun while the stream
+/// was read ([`EarlyTakeOver`]), if any. Returns how many connections were rebuilt.
 pub(crate) fn load_tcp_flows(
     tcp: &mut TcpFlows,
     repair: Option<&mut baton_repair_ipc::RepairClient>,
     source: &SourceRecord,
     flows: &[TcpFlowRecord],
     drop_unmigratable: bool,
+    started: Option<TakeOver>,
 ) -> Result<usize, EngineStateError> {
     if flows.is_empty() {
         return Ok(0);
@@ -728,14 +890,14 @@ pub(crate) fn load_tcp_flows(
     let place = placement(source, &local_source_record());
     let handover_failed = match place {
         Placement::SameNamespace => {
-            return take_over_tcp_flows(tcp, source, flows, drop_unmigratable)
+            return take_over_tcp_flows(tcp, source, flows, drop_unmigratable, started)
         }
         Placement::Unknown if source.handover.is_some() => {
-            match take_over_tcp_flows(tcp, source, flows, false) {
+            match take_over_tcp_flows(tcp, source, flows, false, started) {
                 Ok(taken) => return Ok(taken),
                 // Not reachable: not this namespace; restore instead.
                 Err(EngineStateError::Handover {
-                    source: crate::handover::HandoverError::Sys { .. },
+                    source: crate::handover::HandoverError::Unreachable(_),
                     ..
                 }) => None,
                 Err(err) => Some(err),
@@ -781,12 +943,14 @@ pub(crate) fn load_tcp_flows(
 /// rebuild them in `tcp`. With `drop_unmigratable`, connections that cannot be taken
 /// are left out (logged): the guest's next segment for one of them is answered with a
 /// RST, the others continue. Without it, any failure fails LOAD and nothing changed.
-/// Returns how many connections were rebuilt.
+/// `started`: the handover begun while the stream was read, finished here; without
+/// one, the whole exchange happens here. Returns how many connections were rebuilt.
 pub(crate) fn take_over_tcp_flows(
     tcp: &mut TcpFlows,
     source: &SourceRecord,
     flows: &[TcpFlowRecord],
     drop_unmigratable: bool,
+    started: Option<TakeOver>,
 ) -> Result<usize, EngineStateError> {
     if flows.is_empty() {
         return Ok(0);
@@ -809,8 +973,12 @@ pub(crate) fn take_over_tcp_flows(
             host: f.host,
         })
         .collect();
-    let started = std::time::Instant::now();
-    let sockets = match take_over(endpoint, &expected) {
+    let timer = std::time::Instant::now();
+    let result = match started {
+        Some(early) => early.finish(&expected),
+        None => take_over(endpoint, &expected),
+    };
+    let sockets = match result {
         Ok(sockets) => sockets,
         Err(source) => {
             return failure(EngineStateError::Handover {
@@ -819,7 +987,7 @@ pub(crate) fn take_over_tcp_flows(
             })
         }
     };
-    let received = started.elapsed();
+    let received = timer.elapsed();
     // The sockets arrive in the stream's order (the source offers them in the order of
     // its records): pair them in one pass; any other order goes through a map.
     let in_order =
@@ -854,7 +1022,7 @@ pub(crate) fn take_over_tcp_flows(
         "device state LOAD: {adopted} TCP connection(s) taken over from the source \
          (handover {:.1} ms, rebuild {:.1} ms)",
         ms(received),
-        ms(started.elapsed() - received)
+        ms(timer.elapsed() - received)
     );
     Ok(adopted)
 }
@@ -1038,6 +1206,19 @@ mod tests {
     }
 
     mod tcp_handover {
+
+        /// SAVE's TCP part with no helper: an offer listening, its endpoint in `record`.
+        fn save_flows(
+            tcp: &mut TcpFlows,
+            env: &TcpEnv<'_>,
+            record: &mut SourceRecord,
+        ) -> Vec<TcpFlowRecord> {
+            let offer = HandoverOffer::listen(OFFER_LIFETIME).unwrap();
+            record.handover = Some(offer.endpoint().clone());
+            freeze_and_offer_tcp_flows(tcp, env, offer, false, None)
+                .unwrap()
+                .records
+        }
         use super::super::*;
         use crate::net::testing::{config, established_guest_side as established, CapturedFrames};
         use crate::tcp::conn::{GuestSide, TcpState};
@@ -1100,7 +1281,7 @@ mod tests {
             let (mut source, mut server) = source_with_flow();
             let mut record = SourceRecord::default();
             let (tcp, env) = source.parts();
-            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record, false, None).unwrap();
+            let flows = save_flows(tcp, &env, &mut record);
             assert_eq!(flows.len(), 1);
             assert!(record.handover.is_some());
             assert!(tcp.is_frozen());
@@ -1110,7 +1291,7 @@ mod tests {
             }
 
             let mut target = Side::new();
-            let taken = take_over_tcp_flows(&mut target.tcp, &record, &flows, false).unwrap();
+            let taken = take_over_tcp_flows(&mut target.tcp, &record, &flows, false, None).unwrap();
             assert_eq!(taken, 1);
             assert_eq!(target.tcp.len(), 1);
             let (tcp, env) = source.parts();
@@ -1132,22 +1313,75 @@ mod tests {
             assert_eq!(tcp.len(), 0);
         }
 
+        /// The target starts taking the sockets while it still reads the stream; they
+        /// move only once it finishes with the validated records.
+        #[test]
+        fn a_handover_started_early_moves_the_sockets_when_finished() {
+            let (mut source, mut server) = source_with_flow();
+            let mut record = SourceRecord::default();
+            let (tcp, env) = source.parts();
+            let flows = save_flows(tcp, &env, &mut record);
+            let endpoint = record.handover.clone().unwrap();
+            let early = TakeOver::start(&endpoint).unwrap();
+            // Every socket is on its way, yet nothing is decided.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert_eq!(tcp.collect_handover(&env), 0);
+            let mut target = Side::new();
+            let taken =
+                take_over_tcp_flows(&mut target.tcp, &record, &flows, false, Some(early)).unwrap();
+            assert_eq!(taken, 1);
+            let (tcp, env) = source.parts();
+            assert_eq!(tcp.collect_handover(&env), 1);
+            server.write_all(b"still here").unwrap();
+        }
+
+        /// A LOAD that fails after the handover started (a bad stream) refuses it: the
+        /// source keeps its sockets, thaws them when its guest resumes, and the
+        /// connection goes on.
+        #[test]
+        fn a_handover_started_early_and_abandoned_leaves_the_source_owner() {
+            let (mut source, mut server) = source_with_flow();
+            let mut record = SourceRecord::default();
+            let (tcp, env) = source.parts();
+            let flows = save_flows(tcp, &env, &mut record);
+            let endpoint = record.handover.clone().unwrap();
+            let early = TakeOver::start(&endpoint).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(early);
+            // Refused: the offer is over and cannot be taken any more.
+            let mut target = Side::new();
+            let err =
+                take_over_tcp_flows(&mut target.tcp, &record, &flows, false, None).unwrap_err();
+            assert!(matches!(err, EngineStateError::Handover { .. }), "{err}");
+            assert_eq!(target.tcp.len(), 0);
+            let (tcp, env) = source.parts();
+            assert_eq!(tcp.collect_handover(&env), 0);
+            assert!(tcp.source_resumed(&env));
+            assert!(!tcp.is_frozen());
+            assert_eq!(tcp.len(), 1);
+            // Thawed: the peer's bytes reach the source's socket again.
+            server.write_all(b"after").unwrap();
+            let (tcp, _env) = source.parts();
+            assert_eq!(tcp.len(), 1);
+        }
+
         #[test]
         fn a_resumed_source_thaws_and_withdraws_its_offer() {
             let (mut source, _server) = source_with_flow();
             let mut record = SourceRecord::default();
             let (tcp, env) = source.parts();
-            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record, false, None).unwrap();
+            let flows = save_flows(tcp, &env, &mut record);
             assert!(tcp.source_resumed(&env));
             assert!(!tcp.is_frozen());
             assert_eq!(tcp.len(), 1);
             let mut target = Side::new();
-            let err = take_over_tcp_flows(&mut target.tcp, &record, &flows, false).unwrap_err();
+            let err =
+                take_over_tcp_flows(&mut target.tcp, &record, &flows, false, None).unwrap_err();
             assert!(matches!(err, EngineStateError::Handover { .. }), "{err}");
             assert_eq!(target.tcp.len(), 0);
             // With --migrate-drop-tcp the target goes on without them.
             assert_eq!(
-                take_over_tcp_flows(&mut target.tcp, &record, &flows, true).unwrap(),
+                take_over_tcp_flows(&mut target.tcp, &record, &flows, true, None).unwrap(),
                 0
             );
             let mut sink = CapturedFrames::default();
@@ -1160,10 +1394,11 @@ mod tests {
             let (mut source, _server) = source_with_flow();
             let mut record = SourceRecord::default();
             let (tcp, env) = source.parts();
-            let flows = freeze_and_offer_tcp_flows(tcp, &env, &mut record, false, None).unwrap();
+            let flows = save_flows(tcp, &env, &mut record);
             record.handover = None;
             let mut target = Side::new();
-            let err = take_over_tcp_flows(&mut target.tcp, &record, &flows, false).unwrap_err();
+            let err =
+                take_over_tcp_flows(&mut target.tcp, &record, &flows, false, None).unwrap_err();
             assert!(matches!(err, EngineStateError::NoHandover(1)), "{err}");
         }
     }

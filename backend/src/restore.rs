@@ -91,22 +91,34 @@ pub struct DumpOutcome {
     pub closed: Vec<FlowId>,
     /// The flows of the requests that failed as a whole (counted in `unknown`).
     pub unknown_flows: Vec<FlowId>,
+    /// Sockets not dumped at all, left live, because `stop` said so (see [`dump_all`]).
+    pub not_dumped: usize,
 }
 
 /// SAVE: freeze every TCP socket of `tcp` through the helper and get its state. A
 /// socket with a pre-dump of this very socket in `pre` ([`crate::predump`]) gets a
 /// freeze check (its pre-dumped state, with the fresh timestamp clock and
 /// `SO_PEEK_OFF`, if nothing moved since; else the full state); the others a dump.
-/// Each list goes to the client whole, which batches it and keeps requests in flight.
+/// Each list goes to the client in slices, which it batches, keeping requests in flight.
 /// A socket the helper refuses because its connection is already over in the kernel
 /// (CLOSE) is told apart afterwards, so that live sockets cost no extra check.
+///
+/// `stop` is asked before each slice of [`DUMP_SLICE`] sockets: once it says so (a
+/// target on this host came for the stream, which takes the live sockets), the rest is
+/// left as it is — live, not dumped, counted in [`DumpOutcome::not_dumped`].
 pub(crate) fn dump_all(
     tcp: &TcpFlows,
     helper: &mut RepairClient,
     pre: HashMap<FlowId, crate::predump::Entry>,
+    stop: &dyn Fn() -> bool,
 ) -> DumpOutcome {
-    dump_flows(tcp, helper, pre, None)
+    dump_flows(tcp, helper, pre, None, stop)
 }
+
+/// How many sockets go to the helper between two looks at `stop` in [`dump_all`]: small
+/// enough that a target arriving early saves most of the work, large enough that the
+/// client keeps several requests in flight (each one drains at a slice's end).
+const DUMP_SLICE: usize = 512;
 
 /// After the helper died in the middle of SAVE's dump (`--migrate-drop-tcp`; without
 /// it SAVE fails): `helper` is a fresh one. The sockets of the failed requests
@@ -121,7 +133,7 @@ pub(crate) fn redump_interrupted(
     let ids = std::mem::take(&mut outcome.unknown_flows);
     thaw_flows(tcp, helper, &ids, "of a dump the helper died in");
     let set: std::collections::HashSet<FlowId> = ids.iter().copied().collect();
-    let again = dump_flows(tcp, helper, HashMap::new(), Some(&set));
+    let again = dump_flows(tcp, helper, HashMap::new(), Some(&set), &|| false);
     info!(
         "the repair helper died during SAVE: {} TCP socket(s) of the interrupted dump thawed \
          and dumped again through a fresh baton-repair ({} dumped)",
@@ -141,6 +153,7 @@ fn dump_flows(
     helper: &mut RepairClient,
     mut pre: HashMap<FlowId, crate::predump::Entry>,
     only: Option<&std::collections::HashSet<FlowId>>,
+    stop: &dyn Fn() -> bool,
 ) -> DumpOutcome {
     let mut outcome = DumpOutcome::default();
     let mut flows = tcp.flow_sockets();
@@ -167,12 +180,19 @@ fn dump_flows(
     let mut queued = 0usize;
     let mut unchanged = 0usize;
     let mut redumped = 0usize;
-    if !checks.is_empty() {
+    let full = plain.len();
+    let mut checks = checks.into_iter().peekable();
+    while checks.peek().is_some() {
+        if stop() {
+            outcome.not_dumped = checks.len() + plain.len();
+            break;
+        }
+        let slice: Vec<_> = checks.by_ref().take(DUMP_SLICE).collect();
         let items: Vec<(BorrowedFd<'_>, ProgressMark)> =
-            checks.iter().map(|(_, fd, e)| (*fd, e.pre.mark)).collect();
+            slice.iter().map(|(_, fd, e)| (*fd, e.pre.mark)).collect();
         match helper.freeze_check(&items) {
             Ok(results) => {
-                for ((id, fd, entry), result) in checks.into_iter().zip(results) {
+                for ((id, fd, entry), result) in slice.into_iter().zip(results) {
                     let state = match result {
                         Ok(FreezeCheck::Unchanged {
                             timestamp,
@@ -194,23 +214,28 @@ fn dump_flows(
                 }
             }
             Err(err) => {
-                let fds: Vec<BorrowedFd<'_>> = checks.iter().map(|(_, fd, _)| *fd).collect();
-                let ids: Vec<FlowId> = checks.iter().map(|(id, _, _)| *id).collect();
+                let fds: Vec<BorrowedFd<'_>> = slice.iter().map(|(_, fd, _)| *fd).collect();
+                let ids: Vec<FlowId> = slice.iter().map(|(id, _, _)| *id).collect();
                 outcome.whole_request_failed(helper, &fds, ids, &err);
             }
         }
     }
-    let full = plain.len();
-    if !plain.is_empty() {
-        let fds: Vec<BorrowedFd<'_>> = plain.iter().map(|(_, fd)| *fd).collect();
+    let mut plain = plain.into_iter().peekable();
+    while outcome.not_dumped == 0 && plain.peek().is_some() {
+        if stop() {
+            outcome.not_dumped = plain.len();
+            break;
+        }
+        let slice: Vec<(FlowId, BorrowedFd<'_>)> = plain.by_ref().take(DUMP_SLICE).collect();
+        let fds: Vec<BorrowedFd<'_>> = slice.iter().map(|(_, fd)| *fd).collect();
         match helper.dump(&fds) {
             Ok(results) => {
-                for ((id, fd), result) in plain.into_iter().zip(results) {
+                for ((id, fd), result) in slice.into_iter().zip(results) {
                     outcome.record(id, fd, result, &mut queued);
                 }
             }
             Err(err) => {
-                let ids: Vec<FlowId> = plain.iter().map(|(id, _)| *id).collect();
+                let ids: Vec<FlowId> = slice.iter().map(|(id, _)| *id).collect();
                 outcome.whole_request_failed(helper, &fds, ids, &err)
             }
         }
@@ -225,11 +250,13 @@ fn dump_flows(
     info!(
         "device state SAVE: {} TCP socket(s) dumped through baton-repair in {:.1} ms \
          ({unchanged} unchanged since their pre-dump, {redumped} re-dumped, {} without a \
-         pre-dump; {queued} queued bytes, {} failed)",
+         pre-dump; {queued} queued bytes, {} failed; {} left live: a target on this host \
+         came for them)",
         outcome.states.len(),
         started.elapsed().as_secs_f64() * 1e3,
         full,
-        outcome.failed + outcome.unknown
+        outcome.failed + outcome.unknown,
+        outcome.not_dumped
     );
     outcome
 }

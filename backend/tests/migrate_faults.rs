@@ -15,9 +15,12 @@
 //! resume looks like to the engine (the guest's next segment thaws the connections).
 //!
 //! Cases, each with its expected outcome asserted:
-//! * no helper: SAVE fails (the sockets cannot be frozen), the source carries on;
-//!   with `--migrate-drop-tcp` SAVE succeeds without the connections, the target
-//!   resets them towards the guest and still takes the guest's state;
+//! * no helper: baton freezes the sockets itself (TCP-MD5 key, unprivileged), SAVE
+//!   succeeds with the connections but no kernel state; the source resumes and carries
+//!   on, or a target in the same namespace takes them by handover; a target in another
+//!   network namespace cannot take them, and with
+//!   `--migrate-drop-tcp` it resets them towards the guest and still takes the guest's
+//!   state;
 //! * the helper killed while SAVE dumps 600 connections: SAVE fails, a fresh helper
 //!   (baton starts one through its launcher) thaws the sockets, the source carries on;
 //! * a truncated, corrupted or too-new stream: the target refuses it and has nothing;
@@ -399,52 +402,96 @@ fn guest_ports(n: usize) -> Vec<u16> {
 // The cases
 // ---------------------------------------------------------------------------------------
 
-/// No helper: the sockets cannot be frozen (this kernel wants `CAP_NET_ADMIN` for the
-/// drop-all filter, and baton's sandbox has none), so SAVE fails and says why; the
-/// source carries on with every connection.
+/// No helper: baton freezes the sockets itself (a TCP-MD5 key for the peer needs no
+/// privilege, so its sandbox suffices), SAVE succeeds with every connection in the
+/// stream but no kernel state (only a target on this host, in this namespace, could take
+/// them), and when the source VM resumes the sockets hear again: every connection
+/// completes, nothing lost.
 #[test]
-fn without_helper_save_fails_and_the_source_carries_on() {
+fn without_helper_save_freezes_and_the_source_carries_on() {
     let a = source("nohelper", false, &[]);
-    let mut w = Workload::start(a.connect(), 6, 1 << 20);
+    let n = 6;
+    let (mut w, stream) = saved_midway(&a, n);
     let log = || a.log();
-    w.run_to(0.3, "before SAVE", &log);
-    let saved = w.save();
-    assert!(saved.is_err(), "SAVE without a helper must fail");
+    let state = decode_stream(&stream).expect("valid stream");
+    assert_eq!(state.tcp_flows.len(), n, "every connection travels");
+    assert!(
+        state.tcp_flows.iter().all(|f| f.kernel.is_none()),
+        "no kernel state without a helper"
+    );
     let text = a.log();
     assert!(
-        text.contains("TCP connections will not survive this migration: no baton-repair helper"),
-        "{text}"
-    );
-    assert!(
-        text.contains(
-            "device state SAVE failed: network engine: 6 TCP connection(s) could not be frozen"
-        ),
+        text.contains(&format!(
+            "no baton-repair helper: the {n} TCP connection(s) can only move to a target on this host"
+        )),
         "{text}"
     );
     w.resume_on(&a);
-    w.finish("after the failed SAVE", &log);
-}
-
-/// No helper, `--migrate-drop-tcp`: SAVE succeeds without the connections; the target
-/// takes the guest's state, answers the guest's segments of those connections with a
-/// RST and serves new connections.
-#[test]
-fn without_helper_drop_tcp_migrates_the_rest_and_resets_the_connections() {
-    let a = source("droptcp", false, &["--migrate-drop-tcp"]);
-    let b = target("droptcp", false);
-    let n = 4;
-    let (mut w, stream) = saved_midway(&a, n);
-    let state = decode_stream(&stream).expect("valid stream");
-    assert!(state.tcp_flows.is_empty(), "no connection travels");
-    assert_eq!(state.guest.mac, Some(GUEST_MAC));
+    w.finish("after SAVE, on the source", &log);
     assert!(
         a.log()
-            .contains("--migrate-drop-tcp: the guest will see them reset"),
+            .contains(&format!("TCP: {n} connection(s) thawed, carrying on here")),
         "{}",
         a.log()
     );
+}
+
+/// No helper on either side, the target in the source's namespace: the sockets baton
+/// froze itself (TCP-MD5 key) go to the target by handover, which makes them hear again;
+/// every connection completes on the target, nothing lost, no RST or early FIN.
+#[test]
+fn without_helper_the_target_on_this_host_takes_the_connections() {
+    let a = source("nohelperhandover", false, &[]);
+    let b = target("nohelperhandover", false);
+    let n = 6;
+    let (mut w, stream) = saved_midway(&a, n);
     let (dev, loaded) = connect_loading(&b, &stream);
     loaded.unwrap_or_else(|e| panic!("LOAD: {e}; log:\n{}", b.log()));
+    assert!(
+        b.log()
+            .contains(&format!("{n} TCP connection(s) taken over from the source")),
+        "{}",
+        b.log()
+    );
+    w.switch_to(dev);
+    w.finish("on the target", &|| b.log());
+}
+
+/// No helper, and the target in a network namespace of its own: the stream carries the
+/// connections without kernel state, which only a handover in the source's namespace
+/// could move. With `--migrate-drop-tcp` the target takes the guest's state, answers
+/// the guest's segments of those connections with a RST and serves new connections.
+#[test]
+fn without_helper_drop_tcp_migrates_the_rest_and_resets_the_connections() {
+    let a = source("droptcp", false, &["--migrate-drop-tcp"]);
+    let plan = Plan {
+        up: 100_000,
+        down: 100_000,
+    };
+    // `Baton::start` enters a fresh namespace: on a thread of its own, so that this one
+    // stays with the source. The peer of the new connection lives there too.
+    let (b, fresh) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let b = Baton::start("faults-droptcp-b", &["--migrate-drop-tcp"]);
+            (b, Peer::serve(vec![plan]))
+        })
+        .join()
+        .expect("target thread")
+    });
+    let n = 4;
+    let (mut w, stream) = saved_midway(&a, n);
+    let state = decode_stream(&stream).expect("valid stream");
+    assert_eq!(state.tcp_flows.len(), n, "the connections travel");
+    assert!(state.tcp_flows.iter().all(|f| f.kernel.is_none()));
+    assert_eq!(state.guest.mac, Some(GUEST_MAC));
+    let (dev, loaded) = connect_loading(&b, &stream);
+    loaded.unwrap_or_else(|e| panic!("LOAD: {e}; log:\n{}", b.log()));
+    assert!(
+        b.log()
+            .contains("--migrate-drop-tcp: those connections are reset"),
+        "{}",
+        b.log()
+    );
     assert!(
         b.log()
             .contains("guest state restored: MAC 52:54:00:12:34:56, IPv4 Some(10.77.0.2)"),
@@ -460,11 +507,6 @@ fn without_helper_drop_tcp_migrates_the_rest_and_resets_the_connections() {
     );
 
     // The target works: a new connection streams both ways.
-    let plan = Plan {
-        up: 100_000,
-        down: 100_000,
-    };
-    let fresh = Peer::serve(vec![plan]);
     let mut conn = GuestConn::open(&mut w.guest, fresh.port, 0, plan);
     let deadline = Instant::now() + TEST_TIMEOUT;
     while !conn.done(&mut w.guest) {
@@ -482,7 +524,7 @@ fn without_helper_drop_tcp_migrates_the_rest_and_resets_the_connections() {
     );
 
     // The old connections never finish at the peer: the source still holds their
-    // sockets (unfrozen, left behind) until it exits.
+    // sockets (frozen, offered) until it exits.
     drop(a);
     let report = w.peer.results();
     assert_eq!(report.flows.len(), n, "{report}");
@@ -837,12 +879,19 @@ fn a_damaged_stream_fails_load_and_the_source_carries_on() {
     assert_eq!(reset.len(), n, "the target knows none of the connections");
     drop(dev);
 
+    // The truncated and the flipped stream had a good SOURCE record naming this
+    // namespace: the target started taking the sockets while reading on, then refused
+    // when the stream failed. They left repair mode on their way, so the resumed source
+    // only detaches their filters.
+    a.wait_for_log(&[
+        "TCP handover failed, this backend keeps its connections",
+        "the target's LOAD failed before it took the sockets",
+    ]);
     w.resume_on(&a);
     w.finish("after the target refused the stream", &log);
     assert!(
-        a.log().contains(&format!(
-            "TCP: {n} dumped socket(s) thawed through baton-repair (0 failed)"
-        )),
+        a.log()
+            .contains(&format!("TCP: {n} connection(s) thawed, carrying on here")),
         "{}",
         a.log()
     );

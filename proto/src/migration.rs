@@ -68,6 +68,7 @@
 //! | 0x0010 | [`TcpFlowRecord`]    | per flow | guest side, host ends, kernel |
 //! | 0x0011 | [`UdpFlowRecord`]    | per flow | 4-tuple + idle time left      |
 //! | 0x0012 | [`TcpOptionsRecord`] | per TCP flow, skippable | options negotiated with the guest |
+//! | 0x0020 | padding              | any, skippable | zeros, ignored ([`StreamWriter::write_padding`]) |
 //! | 0xFFFF | end                  | once, last | count + CRC                 |
 //!
 //! Records may come in any order; every flow record carries an explicit [`FlowId`],
@@ -93,6 +94,9 @@
 //! byte-identical to what older writers produce. An older reader skips it and loses
 //! only the option: a flow without SACK retransmits go-back-N, which is still correct
 //! TCP (the guest's SACK blocks are advisory).
+//! Also the padding record (0x0020), SKIPPABLE: zeros a writer may put after the
+//! stream's prefix so that QEMU passes the prefix on at once (a reader that does not
+//! know it skips it; this one ignores it).
 //!
 //! # Limits
 //!
@@ -166,6 +170,7 @@ pub mod record_type {
     pub const TCP_FLOW: u16 = 0x0010;
     pub const UDP_FLOW: u16 = 0x0011;
     pub const TCP_OPTIONS: u16 = 0x0012;
+    pub const PADDING: u16 = 0x0020;
     pub const END: u16 = 0xffff;
 }
 
@@ -179,6 +184,7 @@ pub fn record_type_name(record_type: u16) -> &'static str {
         record_type::TCP_FLOW => "TcpFlow",
         record_type::UDP_FLOW => "UdpFlow",
         record_type::TCP_OPTIONS => "TcpOptions",
+        record_type::PADDING => "Padding",
         record_type::END => "End",
         _ => "unknown",
     }
@@ -1461,6 +1467,58 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
+    /// Validate and write the Device, Source, Guest and (if any) Forwards records: the
+    /// stream's prefix, before its flows.
+    pub fn write_prefix(
+        &mut self,
+        device: &DeviceRecord,
+        source: &SourceRecord,
+        guest: &GuestRecord,
+        forwards: Option<&ForwardsRecord>,
+    ) -> Result<(), StreamError> {
+        self.write_body(device)?;
+        self.write_body(source)?;
+        self.write_body(guest)?;
+        if let Some(forwards) = forwards {
+            self.write_body(forwards)?;
+        }
+        Ok(())
+    }
+
+    /// Validate and write one TCP flow, followed by its [`TcpOptionsRecord`] when it
+    /// needs one (as [`write_stream`] does).
+    pub fn write_tcp_flow(&mut self, flow: &TcpFlowRecord) -> Result<(), StreamError> {
+        self.write_body(flow)?;
+        if let Some(options) = TcpOptionsRecord::for_flow(flow) {
+            self.write_body(&options)?;
+        }
+        Ok(())
+    }
+
+    /// Validate and write one UDP flow.
+    pub fn write_udp_flow(&mut self, flow: &UdpFlowRecord) -> Result<(), StreamError> {
+        self.write_body(flow)
+    }
+
+    /// A padding record: `len` zero bytes that every reader skips (SKIPPABLE; this
+    /// reader knows and ignores it). For a writer whose first records must reach the
+    /// reader before the rest of the stream exists: QEMU passes device state on in
+    /// chunks of its own buffer's size, so records are only seen at the other end once
+    /// enough bytes follow them.
+    pub fn write_padding(&mut self, len: u32) -> Result<(), StreamError> {
+        let zeros = vec![0u8; len as usize];
+        self.write_raw_record(record_type::PADDING, RECORD_FLAG_SKIPPABLE, &zeros)
+    }
+
+    /// Write out every record so far and flush the output: the reader can have them
+    /// now. The stream goes on.
+    pub fn flush(&mut self) -> Result<(), StreamError> {
+        self.out.write_all(&self.pending)?;
+        self.pending.clear();
+        self.out.flush()?;
+        Ok(())
+    }
+
     /// Write the end record (count and checksum), flush, and return the output. Fails if
     /// a required record (Device, Source, Guest) was not written.
     pub fn finish(mut self) -> Result<W, StreamError> {
@@ -1488,20 +1546,17 @@ pub fn write_stream<W: Write>(out: W, state: &MigrationState) -> Result<W, Strea
         0
     };
     let mut w = StreamWriter::new(out, flags)?;
-    w.write_body(&state.device)?;
-    w.write_body(&state.source)?;
-    w.write_body(&state.guest)?;
-    if let Some(forwards) = &state.forwards {
-        w.write_body(forwards)?;
-    }
+    w.write_prefix(
+        &state.device,
+        &state.source,
+        &state.guest,
+        state.forwards.as_ref(),
+    )?;
     for flow in &state.tcp_flows {
-        w.write_body(flow)?;
-        if let Some(options) = TcpOptionsRecord::for_flow(flow) {
-            w.write_body(&options)?;
-        }
+        w.write_tcp_flow(flow)?;
     }
     for flow in &state.udp_flows {
-        w.write_body(flow)?;
+        w.write_udp_flow(flow)?;
     }
     w.finish()
 }
@@ -1518,4 +1573,7 @@ pub fn encode_stream(state: &MigrationState) -> Result<Vec<u8>, StreamError> {
 mod reader;
 mod source;
 
-pub use reader::{decode_stream, decode_stream_with_limits, read_stream, read_stream_with_limits};
+pub use reader::{
+    decode_stream, decode_stream_with_limits, read_stream, read_stream_observed,
+    read_stream_with_limits, KernelStates, ReadObserver,
+};

@@ -7,9 +7,10 @@
 use std::io::{self, Read};
 
 use baton_proto::migration::{
-    decode_stream, decode_stream_with_limits, encode_stream, read_stream, read_stream_with_limits,
-    record_type, FlowId, Limits, MigrationState, Record, StreamError, StreamHeader, StreamWriter,
-    TcpFlowRecord, HEADER_LEN, RECORD_HEADER_LEN,
+    decode_stream, decode_stream_with_limits, encode_stream, read_stream, read_stream_observed,
+    read_stream_with_limits, record_type, FlowId, KernelStates, Limits, MigrationState,
+    ReadObserver, Record, StreamError, StreamHeader, StreamWriter, TcpFlowRecord, HEADER_LEN,
+    RECORD_HEADER_LEN,
 };
 use proptest::prelude::*;
 
@@ -326,4 +327,111 @@ proptest! {
         }
         assert_same(&bytes, &sizes, &Limits::DEFAULT);
     }
+}
+
+/// Counts what it is told, and answers `answer`.
+struct Observer {
+    answer: KernelStates,
+    sources: Vec<baton_proto::migration::SourceRecord>,
+}
+
+impl ReadObserver for Observer {
+    fn source(&mut self, source: &baton_proto::migration::SourceRecord) -> KernelStates {
+        self.sources.push(source.clone());
+        self.answer
+    }
+}
+
+fn observer(answer: KernelStates) -> Observer {
+    Observer {
+        answer,
+        sources: Vec::new(),
+    }
+}
+
+#[test]
+fn an_observer_hears_the_source_record_and_may_drop_kernel_states() {
+    let (state, bytes) = some_stream();
+    assert!(state.tcp_flows.iter().any(|f| f.kernel.is_some()));
+    let mut keep = observer(KernelStates::Keep);
+    let read = read_stream_observed(Pieces::new(&bytes, &[7, 300]), &Limits::DEFAULT, &mut keep)
+        .expect("read, keeping");
+    assert_eq!(read, state);
+    assert_eq!(keep.sources, vec![state.source.clone()]);
+
+    let mut drop = observer(KernelStates::Drop);
+    let read = read_stream_observed(Pieces::new(&bytes, &[7, 300]), &Limits::DEFAULT, &mut drop)
+        .expect("read, dropping");
+    assert_eq!(drop.sources, vec![state.source.clone()]);
+    let mut expected = state.clone();
+    for flow in &mut expected.tcp_flows {
+        flow.kernel = None;
+    }
+    assert_eq!(read, expected);
+}
+
+/// Dropping kernel states changes no error: a dropped state is validated first.
+#[test]
+fn an_observer_that_drops_kernel_states_sees_the_same_errors() {
+    let (_, bytes) = some_stream();
+    let check = |bytes: &[u8]| {
+        let plain = read_stream(Pieces::new(bytes, &[64, 3]));
+        let mut drop = observer(KernelStates::Drop);
+        let observed =
+            read_stream_observed(Pieces::new(bytes, &[64, 3]), &Limits::DEFAULT, &mut drop);
+        match (plain, observed) {
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+            (Ok(_), Ok(_)) => {}
+            (a, b) => panic!("plain {a:?}, observed {b:?}"),
+        }
+    };
+    let mut damaged = bytes.clone();
+    for i in (0..damaged.len()).step_by(3) {
+        damaged[i] ^= 0x41;
+        check(&damaged);
+        damaged[i] ^= 0x41;
+    }
+    for end in (0..bytes.len()).step_by(5) {
+        check(&bytes[..end]);
+    }
+}
+
+/// Written in two steps as baton's SAVE does (prefix, padding, flush; then the flows):
+/// the prefix is out before the flows exist, and the whole reads as the same state.
+#[test]
+fn a_stream_written_in_steps_with_padding_reads_as_the_state() {
+    let (state, plain) = some_stream();
+    let mut w = StreamWriter::new(Vec::new(), 0).expect("writer");
+    w.write_prefix(
+        &state.device,
+        &state.source,
+        &state.guest,
+        state.forwards.as_ref(),
+    )
+    .expect("prefix");
+    w.write_padding(40 << 10).expect("padding");
+    w.flush().expect("flush");
+    for flow in &state.tcp_flows {
+        w.write_tcp_flow(flow).expect("tcp flow");
+    }
+    for flow in &state.udp_flows {
+        w.write_udp_flow(flow).expect("udp flow");
+    }
+    let bytes = w.finish().expect("finish");
+    assert_eq!(bytes.len(), plain.len() + RECORD_HEADER_LEN + (40 << 10));
+    assert_eq!(
+        read_stream(Pieces::new(&bytes, &[4096])).expect("read"),
+        state
+    );
+    assert_eq!(decode_stream(&bytes).expect("decode"), state);
+
+    // What the flush wrote: a reader sees the Source record in it.
+    let mut w = StreamWriter::new(Vec::new(), 0).expect("writer");
+    w.write_prefix(&state.device, &state.source, &state.guest, None)
+        .expect("prefix");
+    w.flush().expect("flush");
+    let mut seen = observer(KernelStates::Keep);
+    let cut = w.finish().expect("finish");
+    let _ = read_stream_observed(&cut[..], &Limits::DEFAULT, &mut seen);
+    assert_eq!(seen.sources, vec![state.source.clone()]);
 }

@@ -1164,14 +1164,15 @@ impl crate::vu::NetworkEngine for GuestNet {
     fn save_state(
         &mut self,
         mode: crate::migrate::SaveMode,
+        prefix: &mut dyn FnMut(&crate::migrate::EngineState) -> std::io::Result<()>,
     ) -> Result<crate::migrate::EngineState, crate::migrate::EngineStateError> {
         if mode == crate::migrate::SaveMode::Migration {
             self.prepare_repair_for_save();
         }
-        let saved = self.save_engine_state(mode);
+        let saved = self.save_engine_state(mode, prefix);
         if mode == crate::migrate::SaveMode::Migration {
             match &saved {
-                Ok(state) if state.tcp_flows.iter().any(|f| f.kernel.is_some()) => {
+                Ok(state) if state.repaired => {
                     self.dumped_by = Some(self.repair_attachment);
                 }
                 Ok(_) => self.dumped_by = None,

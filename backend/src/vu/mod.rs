@@ -56,10 +56,16 @@ pub trait NetworkEngine: Send {
 
     /// Migration SAVE (device stopped): the engine's part of the device state. In
     /// [`SaveMode::Migration`] TCP connections are frozen first; in
-    /// [`SaveMode::Snapshot`] they are left alone. Engines without state to migrate
+    /// [`SaveMode::Snapshot`] they are left alone. `prefix` gets the state without its
+    /// flows (MAC, MTU, source, guest, forwards) before anything is frozen, to write the
+    /// stream's first records (see `migrate::save`). Engines without state to migrate
     /// refuse, which fails the migration cleanly.
-    fn save_state(&mut self, mode: SaveMode) -> Result<EngineState, EngineStateError> {
-        let _ = mode;
+    fn save_state(
+        &mut self,
+        mode: SaveMode,
+        prefix: &mut dyn FnMut(&EngineState) -> std::io::Result<()>,
+    ) -> Result<EngineState, EngineStateError> {
+        let _ = (mode, prefix);
         Err(EngineStateError::Unsupported)
     }
 

@@ -129,6 +129,21 @@ impl Baton {
         std::fs::read_to_string(self.dir.join("baton.log")).unwrap_or_default()
     }
 
+    /// Wait (up to 10 s) until the log contains every one of `texts`, for what another
+    /// thread of baton logs in its own time; panics with the log if it never does.
+    #[allow(dead_code)]
+    pub fn wait_for_log(&self, texts: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if texts.iter().all(|t| log.contains(t)) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "waited for {texts:?} in:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A test frontend connected and set up like QEMU does.
     pub fn connect(&self) -> NetFrontend {
         NetFrontend::connect(&self.socket(), FrontendOptions::default())
