@@ -567,6 +567,9 @@ impl OfferFd {
 struct Offered {
     flow: FlowId,
     socket: OfferFd,
+    /// Frozen (the target thaws it). Not so a socket SAVE left live because a target
+    /// had already come for the stream (see [`HandoverOffer::provide`]).
+    deaf: bool,
 }
 
 #[derive(Debug)]
@@ -653,6 +656,7 @@ impl HandoverOffer {
             .map(|s| Offered {
                 flow: s.flow,
                 socket: OfferFd::Owned(s.socket),
+                deaf: true,
             })
             .collect();
         Self::start_inner(Phase::Open(sockets), lifetime, None)
@@ -683,31 +687,39 @@ impl HandoverOffer {
         repaired: Option<(RepairClient, Vec<FlowId>)>,
     ) -> Result<Self, HandoverError> {
         let offer = Self::listen(lifetime)?;
-        offer.provide(sockets, repaired)?;
+        offer.provide(sockets, repaired, true)?;
         Ok(offer)
     }
 
     /// The sockets of an offer made with [`HandoverOffer::listen`] (the rules of
     /// [`HandoverOffer::lend`] apply), handed to a target waiting for them, if any.
-    /// Fails if the offer is no longer being prepared (cancelled, withdrawn, expired).
+    /// `frozen`: every socket is frozen; if not, only those in `repaired` are (SAVE
+    /// froze none of the others, because a target had come for the stream, see
+    /// [`HandoverOffer::target_waiting`]) and the others go as `SocketsLive`. Fails if
+    /// the offer is no longer being prepared (cancelled, withdrawn, expired).
     pub fn provide(
         &self,
         sockets: Vec<LentSocket>,
         repaired: Option<(RepairClient, Vec<FlowId>)>,
+        frozen: bool,
     ) -> Result<(), HandoverError> {
         if sockets.len() > MAX_HANDOVER_FLOWS {
             return Err(HandoverError::TooMany);
         }
+        let in_repair: HashSet<FlowId> = repaired
+            .as_ref()
+            .map(|(_, flows)| flows.iter().copied().collect())
+            .unwrap_or_default();
         let repaired = match repaired {
-            Some((helper, flows)) if !flows.is_empty() => {
-                let flows: HashSet<FlowId> = flows.into_iter().collect();
+            Some((helper, _)) if !in_repair.is_empty() => {
                 // In the offer's order (`send_sockets` relies on it).
                 let sockets = sockets
                     .iter()
-                    .filter(|s| flows.contains(&s.flow))
+                    .filter(|s| in_repair.contains(&s.flow))
                     .map(|s| Offered {
                         flow: s.flow,
                         socket: OfferFd::Lent(s.fd),
+                        deaf: true,
                     })
                     .collect();
                 Some(Repaired { helper, sockets })
@@ -719,6 +731,7 @@ impl HandoverOffer {
             .map(|s| Offered {
                 flow: s.flow,
                 socket: OfferFd::Lent(s.fd),
+                deaf: frozen || in_repair.contains(&s.flow),
             })
             .collect();
         let mut phase = lock(&self.phase);
@@ -1112,7 +1125,7 @@ fn send_sockets(
     // (see `HandoverOffer::lend`): one cursor walks both.
     let mut next_repaired = 0usize;
     let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(MAX_FDS);
-    for batch in sockets.chunks(MAX_FDS) {
+    for batch in frames(sockets) {
         if let Some(r) = guard.as_mut() {
             let from = next_repaired;
             for s in batch {
@@ -1127,7 +1140,12 @@ fn send_sockets(
         fds.clear();
         fds.extend(batch.iter().map(|s| s.socket.as_fd()));
         let flows = batch.iter().map(|s| s.flow).collect();
-        send(conn, &HandoverMessage::Sockets { flows }, &fds)?;
+        let frame = if batch.first().is_some_and(|s| s.deaf) {
+            HandoverMessage::Sockets { flows }
+        } else {
+            HandoverMessage::SocketsLive { flows }
+        };
+        send(conn, &frame, &fds)?;
     }
     if let Some(r) = guard.as_mut() {
         // A dumped socket the walk did not meet (none, by construction) leaves repair
@@ -1141,6 +1159,24 @@ fn send_sockets(
     let total = u32::try_from(sockets.len()).map_err(|_| HandoverError::TooMany)?;
     send(conn, &HandoverMessage::Done { total }, &[])?;
     Ok(in_helper)
+}
+
+/// The offer's sockets cut into frames, in order: at most [`MAX_FDS`] each, frozen and
+/// live ones apart (`Sockets`, `SocketsLive`).
+fn frames(sockets: &[Offered]) -> Vec<&[Offered]> {
+    let mut frames = Vec::with_capacity(sockets.len() / MAX_FDS + 1);
+    let mut rest = sockets;
+    while let Some(first) = rest.first() {
+        let run = rest
+            .iter()
+            .take(MAX_FDS)
+            .take_while(|s| s.deaf == first.deaf)
+            .count();
+        let (frame, tail) = rest.split_at(run);
+        frames.push(frame);
+        rest = tail;
+    }
+    frames
 }
 
 /// End repair mode on `r.sockets[range]` through the helper, keeping them deaf
@@ -1225,10 +1261,14 @@ struct Inspection {
     ours: std::sync::OnceLock<u64>,
 }
 
+/// One frame of sockets as received: its position, whether they are frozen (`Sockets`,
+/// not `SocketsLive`), and the sockets.
+type Received = (usize, bool, Vec<(FlowId, OwnedFd)>);
+
 #[derive(Debug, Default)]
 struct InspectionState {
-    /// Frames received, not yet taken for inspection, with their position.
-    queue: std::collections::VecDeque<(usize, Vec<(FlowId, OwnedFd)>)>,
+    /// Frames received, not yet taken for inspection.
+    queue: std::collections::VecDeque<Received>,
     /// Frames inspected, with their position.
     done: Vec<(usize, Vec<Arrived>)>,
     /// The first socket found wrong.
@@ -1242,10 +1282,10 @@ impl Inspection {
             return;
         };
         loop {
-            let Some((index, frame)) = lock(&self.state).queue.pop_front() else {
+            let Some((index, frozen, frame)) = lock(&self.state).queue.pop_front() else {
                 return;
             };
-            let result = inspect_frame(frame, ours);
+            let result = inspect_frame(frame, frozen, ours);
             let mut state = lock(&self.state);
             match result {
                 Ok(arrived) => state.done.push((index, arrived)),
@@ -1269,8 +1309,12 @@ impl Inspection {
     }
 }
 
-/// Inspect and thaw the sockets of one frame.
-fn inspect_frame(frame: Vec<(FlowId, OwnedFd)>, ours: u64) -> Result<Vec<Arrived>, HandoverError> {
+/// Inspect the sockets of one frame, and thaw them if `frozen`.
+fn inspect_frame(
+    frame: Vec<(FlowId, OwnedFd)>,
+    frozen: bool,
+    ours: u64,
+) -> Result<Vec<Arrived>, HandoverError> {
     frame
         .into_iter()
         .map(|(flow, socket)| {
@@ -1282,10 +1326,12 @@ fn inspect_frame(frame: Vec<(FlowId, OwnedFd)>, ours: u64) -> Result<Vec<Arrived
             })?;
             // Hearing again already (see the module's notes): whichever side ends up
             // owning the socket reads what arrives from now on.
-            detach_filter(socket.as_fd()).map_err(|e| HandoverError::BadSocket {
-                flow: flow.0,
-                reason: format!("thawing: {e}"),
-            })?;
+            if frozen {
+                detach_filter(socket.as_fd()).map_err(|e| HandoverError::BadSocket {
+                    flow: flow.0,
+                    reason: format!("thawing: {e}"),
+                })?;
+            }
             Ok(Arrived {
                 flow,
                 socket,
@@ -1459,38 +1505,9 @@ fn receive_inner(
             STEP_TIMEOUT
         };
         let (msg, fds) = recv_within(conn, timeout)?;
-        match msg {
-            HandoverMessage::Sockets { flows } => {
-                if flows.len() != fds.len() {
-                    return Err(HandoverError::FdCount {
-                        announced: fds.len(),
-                        flows: flows.len(),
-                        received: fds.len(),
-                    });
-                }
-                received += flows.len();
-                if received > MAX_HANDOVER_FLOWS {
-                    return Err(HandoverError::TooMany);
-                }
-                let frame = flows.into_iter().zip(fds).collect();
-                lock(&inspection.state).queue.push_back((frames, frame));
-                frames += 1;
-                // One frame's inspection per frame received: the queue only grows
-                // while the source sends faster, and the LOAD thread drains it too.
-                // (Popped first: the guard must not live into the block, which locks again.)
-                let next = lock(&inspection.state).queue.pop_front();
-                if let Some((index, frame)) = next {
-                    let result = inspect_frame(frame, ours);
-                    let mut state = lock(&inspection.state);
-                    match result {
-                        Ok(arrived) => state.done.push((index, arrived)),
-                        Err(err) => return Err(err),
-                    }
-                }
-                if let Some(err) = inspection.failure() {
-                    return Err(err);
-                }
-            }
+        let (frozen, flows) = match msg {
+            HandoverMessage::Sockets { flows } => (true, flows),
+            HandoverMessage::SocketsLive { flows } => (false, flows),
             HandoverMessage::Done { total } => {
                 if total as usize != received {
                     return Err(HandoverError::Incomplete {
@@ -1505,6 +1522,33 @@ fn receive_inner(
                 };
             }
             _ => return Err(HandoverError::Unexpected("Sockets or Done")),
+        };
+        if flows.len() != fds.len() {
+            return Err(HandoverError::FdCount {
+                announced: fds.len(),
+                flows: flows.len(),
+                received: fds.len(),
+            });
+        }
+        received += flows.len();
+        if received > MAX_HANDOVER_FLOWS {
+            return Err(HandoverError::TooMany);
+        }
+        let frame = flows.into_iter().zip(fds).collect();
+        lock(&inspection.state)
+            .queue
+            .push_back((frames, frozen, frame));
+        frames += 1;
+        // One frame's inspection per frame received: the queue only grows while the
+        // source sends faster, and the LOAD thread drains it too. (Popped first: the
+        // guard must not live into the block, which locks again.)
+        let next = lock(&inspection.state).queue.pop_front();
+        if let Some((index, frozen, frame)) = next {
+            let result = inspect_frame(frame, frozen, ours)?;
+            lock(&inspection.state).done.push((index, result));
+        }
+        if let Some(err) = inspection.failure() {
+            return Err(err);
         }
     }
 }
@@ -1629,7 +1673,7 @@ mod tests {
         attach_deaf_filter(client.as_fd()).unwrap();
         // SAFETY: `client` outlives the offer's use of it (the offer settles below).
         let lent = unsafe { LentSocket::new(FlowId(3), client.as_fd()) };
-        offer.provide(vec![lent], None).unwrap();
+        offer.provide(vec![lent], None, true).unwrap();
         let taken = early.finish(&want).unwrap();
         assert_eq!(offer.status(), OfferStatus::Taken(vec![FlowId(3)]));
         drop(offer);
@@ -1639,6 +1683,31 @@ mod tests {
         let mut buf = [0u8; 4];
         moved.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"pong");
+    }
+
+    /// Sockets SAVE did not freeze (the target had come) travel as `SocketsLive` and
+    /// work on arrival (the frozen kind, `Sockets`, is thawed: the tests above).
+    #[test]
+    fn live_sockets_arrive_working() {
+        let (client, mut server) = pair();
+        let want = [expected(2, &client)];
+        let offer = HandoverOffer::listen(Duration::from_secs(30)).unwrap();
+        let early = TakeOver::start(offer.endpoint()).unwrap();
+        wait_until("the target's token", || offer.target_waiting());
+        // SAFETY: `client` outlives the offer's use of it (it settles below).
+        let lent = unsafe { LentSocket::new(FlowId(2), client.as_fd()) };
+        offer.provide(vec![lent], None, false).unwrap();
+        let taken = early.finish(&want).unwrap();
+        drop(offer);
+        drop(client);
+        let mut moved = TcpStream::from(taken.into_iter().next().unwrap().1);
+        server.write_all(b"data").unwrap();
+        moved
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        moved.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"data");
     }
 
     /// SAVE fails after a target came early (the offer is dropped unprovided): the
@@ -1667,7 +1736,7 @@ mod tests {
         // SAFETY: `client` outlives the call (refused: the offer keeps nothing).
         let lent = unsafe { LentSocket::new(FlowId(1), client.as_fd()) };
         assert!(matches!(
-            offer.provide(vec![lent], None),
+            offer.provide(vec![lent], None, true),
             Err(HandoverError::NotOpen)
         ));
         assert!(TakeOver::start(offer.endpoint())
@@ -1732,12 +1801,46 @@ mod tests {
         assert!(matches!(err, HandoverError::Unreachable(_)), "{err}");
     }
 
+    /// Frames hold at most MAX_FDS sockets, of one kind each, in the offer's order.
+    #[test]
+    fn frames_keep_order_and_split_by_kind_and_size() {
+        let deaf = |i: u32| i < 10 || (300..320).contains(&i);
+        let sockets: Vec<Offered> = (0..700)
+            .map(|i| Offered {
+                flow: FlowId(i),
+                socket: OfferFd::Lent(-1),
+                deaf: deaf(i),
+            })
+            .collect();
+        let cut = frames(&sockets);
+        let sizes: Vec<(usize, bool)> = cut.iter().map(|f| (f.len(), f[0].deaf)).collect();
+        assert_eq!(
+            sizes,
+            vec![
+                (10, true),
+                (MAX_FDS, false),
+                (300 - 10 - MAX_FDS, false),
+                (20, true),
+                (MAX_FDS, false),
+                (380 - MAX_FDS, false)
+            ]
+        );
+        let flat: Vec<u32> = cut
+            .iter()
+            .flat_map(|f| f.iter().map(|s| s.flow.0))
+            .collect();
+        assert_eq!(flat, (0..700).collect::<Vec<_>>());
+        assert!(cut.iter().all(|f| f.iter().all(|s| s.deaf == f[0].deaf)));
+        assert!(frames(&[]).is_empty());
+    }
+
     #[test]
     fn taken_lists_only_flows_sent_and_each_once() {
         let sent: Vec<Offered> = (1..=5)
             .map(|i| Offered {
                 flow: FlowId(i),
                 socket: OfferFd::Lent(-1),
+                deaf: true,
             })
             .collect();
         let ids = |v: &[u32]| v.iter().copied().map(FlowId).collect::<Vec<_>>();

@@ -814,7 +814,7 @@ pub(crate) fn freeze_and_offer_tcp_flows(
     let lent_repaired = helper.as_deref().map(|h| (h.share(), in_repair));
     // The flows' own sockets are lent to the offer (one descriptor per connection); the
     // table keeps them open until the offer has settled (see `TcpFlows`).
-    match offer.provide(sockets, lent_repaired) {
+    match offer.provide(sockets, lent_repaired, true) {
         Ok(()) => {
             tcp.set_offer(offer);
             let with_state = frozen.records.iter().filter(|r| r.kernel.is_some()).count();

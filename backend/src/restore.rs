@@ -156,6 +156,17 @@ fn dump_flows(
     stop: &dyn Fn() -> bool,
 ) -> DumpOutcome {
     let mut outcome = DumpOutcome::default();
+    if stop() {
+        // Before even sorting the flows (a socket-cookie read each): a target that came
+        // this early saves the whole pass.
+        outcome.not_dumped = tcp.len();
+        info!(
+            "device state SAVE: nothing dumped: a target on this host came for the {} TCP \
+             connection(s) before the dump began",
+            outcome.not_dumped
+        );
+        return outcome;
+    }
     let mut flows = tcp.flow_sockets();
     if let Some(only) = only {
         flows.retain(|(id, _)| only.contains(id));

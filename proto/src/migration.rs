@@ -828,15 +828,21 @@ pub const MAX_HANDOVER_REASON: usize = 256;
 /// ```text
 ///  target                                   source
 ///  Hello { token } ───────────────────────▶ peer uid + token checked (once)
-///            ◀─────── Sockets { flows } + fds  (≤ MAX_FDS per frame, repeated)
+///            ◀─────── Sockets { flows } + fds  (≤ MAX_FDS per frame, repeated;
+///                     or SocketsLive: the same, not frozen)
 ///            ◀─────── Done { total }
-///  fds checked
+///  fds checked, frozen ones thawed
 ///  Taken { flows } ───────────────────────▶ flows dropped from the source's table
 ///            ◀─────── Released               (ownership moved: never thawed there)
-///  filters detached, flows rebuilt
+///  flows rebuilt
 /// ```
 ///
 /// Either side may send `Refused` instead of its next message and close.
+///
+/// `SocketsLive` came later (appended, so the other messages keep their encoding): a
+/// source sends it only to a target that presented the token while SAVE was still
+/// freezing — which only targets that know it do (they connect as soon as they read
+/// the stream's Source record) — for sockets it did not freeze because of that.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HandoverMessage {
     Hello {
@@ -856,13 +862,19 @@ pub enum HandoverMessage {
     Refused {
         reason: String,
     },
+    /// As `Sockets`, for sockets that are not frozen (nothing to thaw).
+    SocketsLive {
+        flows: Vec<FlowId>,
+    },
 }
 
 impl HandoverMessage {
     /// Check the bounds of a received message.
     pub fn validate(&self) -> Result<(), RecordError> {
         match self {
-            HandoverMessage::Sockets { flows } if flows.len() > crate::frame::MAX_FDS => {
+            HandoverMessage::Sockets { flows } | HandoverMessage::SocketsLive { flows }
+                if flows.len() > crate::frame::MAX_FDS =>
+            {
                 Err(RecordError::TooLong {
                     what: "handover socket batch",
                     len: flows.len(),

@@ -1080,7 +1080,23 @@ fn handover_messages_round_trip_and_are_bounded() {
         HandoverMessage::Refused {
             reason: "wrong token".into(),
         },
+        HandoverMessage::SocketsLive {
+            flows: vec![FlowId(3)],
+        },
     ];
+    // SocketsLive was appended: the variants before it keep their numbers (an older
+    // peer decodes them as before).
+    for (index, msg) in messages.iter().enumerate() {
+        let bytes = baton_proto::encode(msg).expect("encode");
+        let tag = baton_proto::encode(&(index as u32)).expect("encode index");
+        assert!(bytes.starts_with(&tag), "{msg:?} is variant {index}");
+    }
+    let too_many_live = HandoverMessage::SocketsLive {
+        flows: (0..=baton_proto::frame::MAX_FDS as u32)
+            .map(FlowId)
+            .collect(),
+    };
+    assert!(too_many_live.validate().is_err());
     for msg in messages {
         msg.validate().expect("valid");
         let bytes = baton_proto::encode(&msg).expect("encode");
