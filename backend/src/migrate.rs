@@ -335,34 +335,46 @@ fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What [`widen_pipe`] asks for: the default `fs.pipe-max-size`, which an unprivileged
 /// process may use.
 const PIPE_BYTES: libc::c_int = 1 << 20;
+/// The smallest pipe (a page), for the stream's prefix (see [`save`]).
+const PIPE_PREFIX_BYTES: libc::c_int = 4096;
 
 /// QEMU passes the stream through a pipe, which holds 64 KiB by default: tens of
 /// megabytes (10,000 connections with 4 KiB queued each) then cost a wake-up of each
-/// side every 64 KiB. A pipe of 1 MiB lets both sides work in larger steps. Best
-/// effort: a descriptor that is not a pipe, or a lower system limit, keeps its size.
-fn widen_pipe(file: &File) {
-    match nix::fcntl::fcntl(
-        file.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES),
-    ) {
-        Ok(_) => {}
-        Err(err) => tracing::debug!("device state: pipe size left as it is ({err})"),
+/// side every 64 KiB. A pipe of 1 MiB lets both sides work in larger steps.
+fn widen_pipe(fd: std::os::fd::RawFd) {
+    set_pipe_size(fd, PIPE_BYTES);
+}
+
+/// Best effort: a descriptor that is not a pipe, or a lower system limit, keeps its
+/// size (only speed depends on it).
+fn set_pipe_size(fd: std::os::fd::RawFd, bytes: libc::c_int) {
+    if let Err(err) = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(bytes)) {
+        tracing::debug!("device state: pipe size left as it is, not {bytes} ({err})");
     }
 }
 
-/// Padding after the stream's prefix: more than QEMU's migration buffer (32 KiB), so
-/// that QEMU passes the prefix, with the handover endpoint, on to the target at once.
+/// Padding after the stream's prefix: more than QEMU's migration buffer (32 KiB) after
+/// the chunk that holds the prefix, so that QEMU sends that chunk on to the target at
+/// once (see [`save`]).
 const PREFIX_PADDING: u32 = 40 << 10;
 
 /// The SAVE thread: snapshot the engine, write the stream, close the fd (EOF for QEMU).
 ///
-/// The stream's prefix (Device, Source, Guest, Forwards) goes out first, padded and
-/// flushed, before the engine freezes anything: a target on this host reads the Source
-/// record, connects to the handover offer named there and so tells the engine, while it
-/// is still freezing, that the sockets move live — no dump needed
-/// ([`HandoverOffer::target_waiting`]).
+/// The stream's prefix (Device, Source, Guest, Forwards) goes out first, before the
+/// engine freezes anything: a target on this host reads the Source record, connects to
+/// the handover offer named there and so tells the engine, while it is still freezing,
+/// that the sockets move live — no dump needed ([`HandoverOffer::target_waiting`]).
+///
+/// Getting the prefix to the target takes care with QEMU in between (QEMU 10,
+/// `vhost_save_backend_state` / `vhost_load_backend_state`): the source QEMU reads the
+/// pipe in chunks of whatever it holds (at most 1 MiB) and puts each into its migration
+/// stream, which it sends 32 KiB at a time, when its buffer is full; the target QEMU
+/// passes a chunk on only once all of it arrived. So the chunk holding the prefix must
+/// be small and followed by more than 32 KiB: with offered connections, the pipe is cut
+/// to one page while the prefix and [`PREFIX_PADDING`] go through it (QEMU reads at
+/// most a page per chunk then), and widened to 1 MiB for the rest.
 fn save(file: File, device: &DeviceSide, mode: SaveMode) -> Result<(), TransferError> {
-    widen_pipe(&file);
+    let fd = file.as_raw_fd();
     let started = std::time::Instant::now();
     let flags = if mode == SaveMode::Snapshot {
         HEADER_FLAG_SNAPSHOT
@@ -385,10 +397,16 @@ fn save(file: File, device: &DeviceSide, mode: SaveMode) -> Result<(), TransferE
                 &state.guest,
                 state.forwards.as_ref(),
             )
-            .and_then(|()| writer.write_padding(PREFIX_PADDING))
-            .and_then(|()| writer.flush())
             .map_err(io::Error::other)?;
-        prefix_done = Some(started.elapsed());
+        if state.source.handover.is_some() {
+            set_pipe_size(fd, PIPE_PREFIX_BYTES);
+            writer
+                .write_padding(PREFIX_PADDING)
+                .and_then(|()| writer.flush())
+                .map_err(io::Error::other)?;
+            prefix_done = Some(started.elapsed());
+        }
+        widen_pipe(fd);
         Ok(())
     };
     // The guard is dropped at the end of this statement: writing the flows does not
@@ -451,7 +469,7 @@ impl ReadObserver for EarlyTakeOver {
 /// The LOAD thread: read and validate everything, check it fits this device, then hand
 /// it to the engine.
 fn load(file: File, device: &DeviceSide) -> Result<(), TransferError> {
-    widen_pipe(&file);
+    widen_pipe(file.as_raw_fd());
     let started = std::time::Instant::now();
     let mut early = EarlyTakeOver::default();
     let state = read_stream_observed(file, &Limits::DEFAULT, &mut early)?;

@@ -99,7 +99,7 @@ pub struct DumpOutcome {
 /// socket with a pre-dump of this very socket in `pre` ([`crate::predump`]) gets a
 /// freeze check (its pre-dumped state, with the fresh timestamp clock and
 /// `SO_PEEK_OFF`, if nothing moved since; else the full state); the others a dump.
-/// Each list goes to the client in slices, which it batches, keeping requests in flight.
+/// The flows go to the client in slices, which it batches, keeping requests in flight.
 /// A socket the helper refuses because its connection is already over in the kernel
 /// (CLOSE) is told apart afterwards, so that live sockets cost no extra check.
 ///
@@ -156,17 +156,6 @@ fn dump_flows(
     stop: &dyn Fn() -> bool,
 ) -> DumpOutcome {
     let mut outcome = DumpOutcome::default();
-    if stop() {
-        // Before even sorting the flows (a socket-cookie read each): a target that came
-        // this early saves the whole pass.
-        outcome.not_dumped = tcp.len();
-        info!(
-            "device state SAVE: nothing dumped: a target on this host came for the {} TCP \
-             connection(s) before the dump began",
-            outcome.not_dumped
-        );
-        return outcome;
-    }
     let mut flows = tcp.flow_sockets();
     if let Some(only) = only {
         flows.retain(|(id, _)| only.contains(id));
@@ -176,78 +165,73 @@ fn dump_flows(
     }
     let started = Instant::now();
     let use_pre = helper.supports_pre_dump() && !pre.is_empty();
-    let mut checks: Vec<(FlowId, BorrowedFd<'_>, crate::predump::Entry)> = Vec::new();
-    let mut plain: Vec<(FlowId, BorrowedFd<'_>)> = Vec::with_capacity(flows.len());
-    for (id, fd) in flows {
-        let entry = if use_pre { pre.remove(&id) } else { None };
-        match entry {
-            Some(entry) if crate::tcp::socket_cookie(fd).is_ok_and(|c| c == entry.cookie) => {
-                checks.push((id, fd, entry))
-            }
-            // None, or another socket under a reused flow id.
-            _ => plain.push((id, fd)),
-        }
-    }
     let mut queued = 0usize;
     let mut unchanged = 0usize;
     let mut redumped = 0usize;
-    let full = plain.len();
-    let mut checks = checks.into_iter().peekable();
-    while checks.peek().is_some() {
+    let mut full = 0usize;
+    for (at, slice) in flows.chunks(DUMP_SLICE).enumerate() {
         if stop() {
-            outcome.not_dumped = checks.len() + plain.len();
+            outcome.not_dumped = flows.len() - at * DUMP_SLICE;
             break;
         }
-        let slice: Vec<_> = checks.by_ref().take(DUMP_SLICE).collect();
-        let items: Vec<(BorrowedFd<'_>, ProgressMark)> =
-            slice.iter().map(|(_, fd, e)| (*fd, e.pre.mark)).collect();
-        match helper.freeze_check(&items) {
-            Ok(results) => {
-                for ((id, fd, entry), result) in slice.into_iter().zip(results) {
-                    let state = match result {
-                        Ok(FreezeCheck::Unchanged {
-                            timestamp,
-                            peek_off,
-                        }) => {
-                            unchanged += 1;
-                            let mut state = entry.pre.state;
-                            state.timestamp = timestamp;
-                            state.sockopts.peek_off = peek_off;
-                            Ok(state)
-                        }
-                        Ok(FreezeCheck::Dumped(state)) => {
-                            redumped += 1;
-                            Ok(state)
-                        }
-                        Err(err) => Err(err),
-                    };
-                    outcome.record(id, fd, state, &mut queued);
+        let mut checks: Vec<(FlowId, BorrowedFd<'_>, crate::predump::Entry)> = Vec::new();
+        let mut plain: Vec<(FlowId, BorrowedFd<'_>)> = Vec::with_capacity(slice.len());
+        for &(id, fd) in slice {
+            let entry = if use_pre { pre.remove(&id) } else { None };
+            match entry {
+                Some(entry) if crate::tcp::socket_cookie(fd).is_ok_and(|c| c == entry.cookie) => {
+                    checks.push((id, fd, entry))
                 }
-            }
-            Err(err) => {
-                let fds: Vec<BorrowedFd<'_>> = slice.iter().map(|(_, fd, _)| *fd).collect();
-                let ids: Vec<FlowId> = slice.iter().map(|(id, _, _)| *id).collect();
-                outcome.whole_request_failed(helper, &fds, ids, &err);
+                // None, or another socket under a reused flow id.
+                _ => plain.push((id, fd)),
             }
         }
-    }
-    let mut plain = plain.into_iter().peekable();
-    while outcome.not_dumped == 0 && plain.peek().is_some() {
-        if stop() {
-            outcome.not_dumped = plain.len();
-            break;
-        }
-        let slice: Vec<(FlowId, BorrowedFd<'_>)> = plain.by_ref().take(DUMP_SLICE).collect();
-        let fds: Vec<BorrowedFd<'_>> = slice.iter().map(|(_, fd)| *fd).collect();
-        match helper.dump(&fds) {
-            Ok(results) => {
-                for ((id, fd), result) in slice.into_iter().zip(results) {
-                    outcome.record(id, fd, result, &mut queued);
+        full += plain.len();
+        if !checks.is_empty() {
+            let items: Vec<(BorrowedFd<'_>, ProgressMark)> =
+                checks.iter().map(|(_, fd, e)| (*fd, e.pre.mark)).collect();
+            match helper.freeze_check(&items) {
+                Ok(results) => {
+                    for ((id, fd, entry), result) in checks.into_iter().zip(results) {
+                        let state = match result {
+                            Ok(FreezeCheck::Unchanged {
+                                timestamp,
+                                peek_off,
+                            }) => {
+                                unchanged += 1;
+                                let mut state = entry.pre.state;
+                                state.timestamp = timestamp;
+                                state.sockopts.peek_off = peek_off;
+                                Ok(state)
+                            }
+                            Ok(FreezeCheck::Dumped(state)) => {
+                                redumped += 1;
+                                Ok(state)
+                            }
+                            Err(err) => Err(err),
+                        };
+                        outcome.record(id, fd, state, &mut queued);
+                    }
+                }
+                Err(err) => {
+                    let fds: Vec<BorrowedFd<'_>> = checks.iter().map(|(_, fd, _)| *fd).collect();
+                    let ids: Vec<FlowId> = checks.iter().map(|(id, _, _)| *id).collect();
+                    outcome.whole_request_failed(helper, &fds, ids, &err);
                 }
             }
-            Err(err) => {
-                let ids: Vec<FlowId> = slice.iter().map(|(id, _)| *id).collect();
-                outcome.whole_request_failed(helper, &fds, ids, &err)
+        }
+        if !plain.is_empty() {
+            let fds: Vec<BorrowedFd<'_>> = plain.iter().map(|(_, fd)| *fd).collect();
+            match helper.dump(&fds) {
+                Ok(results) => {
+                    for ((id, fd), result) in plain.into_iter().zip(results) {
+                        outcome.record(id, fd, result, &mut queued);
+                    }
+                }
+                Err(err) => {
+                    let ids: Vec<FlowId> = plain.iter().map(|(id, _)| *id).collect();
+                    outcome.whole_request_failed(helper, &fds, ids, &err)
+                }
             }
         }
     }
@@ -258,16 +242,18 @@ fn dump_flows(
             outcome.closed.len()
         );
     }
+    let left_live = match outcome.not_dumped {
+        0 => String::new(),
+        n => format!("; {n} left live and not dumped: a target on this host came for them"),
+    };
     info!(
         "device state SAVE: {} TCP socket(s) dumped through baton-repair in {:.1} ms \
          ({unchanged} unchanged since their pre-dump, {redumped} re-dumped, {} without a \
-         pre-dump; {queued} queued bytes, {} failed; {} left live: a target on this host \
-         came for them)",
+         pre-dump; {queued} queued bytes, {} failed{left_live})",
         outcome.states.len(),
         started.elapsed().as_secs_f64() * 1e3,
         full,
         outcome.failed + outcome.unknown,
-        outcome.not_dumped
     );
     outcome
 }

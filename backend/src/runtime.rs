@@ -239,7 +239,46 @@ pub fn raise_nofile(max_flows: usize) -> u64 {
              TCP + UDP) fit; connections beyond it are refused and logged"
         );
     }
+    presize_fd_table(limit.min(wanted).min(FD_TABLE_PRESIZE));
     limit
+}
+
+/// The most descriptor slots [`presize_fd_table`] reserves (8 bytes each).
+const FD_TABLE_PRESIZE: u64 = 1 << 16;
+
+/// Grow the descriptor table to `slots` now. The kernel grows it by doubling, and in a
+/// process with more than one thread every growth waits for an RCU grace period
+/// (`expand_fdtable` calls `synchronize_rcu`): thousands of descriptors arriving at once
+/// — a migration target taking 10,000 sockets over `SCM_RIGHTS`, or restoring them —
+/// paid several grace periods, 50-100 ms here (measured: 6,000 descriptors received in
+/// 2 ms by a single-threaded process, 17 ms by one with a second thread). Done once at
+/// start, the table costs `slots` × 8 bytes. Best effort.
+fn presize_fd_table(slots: u64) {
+    let Some(highest) = slots
+        .checked_sub(1)
+        .and_then(|s| libc::c_int::try_from(s).ok())
+    else {
+        return;
+    };
+    let probe = match std::fs::File::open("/dev/null") {
+        Ok(file) => file,
+        Err(err) => {
+            tracing::debug!("descriptor table not pre-sized: /dev/null: {err}");
+            return;
+        }
+    };
+    // SAFETY: F_DUPFD_CLOEXEC duplicates `probe` (or fails) onto the lowest free number
+    // >= `highest`; the new descriptor is closed at once and owned by nobody else.
+    let dup = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_DUPFD_CLOEXEC, highest) };
+    if dup < 0 {
+        tracing::debug!(
+            "descriptor table not pre-sized to {slots}: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    // SAFETY: `dup` is a descriptor this function just created.
+    unsafe { libc::close(dup) };
 }
 
 /// Fork to the background like passt: the parent exits at once (the socket already

@@ -133,13 +133,21 @@ impl Baton {
     /// thread of baton logs in its own time; panics with the log if it never does.
     #[allow(dead_code)]
     pub fn wait_for_log(&self, texts: &[&str]) -> String {
+        self.wait_for_log_where(&format!("{texts:?}"), |log| {
+            texts.iter().all(|t| log.contains(t))
+        })
+    }
+
+    /// [`Baton::wait_for_log`] for any condition on the log, described by `what`.
+    #[allow(dead_code)]
+    pub fn wait_for_log_where(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let log = self.log();
-            if texts.iter().all(|t| log.contains(t)) {
+            if done(&log) {
                 return log;
             }
-            assert!(Instant::now() < deadline, "waited for {texts:?} in:\n{log}");
+            assert!(Instant::now() < deadline, "waited for {what} in:\n{log}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -705,14 +705,25 @@ pub struct TransferTimes {
     pub bytes: u64,
 }
 
-/// Move the device state from `source` to `target` the way QEMU does in a live
+/// QEMU's `IO_BUF_SIZE`: a `QEMUFile` writes its buffer out when this much is in it.
+const QEMU_FILE_BUFFER: u64 = 32 << 10;
+
+/// Move the device state from `source` to `target` the way QEMU 10 does in a live
 /// migration (`vhost_save_backend_state` on the source, `vhost_load_backend_state` on the
-/// target, the migration channel in between): the source's stream is read in chunks
-/// (QEMU: 1 MiB) and each chunk is passed on to the target while the source still
-/// writes. QEMU's target starts its LOAD when the device's section arrives, which is
-/// when the source has produced its first bytes; here LOAD starts at the first chunk.
-/// So the stream's transfer, reading and validation overlap the source's writing of it,
-/// as they do between two QEMUs. Either side's failure is returned (the source's first).
+/// target, the migration channel in between): the source's pipe is read in chunks of
+/// whatever it holds, at most 1 MiB, each put into the migration stream as a be32 length
+/// and the bytes, and passed on to the target while the source still writes. QEMU's
+/// target starts its LOAD when the device's section arrives, which is when the source
+/// has produced its first bytes; here LOAD starts at the first chunk.
+///
+/// What reaches the target when follows QEMU's buffering: the source's `QEMUFile` sends
+/// its 32 KiB buffer only when it is full (`qemu_put_buffer`, `add_buf_to_iovec`), and
+/// the target writes a chunk into the backend's pipe only once the whole chunk has
+/// arrived (`qemu_get_buffer` of its length). So a chunk reaches the target once the
+/// stream has been filled up to the 32 KiB boundary after it (the section starting at a
+/// boundary here), or at the end. The stream's transfer, reading and validation overlap
+/// the source's writing of it, as they do between two QEMUs. Either side's failure is
+/// returned (the source's first).
 pub fn migrate_device_state(
     source: &Frontend,
     target: &Frontend,
@@ -758,13 +769,29 @@ pub fn migrate_device_state(
     // A target that stopped reading (it refused the stream) makes the write fail with
     // EPIPE; the source is still read to its end, and the target's CHECK says why.
     let mut written: Result<(), std::io::Error> = Ok(());
+    // Chunks put into the migration stream but not yet complete at the target, with the
+    // stream offset of their end; and how much of the stream has been put.
+    let mut in_flight: std::collections::VecDeque<(u64, Vec<u8>)> = Default::default();
+    let mut put = 0u64;
+    let mut pass_on = |in_flight: &mut std::collections::VecDeque<(u64, Vec<u8>)>,
+                       sent_up_to: u64| {
+        while in_flight.front().is_some_and(|(end, _)| *end <= sent_up_to) {
+            if let Some((_, data)) = in_flight.pop_front() {
+                if written.is_ok() {
+                    written = to_target.write_all(&data);
+                }
+            }
+        }
+    };
     while len > 0 {
         bytes += len as u64;
-        if written.is_ok() {
-            written = to_target.write_all(&chunk[..len]);
-        }
+        put += 4 + len as u64;
+        in_flight.push_back((put, chunk[..len].to_vec()));
+        pass_on(&mut in_flight, put - put % QEMU_FILE_BUFFER);
         len = read_chunk(&mut from_source, &mut chunk)?;
     }
+    // The end of the section flushes the rest.
+    pass_on(&mut in_flight, u64::MAX);
     let saved_check = source
         .check_device_state()
         .map_err(vu("CHECK_DEVICE_STATE(SAVE)"));
