@@ -1331,18 +1331,26 @@ mod tests {
             assert_eq!(tcp.len(), 0);
         }
 
+        /// A source with one flow after SAVE, and a target that started taking its
+        /// sockets (given 100 ms to get them).
+        fn saved_and_target_started(
+        ) -> (Side, TcpStream, SourceRecord, Vec<TcpFlowRecord>, TakeOver) {
+            let (mut source, server) = source_with_flow();
+            let mut record = SourceRecord::default();
+            let (tcp, env) = source.parts();
+            let flows = save_flows(tcp, &env, &mut record);
+            let early = TakeOver::start(record.handover.as_ref().unwrap()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            (source, server, record, flows, early)
+        }
+
         /// The target starts taking the sockets while it still reads the stream; they
         /// move only once it finishes with the validated records.
         #[test]
         fn a_handover_started_early_moves_the_sockets_when_finished() {
-            let (mut source, mut server) = source_with_flow();
-            let mut record = SourceRecord::default();
-            let (tcp, env) = source.parts();
-            let flows = save_flows(tcp, &env, &mut record);
-            let endpoint = record.handover.clone().unwrap();
-            let early = TakeOver::start(&endpoint).unwrap();
+            let (mut source, mut server, record, flows, early) = saved_and_target_started();
             // Every socket is on its way, yet nothing is decided.
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            let (tcp, env) = source.parts();
             assert_eq!(tcp.collect_handover(&env), 0);
             let mut target = Side::new();
             let taken =
@@ -1358,13 +1366,7 @@ mod tests {
         /// connection goes on.
         #[test]
         fn a_handover_started_early_and_abandoned_leaves_the_source_owner() {
-            let (mut source, mut server) = source_with_flow();
-            let mut record = SourceRecord::default();
-            let (tcp, env) = source.parts();
-            let flows = save_flows(tcp, &env, &mut record);
-            let endpoint = record.handover.clone().unwrap();
-            let early = TakeOver::start(&endpoint).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            let (mut source, mut server, record, flows, early) = saved_and_target_started();
             drop(early);
             // Refused: the offer is over and cannot be taken any more.
             let mut target = Side::new();

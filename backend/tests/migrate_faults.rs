@@ -350,6 +350,20 @@ impl Workload {
         self.guest.start(dev);
     }
 
+    /// The source VM resumes on `source` and carries all `n` connections to their end,
+    /// having thawed them: what every failed migration must come to.
+    fn resume_and_finish(mut self, source: &Baton, n: usize, what: &str) {
+        self.resume_on(source);
+        self.finish(what, &|| source.log());
+        assert!(
+            source
+                .log()
+                .contains(&format!("TCP: {n} connection(s) thawed, carrying on here")),
+            "{}",
+            source.log()
+        );
+    }
+
     /// The VM now runs on `dev` (a target after its LOAD); the source's QEMU goes away.
     fn switch_to(&mut self, mut dev: NetFrontend) {
         drop(self.guest.stop());
@@ -411,8 +425,7 @@ fn guest_ports(n: usize) -> Vec<u16> {
 fn without_helper_save_freezes_and_the_source_carries_on() {
     let a = source("nohelper", false, &[]);
     let n = 6;
-    let (mut w, stream) = saved_midway(&a, n);
-    let log = || a.log();
+    let (w, stream) = saved_midway(&a, n);
     let state = decode_stream(&stream).expect("valid stream");
     assert_eq!(state.tcp_flows.len(), n, "every connection travels");
     assert!(
@@ -426,14 +439,7 @@ fn without_helper_save_freezes_and_the_source_carries_on() {
         )),
         "{text}"
     );
-    w.resume_on(&a);
-    w.finish("after SAVE, on the source", &log);
-    assert!(
-        a.log()
-            .contains(&format!("TCP: {n} connection(s) thawed, carrying on here")),
-        "{}",
-        a.log()
-    );
+    w.resume_and_finish(&a, n, "after SAVE, on the source");
 }
 
 /// No helper on either side, the target in the source's namespace: the sockets baton
@@ -836,8 +842,7 @@ fn a_damaged_stream_fails_load_and_the_source_carries_on() {
     let a = source("damaged", true, &[]);
     let b = target("damaged", false);
     let n = 6;
-    let (mut w, stream) = saved_midway(&a, n);
-    let log = || a.log();
+    let (w, stream) = saved_midway(&a, n);
     assert_eq!(decode_stream(&stream).expect("valid").tcp_flows.len(), n);
 
     let mut flipped = stream.clone();
@@ -888,14 +893,7 @@ fn a_damaged_stream_fails_load_and_the_source_carries_on() {
         log.contains("TCP handover failed, this backend keeps its connections")
             || log.contains("TCP handover: refused a connection")
     });
-    w.resume_on(&a);
-    w.finish("after the target refused the stream", &log);
-    assert!(
-        a.log()
-            .contains(&format!("TCP: {n} connection(s) thawed, carrying on here")),
-        "{}",
-        a.log()
-    );
+    w.resume_and_finish(&a, n, "after the target refused the stream");
 }
 
 /// The target's LOAD fails on a valid stream: a forged handover token (the source
