@@ -7,6 +7,8 @@
 //!    gateway address); the peer writes `BATON_BENCH_INFLIGHT` bytes (default 4 KiB) into
 //!    each, and the guest stops reading — so every socket holds that much data that the
 //!    guest has not acknowledged (it is in the socket's receive queue, and in the dump);
+//!    the source's CPU time while it moves that data towards the silent guest (and when
+//!    it was last busy) is printed with its log lines ("towards the silent guest");
 //! 2. the migration starts (`LOG_ALL`, the VM still runs). With pre-dump (the default
 //!    row) the bench waits until the source has pre-dumped every connection through
 //!    `baton-repair` (its "pre-dump pass over" line; `crate::predump`) and prints that
@@ -53,6 +55,22 @@ const FIRST_PORT: u16 = 10000;
 const WAVE: usize = 250;
 /// How long the backends get to move the peer's data towards the (silent) guest.
 const SETTLE: Duration = Duration::from_millis(2500);
+/// How often the source's CPU time is sampled during [`SETTLE`].
+const SETTLE_SAMPLE: Duration = Duration::from_millis(50);
+
+/// CPU time (user + system) of every thread of process `pid` so far, from
+/// `/proc/PID/task/*/schedstat` (nanoseconds, finer than `/proc/PID/stat`'s ticks).
+fn cpu_time(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let ns: u64 = tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
 
 /// Accept `n` connections; keep them open.
 fn accept_all(listener: TcpListener, n: usize) -> JoinHandle<Vec<TcpStream>> {
@@ -147,10 +165,32 @@ fn measure(
 
     // The peer writes; the guest stays silent, so nothing is acknowledged.
     let data = vec![0x5au8; inflight];
+    let cpu_before = cpu_time(a.pid());
+    let written = Instant::now();
     for peer in &mut peers {
         peer.write_all(&data).expect("peer write");
     }
-    std::thread::sleep(SETTLE);
+    // The source's CPU time while it moves the data towards the silent guest, and when
+    // it last used any (sampled: the engine should go idle once the guest's receive
+    // queue is full, not keep working per flow).
+    let mut last_busy = Duration::ZERO;
+    let mut cpu_seen = cpu_time(a.pid());
+    while written.elapsed() < SETTLE {
+        std::thread::sleep(SETTLE_SAMPLE);
+        let cpu = cpu_time(a.pid());
+        if cpu > cpu_seen {
+            last_busy = written.elapsed();
+        }
+        cpu_seen = cpu;
+    }
+    let settle_line = format!(
+        "towards the silent guest: source CPU {:.1} ms in {:.1} s, last busy within {:.0} ms \
+         of the peers' writes (sampled every {} ms)",
+        cpu_seen.saturating_sub(cpu_before).as_secs_f64() * 1e3,
+        SETTLE.as_secs_f64(),
+        last_busy.as_secs_f64() * 1e3,
+        SETTLE_SAMPLE.as_millis()
+    );
 
     // The migration starts: LOG_ALL while the VM runs (QEMU's pre-copy).
     let log_all = Instant::now();
@@ -247,7 +287,8 @@ fn measure(
             })
             .collect()
     };
-    let source_lines = pick(
+    let mut source_lines = vec![settle_line];
+    source_lines.extend(pick(
         a.log(),
         &[
             "pre-dump pass over",
@@ -256,7 +297,7 @@ fn measure(
             "device state saved",
             "out of repair mode",
         ],
-    );
+    ));
     let target_lines = pick(b.log(), &["taken over", "stream read and validated"]);
     if let Some(dir) = keep_logs {
         let mode = format!(

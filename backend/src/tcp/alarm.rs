@@ -77,6 +77,15 @@ impl AlarmClock {
         }
     }
 
+    /// Make the eventfd readable now, without the thread: the device runs
+    /// `handle_host_events` again as soon as it can (work left for another turn).
+    pub(crate) fn ring_now(&self) {
+        if let Err(err) = self.event.write(1) {
+            // Only an overflowing counter fails, and that one is readable anyway.
+            tracing::debug!("TCP alarm eventfd: {err}");
+        }
+    }
+
     /// The eventfd was readable: reset it. Deadlines must be re-armed by the caller.
     pub(crate) fn acknowledge(&mut self) {
         let _ = self.event.read();

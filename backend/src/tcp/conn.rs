@@ -49,6 +49,9 @@ const DUP_ACK_THRESHOLD: u8 = 3;
 /// next one on the scoreboard is dropped (the guest may have discarded what it
 /// reported) and everything from SND.UNA is resent.
 pub const SACK_TRUSTED_TIMEOUTS: u8 = 2;
+/// Peeks per [`TcpConn::push_data`] call at most (each up to one peek buffer), so that
+/// one fast flow does not hold up the others.
+pub(crate) const PUSH_ROUNDS: usize = 16;
 /// Default MSS when the guest sends none (RFC 9293: 536 for IPv4, 1220 for IPv6).
 const DEFAULT_MSS_V4: u16 = 536;
 const DEFAULT_MSS_V6: u16 = 1220;
@@ -156,6 +159,10 @@ pub struct TcpConn {
     pub rx_blocked: bool,
     /// The socket hung up (both directions): never poll it again.
     pub hung_up: bool,
+    /// [`Self::push_data`] stopped at its round limit with data and window left: the
+    /// socket's edge-triggered EPOLLIN will not report that data again, so the flow
+    /// must be given another turn (see [`Self::wanted_events`]).
+    pub push_again: bool,
     pub deadline: Option<Instant>,
     /// Deadline this flow has in the timer queue.
     pub scheduled: Option<Instant>,
@@ -223,6 +230,7 @@ impl TcpConn {
             send_blocked: false,
             rx_blocked: false,
             hung_up: false,
+            push_again: false,
             deadline: None,
             scheduled: None,
             rto: INITIAL_RTO,
@@ -266,6 +274,7 @@ impl TcpConn {
             send_blocked: false,
             rx_blocked: false,
             hung_up: false,
+            push_again: false,
             deadline: None,
             scheduled: None,
             rto: INITIAL_RTO,
@@ -297,6 +306,7 @@ impl TcpConn {
             ack_pending: true,
             rx_blocked: true,
             hung_up: false,
+            push_again: false,
             deadline: unacked.then(|| now + INITIAL_RTO),
             scheduled: None,
             rto: INITIAL_RTO,
@@ -332,7 +342,31 @@ impl TcpConn {
         self.push_data(io)
     }
 
+    /// Data may wait in the socket, but other flows already wait for the guest's
+    /// receive buffers: wait behind them (see [`Self::resume_rx`]) instead of peeking.
+    pub fn wait_for_rx(&mut self) {
+        if self.guest.state == TcpState::Established {
+            self.rx_blocked = true;
+        }
+    }
+
     /// The epoll events this connection wants now.
+    ///
+    /// Established connections are polled edge-triggered. Level-triggered EPOLLIN
+    /// cannot work with the peek model: the kernel reports a socket readable while it
+    /// holds unread data, and data sent to the guest but not yet acknowledged stays
+    /// unread (peeked) — so every flow with data in flight and room left in the guest's
+    /// window was reported on every round although there was nothing to peek, and a
+    /// guest that stopped acknowledging kept the engine spinning until each flow's
+    /// retransmission timeout. With EPOLLET an event means something happened (new
+    /// data, the peer's FIN, free send space, an error); [`Self::push_data`] peeks until
+    /// the socket has nothing new or stops for a reason that changes this mask (guest
+    /// window full, receive queue full, our FIN sent) — registering the changed mask
+    /// polls the socket again — or sets [`Self::push_again`]. The other paths that can
+    /// send more (an ACK or window update from the guest, a timer, free receive buffers)
+    /// call `push_data` themselves. A frozen socket (see [`super::TcpFlows`]) cannot
+    /// make an edge-triggered registration spin either: it reports a change once, so
+    /// established connections stay registered through a freeze.
     pub fn wanted_events(&self) -> EpollFlags {
         let g = &self.guest;
         match g.state {
@@ -347,7 +381,9 @@ impl TcpConn {
                 if self.send_blocked {
                     events |= EpollFlags::EPOLLOUT;
                 }
-                events
+                // Even with nothing asked for: EPOLLERR and EPOLLHUP come regardless, and
+                // once is enough (see `TcpFlows::flow_event`).
+                events | EpollFlags::EPOLLET
             }
         }
     }
@@ -1055,8 +1091,9 @@ impl TcpConn {
             return Outcome::Keep;
         }
         self.rx_blocked = self.ack_pending;
+        self.push_again = false;
         let mss = usize::from(self.guest.mss.min(io.link_mss)).max(1);
-        for _round in 0..16 {
+        for round in 0..PUSH_ROUNDS {
             if let Some(fin) = self.guest.fin_to_guest {
                 if self.guest.seq_to_guest == fin {
                     // Rewound up to our FIN (a retransmission): send it again.
@@ -1169,6 +1206,11 @@ impl TcpConn {
             }
             if peeked < limit {
                 break;
+            }
+            if round + 1 == PUSH_ROUNDS {
+                // Fairness: other flows first. More may wait in the socket, and with
+                // edge-triggered polling only a turn of our own brings it out.
+                self.push_again = true;
             }
         }
         Outcome::Keep

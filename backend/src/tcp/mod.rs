@@ -53,15 +53,24 @@
 //!
 //! Flow control towards the socket: a connection polls EPOLLIN only while the guest's
 //! window has room, the guest's receive queue took our last frame, and no FIN was sent;
-//! so a readable socket with nowhere to send never spins. When the receive queue is full
-//! the flow waits in a list that is retried on every `handle_host_events` (which the
-//! device runs when the guest posts receive buffers).
+//! so a readable socket with nowhere to send never spins. Established connections are
+//! polled edge-triggered: the socket stays readable while data sent to the guest awaits
+//! its ACK, so level-triggered EPOLLIN would report it in every round with nothing new
+//! to peek (see [`TcpConn::wanted_events`]). When the receive queue is full the flow
+//! waits in a queue; every `handle_host_events` (which the device runs when the guest
+//! posts receive buffers) retries the oldest waiter, and the others only if it went
+//! through; a flow with new data while others wait queues behind them without peeking.
+//! A stuck guest costs one retry per round, not work for every flow with data.
 //!
 //! Migration (same host, see [`crate::handover`]): [`TcpFlows::freeze_for_handover`]
-//! makes every socket deaf (drop-all filter), takes it out of the epoll set and turns
-//! each established connection into a [`TcpFlowRecord`] plus its socket, lent to the
-//! offer (no duplicate: one descriptor per connection; so no offered flow is closed
-//! before the offer has settled, see [`crate::handover::LentSocket`]). While frozen nothing is sent to the guest (no timers, no waiters, no accepts).
+//! makes every socket deaf (drop-all filter) and turns each established connection into
+//! a [`TcpFlowRecord`] plus its socket, lent to the offer (no duplicate: one descriptor
+//! per connection; so no offered flow is closed before the offer has settled, see
+//! [`crate::handover::LentSocket`]). Edge-triggered
+//! registrations stay in the epoll set while frozen (a deaf socket reports nothing new,
+//! and events are ignored); a flow leaves the set when it is released — before its
+//! descriptor closes, as a target may hold the same socket — and a thaw polls the others
+//! afresh. While frozen nothing is sent to the guest (no timers, no waiters, no accepts).
 //! Two things end it: the offer is taken ([`TcpFlows::collect_handover`] drops those
 //! flows without a sound — the target holds the same sockets — and never thaws them),
 //! or the guest talks again on this side (the source VM resumed:
@@ -85,6 +94,8 @@ mod sack;
 pub mod segment;
 pub mod seq;
 mod sock;
+#[cfg(test)]
+mod tests;
 pub(crate) use sock::{
     is_closed as socket_is_closed, netns_cookie, set_int_option, set_peek_offset,
     set_reset_on_close, socket_cookie, tcp_info,
@@ -92,7 +103,7 @@ pub(crate) use sock::{
 
 use std::cmp::Reverse;
 use std::collections::hash_map::RandomState;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::hash::BuildHasher;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -127,25 +138,43 @@ const PEEK_BUFFER_LEN: usize = 65536;
 /// Connections accepted per listener event.
 const ACCEPTS_PER_EVENT: usize = 64;
 
-/// Flows waiting for guest receive buffers, each once, in the order they started
-/// waiting (the oldest is retried first). A set beside the list: after a LOAD every
-/// adopted flow waits, and a membership scan per flow made resuming 10,000 of them
-/// quadratic.
+/// Flows waiting for a turn, each once, in the order they started waiting (the oldest
+/// first). A set beside the queue: after a LOAD every adopted flow waits, and a
+/// membership scan per flow made resuming 10,000 of them quadratic.
 #[derive(Debug, Default)]
-struct RxWaiters {
-    order: Vec<FlowId>,
+struct FlowQueue {
+    order: VecDeque<FlowId>,
     members: HashSet<FlowId>,
 }
 
-impl RxWaiters {
-    fn push(&mut self, id: FlowId) {
+impl FlowQueue {
+    /// Queue `id` at the end unless it waits already; `true` if the queue was empty.
+    fn push(&mut self, id: FlowId) -> bool {
+        let was_empty = self.order.is_empty();
         if self.members.insert(id) {
-            self.order.push(id);
+            self.order.push_back(id);
         }
+        was_empty
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// The oldest waiting flow; it stays queued.
+    fn front(&self) -> Option<FlowId> {
+        self.order.front().copied()
+    }
+
+    /// Take the oldest waiting flow out of the queue.
+    fn pop_front(&mut self) -> Option<FlowId> {
+        let id = self.order.pop_front()?;
+        self.members.remove(&id);
+        Some(id)
     }
 
     /// All waiting flows, oldest first; the queue is empty afterwards.
-    fn take(&mut self) -> Vec<FlowId> {
+    fn take(&mut self) -> VecDeque<FlowId> {
         self.members.clear();
         std::mem::take(&mut self.order)
     }
@@ -202,7 +231,10 @@ pub(crate) struct TcpFlows {
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     alarm: alarm::AlarmClock,
     /// Flows whose frames did not fit in the guest's receive queue.
-    rx_waiters: RxWaiters,
+    rx_waiters: FlowQueue,
+    /// Flows that stopped sending at their round limit with more to send
+    /// ([`TcpConn::push_again`]): their turn comes after the next round of events.
+    push_again: FlowQueue,
     /// Connections closed both ways in the last seconds (see [`closed`]).
     closed: closed::ClosedFlows,
     isn_secret: RandomState,
@@ -254,7 +286,8 @@ enum AdoptHold {
 enum Freeze {
     #[default]
     Live,
-    /// Frozen at SAVE: every socket deaf and out of the epoll set.
+    /// Frozen at SAVE: every socket deaf, and quiet in the epoll set (edge-triggered) or
+    /// out of it.
     Frozen {
         /// Stream flow id → table flow id of the flows offered.
         offered: Vec<(WireFlowId, FlowId)>,
@@ -299,7 +332,8 @@ impl TcpFlows {
             listeners: Vec::new(),
             timers: BinaryHeap::new(),
             alarm,
-            rx_waiters: RxWaiters::default(),
+            rx_waiters: FlowQueue::default(),
+            push_again: FlowQueue::default(),
             closed: closed::ClosedFlows::default(),
             isn_secret: RandomState::new(),
             epoch: now,
@@ -680,6 +714,9 @@ impl TcpFlows {
         };
         if conn.rx_blocked {
             self.rx_waiters.push(id);
+        } else if conn.push_again && self.push_again.push(id) {
+            // Nothing else may wake the device for it (edge-triggered polling).
+            self.alarm.ring_now();
         }
         if !conn.hung_up {
             let wanted = conn.wanted_events();
@@ -717,7 +754,9 @@ impl TcpFlows {
     ) {
         let payload = data & PAYLOAD_MASK;
         if self.is_frozen() && (data >> KIND_SHIFT) & 0xff != KIND_ALARM {
-            // Sockets left the epoll set when frozen; a stale event changes nothing.
+            // A frozen socket is deaf; what it still reports (a change from before the
+            // freeze, a target's traffic on a socket handed over but not yet released)
+            // changes nothing. `thaw` polls the sockets afresh.
             return;
         }
         match (data >> KIND_SHIFT) & 0xff {
@@ -765,6 +804,11 @@ impl TcpFlows {
         now: Instant,
     ) {
         tracing::trace!("{id}: socket events {events:?}");
+        // Flows already wait for the guest's receive buffers: a flow with new data
+        // queues behind them rather than peek and build frames for a receive queue that
+        // is most likely still full (a stuck guest would cost that for every flow with
+        // data). The waiters are retried, oldest first, at the end of this round.
+        let queue_behind = !self.rx_waiters.is_empty() && self.hold == AdoptHold::Off;
         let outcome = self.with_io(env, id, sink, now, |conn, io| {
             if conn.guest.state == TcpState::Connecting {
                 if events
@@ -786,7 +830,11 @@ impl TcpFlows {
                 && events
                     .intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP)
             {
-                outcome = conn.push_data(io);
+                if queue_behind {
+                    conn.wait_for_rx();
+                } else {
+                    outcome = conn.push_data(io);
+                }
             }
             if outcome == Outcome::Keep && events.contains(EpollFlags::EPOLLHUP) {
                 // Both directions are shut: nothing more to learn from polling (HUP is
@@ -888,13 +936,10 @@ impl TcpFlows {
                 self.hold = AdoptHold::Off;
             }
         }
-        let waiters = self.rx_waiters.take();
-        let mut stalled = false;
-        for id in waiters {
-            if stalled {
-                self.rx_waiters.push(id);
-                continue;
-            }
+        // The oldest waiter first; once one finds the receive queue still full the
+        // others keep their places untouched (retrying them, or even re-queueing them,
+        // would be work per waiting flow in every round while the guest is stuck).
+        while let Some(id) = self.rx_waiters.front() {
             tracing::trace!("{id}: retrying after a full receive queue");
             let outcome = self.with_io(env, id, sink, now, |conn, io| {
                 if conn.rx_blocked {
@@ -903,11 +948,28 @@ impl TcpFlows {
                     Outcome::Keep
                 }
             });
-            let Some(outcome) = outcome else { continue };
-            if self.flows.get(id).is_some_and(|c| c.rx_blocked) {
-                stalled = true;
+            if let Some(outcome) = outcome {
+                // A flow still waiting is queued already: `settle` leaves it in place.
+                self.settle(env, id, outcome);
             }
-            self.settle(env, id, outcome);
+            if self.flows.get(id).is_some_and(|c| c.rx_blocked) {
+                break;
+            }
+            self.rx_waiters.pop_front();
+        }
+        // Flows that stopped at their round limit; those that stop there again wait for
+        // the next round (the alarm makes sure there is one).
+        for id in self.push_again.take() {
+            let outcome = self.with_io(env, id, sink, now, |conn, io| {
+                if conn.push_again && !conn.rx_blocked {
+                    conn.push_data(io)
+                } else {
+                    Outcome::Keep
+                }
+            });
+            if let Some(outcome) = outcome {
+                self.settle(env, id, outcome);
+            }
         }
         self.run_timers(env, sink, now);
     }
@@ -985,10 +1047,11 @@ impl TcpFlows {
         self.flows.get(id).map(|conn| conn.socket.as_fd())
     }
 
-    /// SAVE of a migration (the VM is stopped): make every socket deaf, take it out of
-    /// the epoll set, and describe each established connection. A connection whose
-    /// socket cannot be frozen or described stays live and is counted in `left_behind`
-    /// (as are handshakes in progress, which the guest restarts on the target).
+    /// SAVE of a migration (the VM is stopped): make every socket deaf (out of the epoll
+    /// set unless polled edge-triggered), and describe each established connection. A
+    /// connection whose socket cannot be frozen or described stays live and is counted
+    /// in `left_behind` (as are handshakes in progress, which the guest restarts on the
+    /// target).
     /// `pre_frozen`: flows whose sockets `baton-repair` already froze (attaching the
     /// filter needs `CAP_NET_ADMIN` on some kernels), with their host ends when its dump
     /// read them (the same `getsockname`/`getpeername` of the same socket: two system
@@ -998,11 +1061,16 @@ impl TcpFlows {
         env: &Env<'_>,
         pre_frozen: &std::collections::HashMap<FlowId, Option<HostSocketEnds>>,
     ) -> FrozenFlows {
-        self.unfreeze_offer();
-        let mut frozen = FrozenFlows::default();
-        let mut offered = Vec::new();
+        self.unfreeze_offer(env.epoll);
+        let ids = self.flows.ids();
+        let mut frozen = FrozenFlows {
+            records: Vec::with_capacity(ids.len()),
+            sockets: Vec::with_capacity(ids.len()),
+            left_behind: 0,
+        };
+        let mut offered = Vec::with_capacity(ids.len());
         let mut next_id: u32 = 0;
-        for id in self.flows.ids() {
+        for id in ids {
             let Some(conn) = self.flows.get_mut(id) else {
                 continue;
             };
@@ -1014,7 +1082,17 @@ impl TcpFlows {
                 frozen.left_behind += 1;
                 continue;
             }
-            if conn.registered.take().is_some() {
+            // An edge-triggered registration stays: the socket is deaf, so it reports
+            // at most a change it already had (ignored while frozen), and one system
+            // call per connection less at SAVE (taking 10,000 sockets out of the epoll
+            // set was most of the time spent here). It leaves the set in `release`, or
+            // is polled afresh in `thaw`. A level-triggered one (handshakes) could
+            // report a writable or failed socket over and over: out with it.
+            if conn
+                .registered
+                .is_some_and(|events| !events.contains(EpollFlags::EPOLLET))
+            {
+                conn.registered = None;
                 let _ = env.epoll.delete(conn.socket.as_fd());
             }
             let guest_side = match baton_proto::migration::GuestTcpSide::try_from(&conn.guest) {
@@ -1088,12 +1166,12 @@ impl TcpFlows {
 
     /// Withdraw a previous offer (a second SAVE); its outcome is applied first (waiting
     /// out a transfer under way: the new offer lends the same sockets).
-    fn unfreeze_offer(&mut self) {
+    fn unfreeze_offer(&mut self, epoll: &Epoll) {
         if let Freeze::Frozen { offer, offered } = &mut self.freeze {
             if let Some(old) = offer.take() {
                 if let OfferStatus::Taken(flows) = old.settle() {
                     let ids = taken_ids(offered, &flows);
-                    self.release(&ids);
+                    self.release(epoll, &ids);
                 }
             }
         }
@@ -1102,7 +1180,6 @@ impl TcpFlows {
     /// If the target took flows, drop them here: no FIN, no RST (the target holds the
     /// same sockets), never thawed. Returns how many.
     pub(crate) fn collect_handover(&mut self, env: &Env<'_>) -> usize {
-        let _ = env;
         let Freeze::Frozen {
             offer: Some(offer),
             offered,
@@ -1114,21 +1191,29 @@ impl TcpFlows {
             return 0;
         };
         let ids = taken_ids(offered, &flows);
-        self.release(&ids);
+        self.release(env.epoll, &ids);
         tracing::info!("TCP: {} connection(s) handed over to the target", ids.len());
         ids.len()
     }
 
-    fn release(&mut self, ids: &[FlowId]) {
+    /// Drop flows of a frozen table without a sound (their sockets are deaf, or the
+    /// target's now).
+    fn release(&mut self, epoll: &Epoll, ids: &[FlowId]) {
         for &id in ids {
             if let Some(conn) = self.flows.remove(id) {
-                // Not in the epoll set since the freeze; closing our descriptor leaves
-                // the connection to the target's.
+                // Out of the epoll set first: closing our descriptor does not end a
+                // registration while the socket is open elsewhere — a target holds it
+                // — and ours would keep reporting the target's traffic.
+                if conn.registered.is_some() {
+                    let _ = epoll.delete(conn.socket.as_fd());
+                }
+                // Closing our descriptor leaves the connection to the target's.
                 drop(conn);
             }
         }
         let flows = &self.flows;
         self.rx_waiters.retain(|id| flows.get(id).is_some());
+        self.push_again.retain(|id| flows.get(id).is_some());
     }
 
     /// The guest talks on this side. If frozen, the source VM has resumed: withdraw the
@@ -1149,7 +1234,7 @@ impl TcpFlows {
                  the guest's segments for them are answered with RST",
                 taken.len()
             );
-            self.release(&taken);
+            self.release(env.epoll, &taken);
         }
         self.thaw(env);
         true
@@ -1166,6 +1251,14 @@ impl TcpFlows {
             };
             if let Err(err) = crate::handover::detach_filter(conn.socket.as_fd()) {
                 tracing::warn!("{id}: detaching the freeze filter: {err}");
+            }
+            if let Some(events) = conn.registered {
+                // Still registered (edge-triggered, see `freeze_for_handover`): what the
+                // socket reported while frozen was ignored, so have it polled afresh.
+                let mut event = EpollEvent::new(events, flow_data(id));
+                if let Err(err) = env.epoll.modify(conn.socket.as_fd(), &mut event) {
+                    tracing::debug!("{id}: epoll registration: {err}");
+                }
             }
             thawed += 1;
             self.settle(env, id, Outcome::Keep);
@@ -1207,14 +1300,14 @@ impl TcpFlows {
             Some(OfferStatus::Taken(flows)) => taken_ids(offered, flows),
             _ => Vec::new(),
         };
-        self.release(&taken);
+        self.release(env.epoll, &taken);
         let rest = self.flows.ids();
         let sockets: Vec<_> = rest
             .iter()
             .filter_map(|id| self.flows.get(*id).map(|conn| conn.socket.as_fd()))
             .collect();
         silence(&sockets);
-        self.release(&rest);
+        self.release(env.epoll, &rest);
         // Back to live with no flows: the forwarding listeners return to the epoll set.
         self.thaw(env);
         (taken.len(), rest.len())
