@@ -773,7 +773,10 @@ pub(crate) fn freeze_and_offer_tcp_flows(
         })
         .collect();
     pre_frozen.extend(closed.iter().map(|id| (*id, None)));
-    let mut frozen = tcp.freeze_for_handover(env, &pre_frozen);
+    // Decided once: a target that comes from now on still takes the sockets, but they
+    // are frozen and the records written as if none had come.
+    let live_only = offer.target_waiting();
+    let mut frozen = tcp.freeze_for_handover(env, &pre_frozen, !live_only);
     drop(pre_frozen);
     // Fail SAVE: thaw what the helper dumped (repair mode needs it), then the rest.
     let give_up = |tcp: &mut TcpFlows, helper: Option<&mut baton_repair_ipc::RepairClient>| {
@@ -795,9 +798,6 @@ pub(crate) fn freeze_and_offer_tcp_flows(
             frozen.left_behind
         );
     }
-    // Decided once: a target that comes from now on still takes the sockets, but the
-    // records are written as they are.
-    let live_only = offer.target_waiting();
     // Pair the records with the dumped states (records and offered flows come in the
     // same order, one pair per record); dumped sockets that are not offered stay here
     // and must leave repair mode now.
@@ -832,7 +832,7 @@ pub(crate) fn freeze_and_offer_tcp_flows(
     let lent_repaired = helper.as_deref().map(|h| (h.share(), in_repair));
     // The flows' own sockets are lent to the offer (one descriptor per connection); the
     // table keeps them open until the offer has settled (see `TcpFlows`).
-    match offer.provide(sockets, lent_repaired, true) {
+    match offer.provide(sockets, lent_repaired, !live_only) {
         Ok(()) => {
             tcp.set_offer(offer);
             let with_state = frozen.records.iter().filter(|r| r.kernel.is_some()).count();

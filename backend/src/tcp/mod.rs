@@ -1056,10 +1056,13 @@ impl TcpFlows {
     /// filter needs `CAP_NET_ADMIN` on some kernels), with their host ends when its dump
     /// read them (the same `getsockname`/`getpeername` of the same socket: two system
     /// calls less per connection here); the others are frozen here.
+    /// `deafen`: make the others deaf; not when a target on this host has come for the
+    /// stream (it takes the live sockets: nothing for deafness to protect).
     pub(crate) fn freeze_for_handover(
         &mut self,
         env: &Env<'_>,
         pre_frozen: &std::collections::HashMap<FlowId, Option<HostSocketEnds>>,
+        deafen: bool,
     ) -> FrozenFlows {
         self.unfreeze_offer(env.epoll);
         let ids = self.flows.ids();
@@ -1075,8 +1078,8 @@ impl TcpFlows {
                 continue;
             };
             let known = pre_frozen.get(&id);
-            if known.is_some() {
-                // Frozen by the helper.
+            if known.is_some() || !deafen {
+                // Frozen by the helper, or nothing to freeze for.
             } else if let Err(err) = crate::handover::attach_deaf_filter(conn.socket.as_fd()) {
                 tracing::warn!("{id}: cannot freeze the socket, it stays here: {err}");
                 frozen.left_behind += 1;

@@ -254,7 +254,7 @@ fn a_frozen_table_stays_quiet_and_a_thaw_polls_afresh() {
         delivered(server, DATA);
     }
     let (tcp, env) = table.parts();
-    let frozen = tcp.freeze_for_handover(&env, &HashMap::new());
+    let frozen = tcp.freeze_for_handover(&env, &HashMap::new(), true);
     assert_eq!(frozen.records.len(), usize::from(FLOWS));
     assert_eq!(frozen.left_behind, 0);
     // What the sockets report while frozen changes nothing, and it is reported once.
