@@ -1129,7 +1129,22 @@ fn open_fds(pid: u32) -> usize {
         .count()
 }
 
+/// How the target comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// After SAVE is over, with the whole stream (every socket dumped, then handed over).
+    Late,
+    /// While SAVE still freezes: the target reads the stream's Source record as soon as
+    /// it is written and connects to the offer; the source then skips the dump and the
+    /// sockets move live, without kernel state in the stream.
+    Early,
+}
+
 fn migrate(n: usize) {
+    migrate_with(n, Arrival::Late);
+}
+
+fn migrate_with(n: usize, arrival: Arrival) {
     baton_testkit::netns::enter_private_netns().expect("private network namespace (run as root)");
     // This process holds the peers' ends.
     let nofile = baton_testkit::netns::raise_nofile(n as u64 + 1024).expect("RLIMIT_NOFILE");
@@ -1184,12 +1199,43 @@ fn migrate(n: usize) {
             && (0..udp_flows).all(|f| w.host.udp_seen.contains_key(&(f, 2)))
     });
 
-    // 3. SAVE on the source, as QEMU does after stopping the VM.
-    let dev = &mut world.guest.dev;
-    dev.stop_rings().expect("GET_VRING_BASE");
-    let stream = dev
-        .save_state()
-        .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", log_tail(&source)));
+    // 3. SAVE on the source, as QEMU does after stopping the VM (and, with a target
+    // that comes early, LOAD on the target meanwhile).
+    world.guest.dev.stop_rings().expect("GET_VRING_BASE");
+    let (stream, early_target) = match arrival {
+        Arrival::Late => {
+            let stream = world
+                .guest
+                .dev
+                .save_state()
+                .unwrap_or_else(|e| panic!("SAVE: {e}; log:\n{}", log_tail(&source)));
+            (stream, None)
+        }
+        Arrival::Early => {
+            let mut stream = None;
+            let target_dev = NetFrontend::connect_with(&target.socket(), frontend_options(), |t| {
+                stream = Some(baton_vu_harness::migrate_device_state_early(
+                    &world.guest.dev.fe,
+                    &t.fe,
+                    || {
+                        source.wait_for_log(&[
+                            "a target on this host presented the token while SAVE prepares",
+                        ]);
+                    },
+                ));
+                Ok(())
+            })
+            .unwrap_or_else(|e| panic!("target frontend: {e}; log:\n{}", log_tail(&target)));
+            let stream = stream.expect("the hook ran").unwrap_or_else(|e| {
+                panic!(
+                    "SAVE+LOAD: {e}; source:\n{}\ntarget:\n{}",
+                    log_tail(&source),
+                    log_tail(&target)
+                )
+            });
+            (stream, Some(target_dev))
+        }
+    };
     let state = decode_stream(&stream).expect("valid stream");
     assert_eq!(state.tcp_flows.len(), n, "flows in the stream");
     assert_eq!(
@@ -1202,28 +1248,48 @@ fn migrate(n: usize) {
         .iter()
         .filter(|f| f.kernel.is_some())
         .count();
-    assert_eq!(with_kernel, n, "every connection dumped through the helper");
-    // Data in flight both ways: the peer's bytes the guest never acknowledged (every
-    // connection the peer still writes to), the guest's bytes the peer did not take.
-    let host_unacked = state
-        .tcp_flows
-        .iter()
-        .filter(|f| f.kernel.as_ref().is_some_and(|k| !k.recv_queue.is_empty()))
-        .count();
-    let guest_queued = state
-        .tcp_flows
-        .iter()
-        .filter(|f| f.kernel.as_ref().is_some_and(|k| !k.send_queue.is_empty()))
-        .count();
-    let still_down = (0..n).filter(|i| kind_of(*i) != Kind::HostClosed).count();
-    assert_eq!(
-        host_unacked, still_down,
-        "connections with host data unacknowledged"
-    );
-    assert!(
-        guest_queued > 0,
-        "no guest data queued towards the peer at SAVE"
-    );
+    let (host_unacked, guest_queued) = match arrival {
+        Arrival::Late => {
+            assert_eq!(with_kernel, n, "every connection dumped through the helper");
+            // Data in flight both ways: the peer's bytes the guest never acknowledged
+            // (every connection the peer still writes to), the guest's bytes the peer
+            // did not take.
+            let host_unacked = state
+                .tcp_flows
+                .iter()
+                .filter(|f| f.kernel.as_ref().is_some_and(|k| !k.recv_queue.is_empty()))
+                .count();
+            let guest_queued = state
+                .tcp_flows
+                .iter()
+                .filter(|f| f.kernel.as_ref().is_some_and(|k| !k.send_queue.is_empty()))
+                .count();
+            let still_down = (0..n).filter(|i| kind_of(*i) != Kind::HostClosed).count();
+            assert_eq!(
+                host_unacked, still_down,
+                "connections with host data unacknowledged"
+            );
+            assert!(
+                guest_queued > 0,
+                "no guest data queued towards the peer at SAVE"
+            );
+            (host_unacked, guest_queued)
+        }
+        Arrival::Early => {
+            assert_eq!(
+                with_kernel, 0,
+                "no kernel state for a target that takes the sockets"
+            );
+            let text = source.log();
+            assert!(
+                text.contains("a target on this host came for the stream")
+                    && text.contains("they move live, without their kernel state"),
+                "{}",
+                log_tail(&source)
+            );
+            (0, 0)
+        }
+    };
     // One descriptor per connection while the offer is open (not two).
     let source_fds = open_fds(source.pid());
     assert!(
@@ -1231,16 +1297,23 @@ fn migrate(n: usize) {
         "the source holds {source_fds} descriptors for {n} connections (base {source_base})"
     );
 
-    // 4. LOAD on the target before its rings start; the guest runs on there.
-    let mut loaded = None;
-    let target_dev = NetFrontend::connect_with(&target.socket(), frontend_options(), |d| {
-        loaded = Some(d.load_state(&stream));
-        Ok(())
-    })
-    .unwrap_or_else(|e| panic!("target frontend: {e}; log:\n{}", log_tail(&target)));
-    loaded
-        .expect("the hook ran")
-        .unwrap_or_else(|e| panic!("LOAD: {e}; log:\n{}", log_tail(&target)));
+    // 4. LOAD on the target before its rings start (done already for an early target);
+    // the guest runs on there.
+    let target_dev = match early_target {
+        Some(target_dev) => target_dev,
+        None => {
+            let mut loaded = None;
+            let target_dev = NetFrontend::connect_with(&target.socket(), frontend_options(), |d| {
+                loaded = Some(d.load_state(&stream));
+                Ok(())
+            })
+            .unwrap_or_else(|e| panic!("target frontend: {e}; log:\n{}", log_tail(&target)));
+            loaded
+                .expect("the hook ran")
+                .unwrap_or_else(|e| panic!("LOAD: {e}; log:\n{}", log_tail(&target)));
+            target_dev
+        }
+    };
     let taken = format!("{n} TCP connection(s) taken over from the source");
     assert!(target.log().contains(&taken), "{}", log_tail(&target));
     let target_fds = open_fds(target.pid());
@@ -1314,6 +1387,15 @@ fn one_connection_migrates() {
 fn a_hundred_connections_migrate() {
     let _one = serial();
     migrate(100);
+}
+
+/// A target that comes for the stream while SAVE still freezes: no dump, the live
+/// sockets move (deterministic: the source waits in its prefix until the test has seen
+/// the target come).
+#[test]
+fn a_thousand_connections_migrate_to_a_target_that_comes_early() {
+    let _one = serial();
+    migrate_with(1000, Arrival::Early);
 }
 
 #[test]

@@ -705,6 +705,73 @@ pub struct TransferTimes {
     pub bytes: u64,
 }
 
+/// Move the device state from `source` to `target` with a pause after the source's
+/// first chunk, for tests of a target that comes early: the first chunk the source
+/// writes (its pipe holds a page while it writes its prefix, see baton's `migrate::save`)
+/// goes straight to the target's LOAD, then `paused` runs (a test waits there until the
+/// source saw the target come — the source waits too, its prefix not read to the end),
+/// then the rest passes on as it comes. Returns the whole stream.
+pub fn migrate_device_state_early(
+    source: &Frontend,
+    target: &Frontend,
+    paused: impl FnOnce(),
+) -> Result<Vec<u8>, HarnessError> {
+    let (mut from_source, source_end) = pipe()?;
+    if source
+        .set_device_state_fd(
+            VhostTransferStateDirection::SAVE,
+            VhostTransferStatePhase::STOPPED,
+            source_end.into(),
+        )
+        .map_err(vu("SET_DEVICE_STATE_FD(SAVE)"))?
+        .is_some()
+    {
+        return Err(HarnessError::Setup("source returned its own fd".into()));
+    }
+    let (target_end, mut to_target) = pipe()?;
+    if target
+        .set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            target_end.into(),
+        )
+        .map_err(vu("SET_DEVICE_STATE_FD(LOAD)"))?
+        .is_some()
+    {
+        return Err(HarnessError::Setup("target returned its own fd".into()));
+    }
+    let mut stream = Vec::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut written: Result<(), std::io::Error> = Ok(());
+    let mut paused = Some(paused);
+    loop {
+        let len = match from_source.read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(HarnessError::Setup(format!("read device state: {e}"))),
+            Ok(0) => break,
+            Ok(len) => len,
+        };
+        stream.extend_from_slice(&chunk[..len]);
+        if written.is_ok() {
+            written = to_target.write_all(&chunk[..len]);
+        }
+        if let Some(paused) = paused.take() {
+            paused();
+        }
+    }
+    let saved_check = source
+        .check_device_state()
+        .map_err(vu("CHECK_DEVICE_STATE(SAVE)"));
+    drop(to_target);
+    let loaded_check = target
+        .check_device_state()
+        .map_err(vu("CHECK_DEVICE_STATE(LOAD)"));
+    saved_check?;
+    loaded_check?;
+    written.map_err(|e| HarnessError::Setup(format!("write device state: {e}")))?;
+    Ok(stream)
+}
+
 /// QEMU's `IO_BUF_SIZE`: a `QEMUFile` writes its buffer out when this much is in it.
 const QEMU_FILE_BUFFER: u64 = 32 << 10;
 
