@@ -242,18 +242,21 @@ impl RepairLink {
             Some(path) => warn!(
                 "migration starting and no baton-repair helper is attached: start \
                  `baton-repair {}` (with CAP_NET_ADMIN) now; SAVE waits {:?} for it, \
-                 then TCP connections will not survive this migration",
+                 then TCP connections will not survive this migration (unless the target runs \
+                 on this host, in this network namespace)",
                 path.display(),
                 SAVE_WAIT
             ),
             None if self.spawned => warn!(
                 "migration starting and the baton-repair helper started with --helper is \
                  gone (no --repair-path to attach another): TCP connections will not \
-                 survive this migration"
+                 survive this migration (unless the target runs on this host, in this \
+                 network namespace)"
             ),
             None => warn!(
                 "migration starting without any repair helper (--repair-path none and no \
-                 --helper): TCP connections will not survive this migration"
+                 --helper): TCP connections will not survive this migration (unless the \
+                 target runs on this host, in this network namespace)"
             ),
         }
     }

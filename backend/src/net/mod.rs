@@ -667,9 +667,10 @@ impl GuestNet {
                     |p| p.display().to_string(),
                 );
             tracing::error!(
-                "TCP connections will not survive this migration: no baton-repair helper is \
-                 attached at {path} (waited {wait:?}); {flows} connection(s) cannot be \
-                 dumped, and freezing them may need CAP_NET_ADMIN"
+                "TCP connections will not survive a migration to another host or network \
+                 namespace: no baton-repair helper is attached at {path} (waited {wait:?}); \
+                 {flows} connection(s) cannot be dumped (a target on this host can still \
+                 take them over)"
             );
         }
     }
