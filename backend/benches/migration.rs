@@ -1,10 +1,23 @@
-//! Device-state SAVE and LOAD time of a same-host live migration with many TCP
-//! connections: two real `baton` processes with `--helper` in a private network
-//! namespace, the vhost-user test frontend and smoltcp as the guest (as in
-//! `tests/migrate_faults.rs`). For each connection count N:
+//! Device-state SAVE and LOAD time of a live migration with many TCP connections: two
+//! real `baton` processes with `--helper`, the vhost-user test frontend and smoltcp as
+//! the guest (as in `tests/migrate_faults.rs`), placed (`BATON_BENCH_PLACE`) either
 //!
-//! 1. the guest opens N connections to a host peer on the loopback (through the
-//!    gateway address); the peer writes `BATON_BENCH_INFLIGHT` bytes (default 4 KiB) into
+//! * **same**: both in one private network namespace (same host): the target takes the
+//!   live sockets over from the source through its handover socket — in the qemu
+//!   transfer mode it comes for them as soon as it reads the stream's Source record, and
+//!   the source skips the dump (README "Same host: the target comes for the stream"); or
+//! * **hosts**: on the two simulated hosts of `tests/migrate_hosts.rs`
+//!   (`tests/common/hosts.rs`: source and target each in a namespace of its own, joined
+//!   by veth to the peers' namespace): every socket is frozen and dumped (or checked
+//!   against its pre-dump) through the source's `baton-repair` at SAVE, travels in the
+//!   stream with its queues, and is restored through the target's `baton-repair` at
+//!   LOAD. The guest's address moves from the source host to the target after LOAD.
+//!
+//! For each connection count N:
+//!
+//! 1. the guest opens N connections to a peer (same host: on the loopback, through the
+//!    gateway address; hosts: at the peers' namespace); the peer writes
+//!    `BATON_BENCH_INFLIGHT` bytes (default 4 KiB) into
 //!    each, and the guest stops reading — so every socket holds that much data that the
 //!    guest has not acknowledged (it is in the socket's receive queue, and in the dump);
 //!    the source's CPU time while it moves that data towards the silent guest (and when
@@ -20,21 +33,27 @@
 //!    in between (freeze + dump through `baton-repair`, offer, stream);
 //! 4. LOAD on the target, before its rings exist, as QEMU does: time from
 //!    `SET_DEVICE_STATE_FD` to `CHECK_DEVICE_STATE` (validation + taking the live sockets
-//!    over from the source through its handover socket).
+//!    over from the source through its handover socket, or restoring them through the
+//!    target's `baton-repair`);
+//! 5. untimed: the guest runs on the target (hosts: then the address moves) and every
+//!    connection must carry data both ways — the guest receives the queued bytes and
+//!    8 more the peer writes in answer to 8 bytes of the guest's; the time this took
+//!    is printed with the target's lines ("after the migration").
 //!
 //! Printed as a table (SAVE and LOAD apart; counts of 10,000 and more are measured
 //! `BATON_BENCH_RUNS` times, default 3, and the table shows the best run and the spread),
 //! with the backends' own breakdown lines: the helper's dump, freezing and offering,
 //! writing the stream (SAVE); reading and validating the stream, receiving the sockets
-//! through the handover, rebuilding the flows (LOAD). Run as root:
-//! `cargo bench -p baton --bench migration`.
+//! through the handover or restoring them through `baton-repair`, rebuilding the flows
+//! (LOAD). Run as root: `cargo bench -p baton --bench migration`.
 //! Env: `BATON_BENCH_CONNS` (default `1,100,1000,10000`), `BATON_BENCH_RUNS`,
 //! `BATON_BENCH_INFLIGHT` (bytes per connection, default 4096), `BATON_BENCH_LOG=DIR`
 //! keeps both backends' logs there, `BATON_BENCH_PREDUMP` (`both`, the default, `on`,
-//! `off`): which rows.
+//! `off`) and `BATON_BENCH_TRANSFER` (`both`, the default, `qemu`, `sequential`): which
+//! rows; `BATON_BENCH_PLACE` (`both`, the default, `same`, `hosts`): which placements.
 
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -47,6 +66,8 @@ use smoltcp::socket::tcp;
 #[path = "../tests/common/mod.rs"]
 mod common;
 use common::guest::{v4_pair_with_helper, Guest, GW_V4};
+use common::hosts::{Hosts, Logs, Target, PEER};
+use common::Baton;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// Guest-side ports: connection `i` uses `FIRST_PORT + i`.
@@ -93,6 +114,189 @@ enum Transfer {
     Qemu,
 }
 
+/// Where the target runs, relative to the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// Both backends in one network namespace: the target takes the live sockets over
+    /// (and, coming early, lets the source skip the dump).
+    Same,
+    /// Two simulated hosts (`tests/common/hosts.rs`): every socket is dumped through
+    /// the source's `baton-repair` at SAVE and restored through the target's at LOAD.
+    Hosts,
+}
+
+impl Place {
+    fn label(self) -> &'static str {
+        match self {
+            Place::Same => "same",
+            Place::Hosts => "hosts",
+        }
+    }
+}
+
+/// The backends of one migration and where the peers listen.
+enum Backends {
+    Same { a: Baton, b: Baton },
+    Hosts(Box<Hosts>),
+}
+
+impl Backends {
+    /// A fresh network namespace for the calling thread (the peers'), the backends
+    /// wired as `place` says, and the address the guest connects to.
+    fn start(place: Place, label: &str) -> (Self, Ipv4Addr, Ipv4Addr) {
+        match place {
+            Place::Same => {
+                baton_testkit::netns::enter_private_netns()
+                    .expect("private network namespace (run as root)");
+                let (a, b) = v4_pair_with_helper(label);
+                // The gateway address reaches the host's loopback.
+                (Backends::Same { a, b }, Ipv4Addr::LOCALHOST, GW_V4)
+            }
+            Place::Hosts => {
+                let hosts = Hosts::build_logging(label, Target::OtherHost, Logs::Info);
+                (Backends::Hosts(Box::new(hosts)), PEER, PEER)
+            }
+        }
+    }
+
+    fn a(&self) -> &Baton {
+        match self {
+            Backends::Same { a, .. } => a,
+            Backends::Hosts(hosts) => hosts.a(),
+        }
+    }
+
+    fn b(&self) -> &Baton {
+        match self {
+            Backends::Same { b, .. } => b,
+            Backends::Hosts(hosts) => &hosts.b,
+        }
+    }
+}
+
+/// The guest's bytes on connection `index` after the migration; the peer that reads
+/// them answers with [`reply`] — so both directions are checked on every connection,
+/// whichever order the peer accepted them in.
+fn hello(index: usize) -> [u8; 8] {
+    (index as u64 | 0x4845_4c4c_0000_0000).to_be_bytes()
+}
+
+fn reply(hello: [u8; 8]) -> [u8; 8] {
+    (u64::from_be_bytes(hello) ^ 0xffff_ffff_0000_0000).to_be_bytes()
+}
+
+/// After the migration, with the guest running on the target: every connection still
+/// works — the guest receives the `inflight` bytes the peer wrote before it (which
+/// travelled in the sockets' queues) and sends [`hello`], the peer answers with
+/// [`reply`], and the guest receives that too. One thread drives the guest and the
+/// (nonblocking) peer ends. The time it took, or what went wrong.
+fn check_alive(
+    guest: &mut Guest,
+    handles: &[SocketHandle],
+    peers: &mut [TcpStream],
+    inflight: usize,
+) -> Result<Duration, String> {
+    struct GuestEnd {
+        sent: bool,
+        received: Vec<u8>,
+    }
+    struct PeerEnd {
+        hello: Vec<u8>,
+        replied: bool,
+    }
+    let started = Instant::now();
+    let mut guest_ends: Vec<GuestEnd> = handles
+        .iter()
+        .map(|_| GuestEnd {
+            sent: false,
+            received: Vec::with_capacity(inflight + 8),
+        })
+        .collect();
+    let mut peer_ends: Vec<PeerEnd> = peers
+        .iter()
+        .map(|_| PeerEnd {
+            hello: Vec::with_capacity(8),
+            replied: false,
+        })
+        .collect();
+    for peer in peers.iter() {
+        peer.set_nonblocking(true)
+            .map_err(|e| format!("peer nonblocking: {e}"))?;
+    }
+    let mut buf = vec![0u8; inflight + 8];
+    loop {
+        guest.poll();
+        let mut guest_done = 0;
+        for (i, (handle, end)) in handles.iter().zip(&mut guest_ends).enumerate() {
+            let socket = guest.tcp(*handle);
+            if !matches!(
+                socket.state(),
+                tcp::State::Established | tcp::State::CloseWait
+            ) {
+                return Err(format!(
+                    "connection {i}: {} after the migration ({} of {} bytes received)",
+                    socket.state(),
+                    end.received.len(),
+                    inflight + 8
+                ));
+            }
+            if !end.sent && socket.send_slice(&hello(i)) == Ok(8) {
+                end.sent = true;
+            }
+            while socket.can_recv() && end.received.len() < inflight + 8 {
+                let room = inflight + 8 - end.received.len();
+                match socket.recv_slice(&mut buf[..room]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => end.received.extend_from_slice(&buf[..n]),
+                }
+            }
+            if end.received.len() == inflight + 8 {
+                let (old, new) = end.received.split_at(inflight);
+                if old.iter().any(|&b| b != 0x5a) || new != reply(hello(i)) {
+                    return Err(format!("connection {i}: the guest received wrong bytes"));
+                }
+                guest_done += 1;
+            }
+        }
+        guest.poll();
+        for (peer, end) in peers.iter_mut().zip(&mut peer_ends) {
+            if end.replied {
+                continue;
+            }
+            if end.hello.len() < 8 {
+                let mut got = [0u8; 8];
+                let want = 8 - end.hello.len();
+                match peer.read(&mut got[..want]) {
+                    Ok(0) => return Err("a peer saw its connection closed".into()),
+                    Ok(n) => end.hello.extend_from_slice(&got[..n]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(format!("peer read: {e}")),
+                }
+            }
+            if let Ok(hello) = <[u8; 8]>::try_from(end.hello.as_slice()) {
+                // 8 bytes into an idle socket's empty send buffer: written whole.
+                match peer.write(&reply(hello)) {
+                    Ok(8) => end.replied = true,
+                    Ok(n) => return Err(format!("peer wrote {n} of 8 bytes")),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(format!("peer write: {e}")),
+                }
+            }
+        }
+        if guest_done == handles.len() {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > TIMEOUT {
+            let peers_done = peer_ends.iter().filter(|e| e.replied).count();
+            return Err(format!(
+                "after {TIMEOUT:?}: {guest_done} of {} connections done at the guest,                  {peers_done} peers got the guest's bytes",
+                handles.len()
+            ));
+        }
+        guest.wait();
+    }
+}
+
 /// One row of the table.
 struct Row {
     conns: usize,
@@ -117,12 +321,17 @@ fn measure(
     inflight: usize,
     pre_dump: bool,
     transfer: Transfer,
+    place: Place,
     keep_logs: Option<&str>,
 ) -> Result<Row, String> {
-    baton_testkit::netns::enter_private_netns().expect("private network namespace (run as root)");
-    let (a, b) = v4_pair_with_helper(&format!("bench-migration-{conns}"));
+    let (backends, listen_on, connect_to) =
+        Backends::start(place, &format!("bench-migration-{}-{conns}", place.label()));
+    let (a, b) = (backends.a(), backends.b());
 
-    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    // A deep accept queue: std's 128 overflows while a wave of SYNs comes in over the
+    // veth, and a connection whose handshake then completed through a SYN cookie is
+    // lost at the peer while the guest thinks it is established.
+    let listener = baton_testkit::hostflows::listen((listen_on, 0).into()).expect("listen");
     let port = listener.local_addr().expect("addr").port();
     let accepted = accept_all(listener, conns);
 
@@ -137,7 +346,7 @@ fn measure(
         for _ in 0..wave {
             let i = handles.len();
             let handle = guest.socket(inflight.max(1024) * 2, 1024);
-            guest.connect(handle, (GW_V4, port), FIRST_PORT + i as u16);
+            guest.connect(handle, (connect_to, port), FIRST_PORT + i as u16);
             handles.push(handle);
         }
         loop {
@@ -273,8 +482,27 @@ fn measure(
             (t.saved, t.loaded - t.saved, t.bytes as usize, None, target)
         }
     };
-    let taken = format!("{conns} TCP connection(s) taken over from the source");
-    assert!(b.log().contains(&taken), "{}", b.log());
+    let moved = match place {
+        Place::Same => format!("{conns} TCP connection(s) taken over from the source"),
+        Place::Hosts => format!("{conns} TCP connection(s) restored through baton-repair"),
+    };
+    assert!(b.log().contains(&moved), "{}", b.log());
+
+    // The VM runs on the target; between hosts the source's address moves there after
+    // that, as in `tests/migrate_hosts.rs`. Then every connection must still carry data
+    // both ways (not timed with the migration).
+    drop(guest.stop());
+    guest.start(target);
+    if let Backends::Hosts(hosts) = &backends {
+        hosts.move_address();
+    }
+    let alive = check_alive(&mut guest, &handles, &mut peers, inflight).unwrap_or_else(|e| {
+        panic!(
+            "{} after the migration: {e}\n--- target log:\n{}",
+            place.label(),
+            b.log()
+        )
+    });
 
     let pick = |log: String, words: &[&str]| -> Vec<String> {
         log.lines()
@@ -294,14 +522,29 @@ fn measure(
             "pre-dump pass over",
             "dumped through",
             "frozen (",
+            "came for the stream",
             "device state saved",
             "out of repair mode",
         ],
     ));
-    let target_lines = pick(b.log(), &["taken over", "stream read and validated"]);
+    let mut target_lines = pick(
+        b.log(),
+        &[
+            "taken over",
+            "stream read and validated",
+            "restored through baton-repair",
+            "re-probing over",
+        ],
+    );
+    target_lines.push(format!(
+        "after the migration, every connection carried data both ways (the {inflight} \
+         queued bytes and 8 more to the guest, 8 to the peer) within {:.1} ms",
+        alive.as_secs_f64() * 1e3
+    ));
     if let Some(dir) = keep_logs {
         let mode = format!(
-            "{}-{transfer:?}",
+            "{}-{}-{transfer:?}",
+            place.label(),
             if pre_dump.is_some() {
                 "predump"
             } else {
@@ -317,11 +560,9 @@ fn measure(
             b.log(),
         );
     }
-    drop(target);
     drop(guest);
     drop(peers);
-    drop(a);
-    drop(b);
+    drop(backends);
     Ok(Row {
         conns,
         pre_dump,
@@ -334,8 +575,8 @@ fn measure(
     })
 }
 
-/// One count in one mode: (connections, pre-dump, transfer, the runs' results).
-type TableEntry = (usize, bool, Transfer, Vec<Result<Row, String>>);
+/// One count in one mode: (connections, pre-dump, transfer, placement, the runs' results).
+type TableEntry = (usize, bool, Transfer, Place, Vec<Result<Row, String>>);
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
@@ -376,6 +617,12 @@ fn main() {
                 || std::env::var("BATON_BENCH_TRANSFER").as_deref() == Ok("qemu")
         })
         .collect();
+    let places: Vec<Place> = match std::env::var("BATON_BENCH_PLACE").as_deref() {
+        Ok("same") => vec![Place::Same],
+        Ok("hosts") => vec![Place::Hosts],
+        Ok("both") | Err(_) => vec![Place::Same, Place::Hosts],
+        Ok(other) => panic!("BATON_BENCH_PLACE: both, same or hosts, not {other:?}"),
+    };
     let largest = counts.iter().copied().max().unwrap_or(0) as u64;
     // The source holds one descriptor per connection (the offer lends the flows' own
     // sockets), the target as many, and this process the peer ends: each process needs
@@ -391,17 +638,24 @@ fn main() {
 
     let mut table: Vec<TableEntry> = Vec::new();
     for &n in &counts {
-        for &(pre_dump, transfer) in &modes {
-            let repeat = if n >= 10_000 { runs } else { 1 };
-            let results = (0..repeat)
-                .map(|_| measure(n, inflight, pre_dump, transfer, keep_logs.as_deref()))
-                .collect();
-            table.push((n, pre_dump, transfer, results));
+        for &place in &places {
+            for &(pre_dump, transfer) in &modes {
+                let repeat = if n >= 10_000 { runs } else { 1 };
+                let results = (0..repeat)
+                    .map(|_| measure(n, inflight, pre_dump, transfer, place, keep_logs.as_deref()))
+                    .collect();
+                table.push((n, pre_dump, transfer, place, results));
+            }
         }
     }
 
     println!();
-    println!("same-host migration, {inflight} bytes unacknowledged per connection");
+    println!(
+        "live migration, {inflight} bytes unacknowledged per connection (place \"same\": \
+         both backends on one host, the target takes the live sockets over; \"hosts\": \
+         source and target on two hosts, every socket dumped through baton-repair at SAVE \
+         and restored through the target's at LOAD)"
+    );
     println!(
         "(transfer \"seq\": SAVE, then LOAD of the whole stream, each timed alone; \"qemu\": \
          the stream passed on while the source writes it, as QEMU does — SAVE until the \
@@ -409,8 +663,9 @@ fn main() {
          to the target's CHECK)"
     );
     println!(
-        "{:>7} {:>5} {:>5} {:>12} {:>10} {:>10} {:>10} {:>12} {:>12} {:>13}",
+        "{:>7} {:>6} {:>5} {:>5} {:>12} {:>10} {:>10} {:>10} {:>12} {:>12} {:>13}",
         "conns",
+        "place",
         "runs",
         "xfer",
         "pre-dump ms",
@@ -421,10 +676,10 @@ fn main() {
         "stream B",
         "queued B"
     );
-    for (n, _, transfer, results) in &table {
+    for (n, _, transfer, place, results) in &table {
         let ok: Vec<&Row> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
         for why in results.iter().filter_map(|r| r.as_ref().err()) {
-            println!("{n:>7}   SAVE failed: {why}");
+            println!("{n:>7} {:>6}   SAVE failed: {why}", place.label());
         }
         let Some(best) = ok.iter().min_by_key(|r| r.save + r.load) else {
             continue;
@@ -439,8 +694,9 @@ fn main() {
             Transfer::Qemu => "qemu",
         };
         println!(
-            "{:>7} {:>5} {:>5} {:>12} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>12} {:>13}",
+            "{:>7} {:>6} {:>5} {:>5} {:>12} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>12} {:>13}",
             best.conns,
+            place.label(),
             ok.len(),
             xfer,
             pre_dump,
@@ -460,7 +716,8 @@ fn main() {
                 format!("{lo:.1}–{hi:.1}")
             };
             println!(
-                "{:>7} {:>5} {:>5} {:>12} {:>10} {:>10} {:>10}   (spread over the runs)",
+                "{:>7} {:>6} {:>5} {:>5} {:>12} {:>10} {:>10} {:>10}   (spread over the runs)",
+                "",
                 "",
                 "",
                 "",
@@ -472,9 +729,10 @@ fn main() {
         }
     }
     println!();
-    for (_, pre_dump, transfer, results) in &table {
+    for (_, pre_dump, transfer, place, results) in &table {
         let mode = format!(
-            "{} {transfer:?}",
+            "{} {} {transfer:?}",
+            place.label(),
             if *pre_dump { "pre-dump" } else { "no pre-dump" }
         );
         for (run, r) in results.iter().filter_map(|r| r.as_ref().ok()).enumerate() {

@@ -139,13 +139,21 @@ impl Hosts {
     /// Move the calling thread into a new namespace (the peer), create the hosts and
     /// wire them. `label` names the backends' scratch directories (`{label}-a`, …).
     pub fn build(label: &str, target: Target) -> Self {
+        Self::build_logging(label, target, Logs::Debug)
+    }
+
+    /// [`Hosts::build`] with the backends' log level chosen: benches want
+    /// [`Logs::Info`], as their same-host backends have, since thousands of
+    /// per-connection debug lines would weigh on what they measure.
+    pub fn build_logging(label: &str, target: Target, logs: Logs) -> Self {
         baton_testkit::netns::enter_private_netns().expect("peer netns (run as root)");
         let peer = Netns::current();
-        let (source, a) = host_with_baton(&format!("{label}-a"), true);
-        let (target_ns, b) = host_with_baton(&format!("{label}-b"), target == Target::OtherHost);
+        let (source, a) = host_with_baton(&format!("{label}-a"), true, logs);
+        let (target_ns, b) =
+            host_with_baton(&format!("{label}-b"), target == Target::OtherHost, logs);
         let b = if target == Target::SameNamespace {
             drop(b);
-            baton_in(&source, &format!("{label}-b-same"))
+            baton_in(&source, &format!("{label}-b-same"), logs)
         } else {
             b
         };
@@ -190,14 +198,21 @@ impl Hosts {
     }
 }
 
-/// baton's options: IPv4 only, debug logs, and `--helper` if `helper`.
-fn baton_args(helper: bool) -> Vec<String> {
-    let mut args: Vec<String> = V4_ONLY
-        .iter()
-        .copied()
-        .chain(["-d"])
-        .map(str::to_owned)
-        .collect();
+/// The backends' log level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logs {
+    /// `-d`, as the tests want it.
+    Debug,
+    /// baton's default.
+    Info,
+}
+
+/// baton's options: IPv4 only, debug logs if `logs` says so, and `--helper` if `helper`.
+fn baton_args(helper: bool, logs: Logs) -> Vec<String> {
+    let mut args: Vec<String> = V4_ONLY.iter().copied().map(str::to_owned).collect();
+    if logs == Logs::Debug {
+        args.push("-d".to_owned());
+    }
     if helper {
         args.extend(["--helper".to_owned(), helper_binary()]);
     }
@@ -205,30 +220,30 @@ fn baton_args(helper: bool) -> Vec<String> {
 }
 
 /// Start baton in the calling thread's namespace.
-fn spawn_baton(label: &str, helper: bool) -> Baton {
-    let args = baton_args(helper);
+fn spawn_baton(label: &str, helper: bool, logs: Logs) -> Baton {
+    let args = baton_args(helper, logs);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Baton::spawn(label, &args)
 }
 
 /// A fresh namespace with baton started in it (by a thread that entered it).
-fn host_with_baton(label: &str, helper: bool) -> (Netns, Baton) {
+fn host_with_baton(label: &str, helper: bool, logs: Logs) -> (Netns, Baton) {
     let label = label.to_owned();
     std::thread::spawn(move || {
         baton_testkit::netns::enter_private_netns().expect("netns (run as root)");
-        (Netns::current(), spawn_baton(&label, helper))
+        (Netns::current(), spawn_baton(&label, helper, logs))
     })
     .join()
     .expect("host thread")
 }
 
 /// Start baton with a helper in `ns` (from a thread that joins it).
-fn baton_in(ns: &Netns, label: &str) -> Baton {
+fn baton_in(ns: &Netns, label: &str, logs: Logs) -> Baton {
     let handle = ns.handle.try_clone().expect("dup netns");
     let label = label.to_owned();
     std::thread::spawn(move || {
         nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        spawn_baton(&label, true)
+        spawn_baton(&label, true, logs)
     })
     .join()
     .expect("baton thread")

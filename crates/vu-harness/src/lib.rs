@@ -24,7 +24,8 @@ pub mod queue;
 pub mod smol;
 
 pub use frontend::{
-    migrate_device_state, migrate_device_state_early, FrontendOptions, HarnessError, NetFrontend, TransferTimes,
+    migrate_device_state, migrate_device_state_early, FrontendOptions, HarnessError, NetFrontend,
+    TransferTimes,
 };
 pub use memory::GuestRam;
 pub use queue::DriverQueue;
