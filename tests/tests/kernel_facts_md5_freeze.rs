@@ -194,6 +194,18 @@ fn key_drops_the_peers_data_until_removed() {
     }
 }
 
+/// Drop this thread's credentials to uid/gid 65534 (no capabilities left).
+fn drop_to_nobody() {
+    const NOBODY: libc::c_long = 65534;
+    // SAFETY: raw syscalls with integer arguments; they change only this thread's
+    // credentials (the libc wrappers would change every thread's).
+    let rc = unsafe {
+        libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY)
+            | libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY)
+    };
+    assert_eq!(rc, 0, "drop to nobody: {}", io::Error::last_os_error());
+}
+
 /// The key is per address and per socket, so any holder of a socket may set it: no
 /// capability is involved. A thread that dropped root (raw setresuid, so only that thread
 /// changes; leaving uid 0 clears its capabilities) installs the key, and cannot enter
@@ -205,14 +217,7 @@ fn key_needs_no_capability() {
         let (mut ours_sock, mut peer) = pair_of(family);
         let (added, repair_refused) = std::thread::scope(|s| {
             s.spawn(|| {
-                const NOBODY: libc::c_long = 65534;
-                // SAFETY: raw syscalls with integer arguments; they change only this
-                // thread's credentials (the libc wrappers would change every thread's).
-                let rc = unsafe {
-                    libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY)
-                        | libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY)
-                };
-                assert_eq!(rc, 0, "drop to nobody: {}", io::Error::last_os_error());
+                drop_to_nobody();
                 let repair_refused = errno_of(repair(&ours_sock, REPAIR_ON));
                 (add_key(&ours_sock), repair_refused)
             })
@@ -227,13 +232,7 @@ fn key_needs_no_capability() {
         added.unwrap_or_else(|e| panic!("{family:?}: add the key as nobody: {e}"));
         let removed = std::thread::scope(|s| {
             s.spawn(|| {
-                const NOBODY: libc::c_long = 65534;
-                // SAFETY: as above.
-                let rc = unsafe {
-                    libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY)
-                        | libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY)
-                };
-                assert_eq!(rc, 0, "drop to nobody: {}", io::Error::last_os_error());
+                drop_to_nobody();
                 // Deaf first, as nobody; then the key goes, as nobody.
                 let before = ours(&ours_sock);
                 let drops = md5_drops();

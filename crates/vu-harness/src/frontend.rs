@@ -645,9 +645,10 @@ fn pipe() -> Result<(File, File), HarnessError> {
     Ok((File::from(r), File::from(w)))
 }
 
-/// SAVE through `fe` (see [`NetFrontend::save_state`]); usable before the device is up.
-pub fn save_device_state(fe: &Frontend) -> Result<Vec<u8>, HarnessError> {
-    let (mut reader, writer) = pipe()?;
+/// `SET_DEVICE_STATE_FD(SAVE)` on `fe` with the write end of a fresh pipe (a backend
+/// that returns its own fd is refused); returns the read end.
+fn start_save(fe: &Frontend) -> Result<File, HarnessError> {
+    let (reader, writer) = pipe()?;
     let theirs = fe
         .set_device_state_fd(
             VhostTransferStateDirection::SAVE,
@@ -658,6 +659,29 @@ pub fn save_device_state(fe: &Frontend) -> Result<Vec<u8>, HarnessError> {
     if theirs.is_some() {
         return Err(HarnessError::Setup("backend returned its own fd".into()));
     }
+    Ok(reader)
+}
+
+/// `SET_DEVICE_STATE_FD(LOAD)` on `fe` with the read end of a fresh pipe; returns the
+/// write end.
+fn start_load(fe: &Frontend) -> Result<File, HarnessError> {
+    let (reader, writer) = pipe()?;
+    let theirs = fe
+        .set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            reader.into(),
+        )
+        .map_err(vu("SET_DEVICE_STATE_FD(LOAD)"))?;
+    if theirs.is_some() {
+        return Err(HarnessError::Setup("backend returned its own fd".into()));
+    }
+    Ok(writer)
+}
+
+/// SAVE through `fe` (see [`NetFrontend::save_state`]); usable before the device is up.
+pub fn save_device_state(fe: &Frontend) -> Result<Vec<u8>, HarnessError> {
+    let mut reader = start_save(fe)?;
     let mut state = Vec::new();
     reader
         .read_to_end(&mut state)
@@ -670,17 +694,7 @@ pub fn save_device_state(fe: &Frontend) -> Result<Vec<u8>, HarnessError> {
 /// LOAD through `fe` (see [`NetFrontend::load_state`]); usable before the device is up,
 /// as QEMU does on a migration target.
 pub fn load_device_state(fe: &Frontend, state: &[u8]) -> Result<(), HarnessError> {
-    let (reader, mut writer) = pipe()?;
-    let theirs = fe
-        .set_device_state_fd(
-            VhostTransferStateDirection::LOAD,
-            VhostTransferStatePhase::STOPPED,
-            reader.into(),
-        )
-        .map_err(vu("SET_DEVICE_STATE_FD(LOAD)"))?;
-    if theirs.is_some() {
-        return Err(HarnessError::Setup("backend returned its own fd".into()));
-    }
+    let mut writer = start_load(fe)?;
     // The backend reads on its own thread, so a large state does not block here for long;
     // a backend that stopped reading makes this fail with EPIPE (then CHECK says why).
     let written = writer.write_all(state);
@@ -716,30 +730,8 @@ pub fn migrate_device_state_early(
     target: &Frontend,
     paused: impl FnOnce(),
 ) -> Result<Vec<u8>, HarnessError> {
-    let (mut from_source, source_end) = pipe()?;
-    if source
-        .set_device_state_fd(
-            VhostTransferStateDirection::SAVE,
-            VhostTransferStatePhase::STOPPED,
-            source_end.into(),
-        )
-        .map_err(vu("SET_DEVICE_STATE_FD(SAVE)"))?
-        .is_some()
-    {
-        return Err(HarnessError::Setup("source returned its own fd".into()));
-    }
-    let (target_end, mut to_target) = pipe()?;
-    if target
-        .set_device_state_fd(
-            VhostTransferStateDirection::LOAD,
-            VhostTransferStatePhase::STOPPED,
-            target_end.into(),
-        )
-        .map_err(vu("SET_DEVICE_STATE_FD(LOAD)"))?
-        .is_some()
-    {
-        return Err(HarnessError::Setup("target returned its own fd".into()));
-    }
+    let mut from_source = start_save(source)?;
+    let mut to_target = start_load(target)?;
     let mut stream = Vec::new();
     let mut chunk = vec![0u8; 1 << 20];
     let mut written: Result<(), std::io::Error> = Ok(());
@@ -797,18 +789,7 @@ pub fn migrate_device_state(
 ) -> Result<TransferTimes, HarnessError> {
     const CHUNK: usize = 1 << 20;
     let started = Instant::now();
-    let (mut from_source, source_end) = pipe()?;
-    if source
-        .set_device_state_fd(
-            VhostTransferStateDirection::SAVE,
-            VhostTransferStatePhase::STOPPED,
-            source_end.into(),
-        )
-        .map_err(vu("SET_DEVICE_STATE_FD(SAVE)"))?
-        .is_some()
-    {
-        return Err(HarnessError::Setup("source returned its own fd".into()));
-    }
+    let mut from_source = start_save(source)?;
     let mut chunk = vec![0u8; CHUNK];
     let read_chunk = |from: &mut File, chunk: &mut [u8]| loop {
         match from.read(chunk) {
@@ -820,18 +801,7 @@ pub fn migrate_device_state(
     };
     let mut len = read_chunk(&mut from_source, &mut chunk)?;
     let first_bytes = started.elapsed();
-    let (target_end, mut to_target) = pipe()?;
-    if target
-        .set_device_state_fd(
-            VhostTransferStateDirection::LOAD,
-            VhostTransferStatePhase::STOPPED,
-            target_end.into(),
-        )
-        .map_err(vu("SET_DEVICE_STATE_FD(LOAD)"))?
-        .is_some()
-    {
-        return Err(HarnessError::Setup("target returned its own fd".into()));
-    }
+    let mut to_target = start_load(target)?;
     let mut bytes = 0u64;
     // A target that stopped reading (it refused the stream) makes the write fail with
     // EPIPE; the source is still read to its end, and the target's CHECK says why.
